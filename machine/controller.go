@@ -1,0 +1,631 @@
+// Package machine is migctl's controller: it builds one state machine per
+// side (incoming and outgoing) from a spec.Spec on github.com/qmuntal/stateless,
+// owns the live configuration, the transition history and the latest
+// statistics, and fans events out to subscribers.
+//
+// # The controller lock
+//
+// A Controller has one mutex (our big lock). It guards each side's state,
+// the configuration, each side's transport, statistics, history and the
+// subscriber list. Every trigger is fired under it, so stateless never sees
+// two Fire calls at once and guards read a consistent configuration. Nothing
+// under the lock does I/O or blocks: guards are pure functions of an
+// Input, events are delivered with non-blocking sends, and the data plane
+// (the outgoing engine, the destination's loader) runs outside the lock and
+// only takes it to fire a trigger or publish statistics.
+//
+// # Configuration
+//
+// There is no way to change configuration except through the guards: a
+// capability or parameter change is an internal transition (trigger
+// set-capabilities or set-parameters) fired on both sides' machines, guarded
+// by each side's configure guards from the spec (config-mutable,
+// transport-compatible). It is applied only when both sides allow it, all at
+// once or not at all.
+package machine
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"maps"
+	"slices"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/qmuntal/stateless"
+
+	"github.com/migctl/migctl/guards"
+	"github.com/migctl/migctl/spec"
+)
+
+// Configuration triggers, added to every state of both sides. The spec may
+// not use these names for its own edges.
+const (
+	TriggerSetCapabilities = "set-capabilities"
+	TriggerSetParameters   = "set-parameters"
+)
+
+// Options tune a Controller. The zero value is usable.
+type Options struct {
+	// Guards implements the guard names the spec uses; nil means
+	// guards.Default().
+	Guards guards.Registry
+	// Features lists the host features present (see spec features).
+	Features map[string]bool
+	// Facts are this end's facts (page-size, guest) the connect guard
+	// compares with the peer's.
+	Facts map[string]string
+	// HistoryLimit bounds the transition history kept per side (default 512).
+	HistoryLimit int
+	// Now returns the current time (default time.Now).
+	Now func() time.Time
+	// Logger receives one line per transition (default: discard).
+	Logger *slog.Logger
+}
+
+// Controller is the migration controller of one process.
+type Controller struct {
+	spec *spec.Spec
+	reg  guards.Registry
+	opts Options
+
+	mu     sync.Mutex // the controller lock; see the package doc
+	config guards.Config
+	sides  map[string]*side
+	subs   map[*Subscription]struct{}
+	closed bool
+}
+
+// side is one state machine and what belongs to it. All fields are guarded
+// by Controller.mu.
+type side struct {
+	name     string
+	graph    *spec.Side
+	sm       *stateless.StateMachine
+	state    string
+	endpoint *guards.Endpoint
+	frozen   *guards.Config // configuration snapshot taken when it froze
+	errDesc  string
+	history  []Record
+	stats    Stats
+	started  time.Time // when the current migration left the initial/terminal state
+}
+
+// Record is one entry of a side's history: a transition, a refusal that
+// moved the side, or an accepted configuration change (From == To).
+type Record struct {
+	Time    time.Time
+	Side    string
+	From    string
+	To      string
+	Trigger string
+	// Detail says what changed or why (a configuration change, a reason).
+	Detail string
+}
+
+// New builds a controller from a validated spec. It checks that every guard
+// the spec names is in the registry and that the spec does not use the
+// configuration triggers for its own edges.
+func New(s *spec.Spec, opts Options) (*Controller, error) {
+	if opts.Guards == nil {
+		opts.Guards = guards.Default()
+	}
+	if opts.HistoryLimit <= 0 {
+		opts.HistoryLimit = 512
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	c := &Controller{
+		spec:   s,
+		reg:    opts.Guards,
+		opts:   opts,
+		config: guards.DefaultConfig(s),
+		sides:  map[string]*side{},
+		subs:   map[*Subscription]struct{}{},
+	}
+	for _, name := range spec.SideNames {
+		sd, err := c.build(name, s.Side(name))
+		if err != nil {
+			return nil, err
+		}
+		c.sides[name] = sd
+	}
+	return c, nil
+}
+
+// Spec returns the spec the controller was built from.
+func (c *Controller) Spec() *spec.Spec { return c.spec }
+
+// fireCtx carries one Fire's input and collects guard verdicts, so a guard
+// runs once per edge per Fire even though stateless evaluates it for the
+// edge and for its else alternative.
+type fireCtx struct {
+	in       *guards.Input
+	verdicts map[int]error
+	refused  []int // edges whose guards refused, in evaluation order
+	elseTo   string
+	detail   string
+}
+
+type fireKey struct{}
+
+func fctx(ctx context.Context) *fireCtx {
+	f, _ := ctx.Value(fireKey{}).(*fireCtx)
+	return f
+}
+
+func (c *Controller) build(name string, g *spec.Side) (*side, error) {
+	sd := &side{name: name, graph: g, state: g.Initial}
+	sd.sm = stateless.NewStateMachineWithExternalStorage(
+		func(context.Context) (stateless.State, error) { return sd.state, nil },
+		func(_ context.Context, st stateless.State) error { sd.state = st.(string); return nil },
+		stateless.FiringImmediate)
+	for _, n := range []string{TriggerSetCapabilities, TriggerSetParameters} {
+		if slices.Contains(g.Triggers(), n) {
+			return nil, fmt.Errorf("machine: %s side: trigger %q is reserved for configuration changes", name, n)
+		}
+	}
+	for i := range g.Transitions {
+		t := &g.Transitions[i]
+		for _, gn := range t.Guards {
+			if _, ok := c.reg[gn]; !ok {
+				return nil, fmt.Errorf("machine: %s side: edge %s --%s--> %s uses guard %q, which the registry lacks", name, t.From, t.On, t.To, gn)
+			}
+		}
+		cfg := sd.sm.Configure(t.From)
+		idx := i
+		guard := func(ctx context.Context, _ ...any) bool { return c.edgeAllows(ctx, sd, idx) }
+		switch {
+		case t.Kind == spec.KindIgnore:
+			cfg.Ignore(t.On)
+		case len(t.Guards) == 0:
+			cfg.Permit(t.On, t.To)
+		default:
+			cfg.Permit(t.On, t.To, guard)
+			if t.Else != "" {
+				elseTo := t.Else
+				cfg.Permit(t.On, elseTo, func(ctx context.Context, args ...any) bool {
+					if guard(ctx, args...) {
+						return false
+					}
+					if f := fctx(ctx); f != nil {
+						f.elseTo = elseTo
+					}
+					return true
+				})
+			}
+		}
+	}
+	for _, gn := range g.Configure {
+		if _, ok := c.reg[gn]; !ok {
+			return nil, fmt.Errorf("machine: %s side: configure guard %q is not in the registry", name, gn)
+		}
+	}
+	confGuard := func(ctx context.Context, _ ...any) bool { return c.edgeAllows(ctx, sd, -1) }
+	apply := func(ctx context.Context, _ ...any) error { return nil } // applied by configure once both sides allow
+	for _, st := range g.States {
+		cfg := sd.sm.Configure(st.Name)
+		cfg.InternalTransition(TriggerSetCapabilities, apply, confGuard)
+		cfg.InternalTransition(TriggerSetParameters, apply, confGuard)
+	}
+	sd.sm.OnUnhandledTrigger(func(ctx context.Context, st stateless.State, tr stateless.Trigger, _ []string) error {
+		f := fctx(ctx)
+		if f != nil && len(f.refused) > 0 {
+			return c.guardError(sd, f, "")
+		}
+		return &NotPermittedError{Side: name, State: st.(string), Trigger: tr.(string), Permitted: permitted(g, st.(string))}
+	})
+	sd.sm.OnTransitioned(func(ctx context.Context, tr stateless.Transition) {
+		c.transitioned(ctx, sd, tr.Source.(string), tr.Destination.(string), tr.Trigger.(string))
+	})
+	return sd, nil
+}
+
+// edgeAllows runs the guards of edge idx (-1: the side's configure guards)
+// once per Fire and caches the verdict.
+func (c *Controller) edgeAllows(ctx context.Context, sd *side, idx int) bool {
+	f := fctx(ctx)
+	if f == nil {
+		return false // a Fire that did not come through the controller
+	}
+	if err, done := f.verdicts[idx]; done {
+		return err == nil
+	}
+	names := sd.graph.Configure
+	if idx >= 0 {
+		names = sd.graph.Transitions[idx].Guards
+	}
+	var all []guards.Refusal
+	for _, gn := range names {
+		if err := c.reg.Run(gn, f.in); err != nil {
+			var re *guards.RefusedError
+			if ok := asRefused(err, &re); ok {
+				all = append(all, re.Refusals...)
+			} else {
+				all = append(all, guards.Refusal{Guard: gn, Reason: err.Error()})
+			}
+		}
+	}
+	var err error
+	if len(all) > 0 {
+		err = &guards.RefusedError{Refusals: all}
+		f.refused = append(f.refused, idx)
+	}
+	f.verdicts[idx] = err
+	return err == nil
+}
+
+func asRefused(err error, re **guards.RefusedError) bool {
+	r, ok := err.(*guards.RefusedError)
+	if ok {
+		*re = r
+	}
+	return ok
+}
+
+func (c *Controller) guardError(sd *side, f *fireCtx, to string) *GuardError {
+	e := &GuardError{Side: sd.name, State: f.in.State, Trigger: f.in.Trigger, To: to}
+	for _, idx := range f.refused {
+		re := f.verdicts[idx].(*guards.RefusedError)
+		for _, r := range re.Refusals {
+			if !slices.Contains(e.Guards, r.Guard) {
+				e.Guards = append(e.Guards, r.Guard)
+			}
+			e.Refusals = append(e.Refusals, r)
+		}
+	}
+	return e
+}
+
+// permitted lists the triggers with an edge from state, sorted (the
+// configuration triggers are always accepted and not listed).
+func permitted(g *spec.Side, state string) []string {
+	var out []string
+	for _, t := range g.Transitions {
+		if t.From == state && t.Kind != spec.KindIgnore && !slices.Contains(out, t.On) {
+			out = append(out, t.On)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// transitioned runs inside Fire, under the lock, after the state changed.
+func (c *Controller) transitioned(ctx context.Context, sd *side, from, to, trigger string) {
+	now := c.opts.Now()
+	f := fctx(ctx)
+	detail := ""
+	if f != nil {
+		detail = f.detail
+	}
+	if sd.graph.Mutable(from) && !sd.graph.Mutable(to) {
+		snap := c.config.Clone()
+		sd.frozen = &snap
+	}
+	if sd.graph.Mutable(to) {
+		sd.frozen = nil
+	}
+	if st := sd.graph.State(from); st != nil && (st.Terminal || from == sd.graph.Initial) {
+		sd.started = now
+		sd.errDesc = ""
+		sd.stats = Stats{}
+	}
+	c.record(sd, Record{Time: now, Side: sd.name, From: from, To: to, Trigger: trigger, Detail: detail})
+	c.opts.Logger.Info("transition", "side", sd.name, "from", from, "to", to, "trigger", trigger, "detail", detail)
+	c.publish(Event{Kind: EventState, Time: now, Side: sd.name, From: from, To: to, Trigger: trigger, Detail: detail})
+}
+
+func (c *Controller) record(sd *side, r Record) {
+	sd.history = append(sd.history, r)
+	if over := len(sd.history) - c.opts.HistoryLimit; over > 0 {
+		sd.history = slices.Delete(sd.history, 0, over)
+	}
+}
+
+// Args carries what a trigger brings with it.
+type Args struct {
+	// Endpoint is the transport a side starts to use (incoming, migrate,
+	// recover).
+	Endpoint *guards.Endpoint
+	// Peer is the peer's announcement (connect).
+	Peer *guards.Peer
+	// Reason explains a failure or cancellation (fail, cancel); it becomes
+	// the side's error description on fail.
+	Reason string
+}
+
+// Fire fires a trigger on a side. It returns nil when the side took an edge
+// (or the state ignores the trigger), *NotPermittedError when the state has
+// no such edge, and *GuardError when a guard refused (if the refused edge
+// has an else target the side has moved there: see GuardError.To).
+func (c *Controller) Fire(ctx context.Context, sideName, trigger string, a *Args) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("machine: %s %s: %w", sideName, trigger, err)
+	}
+	if a == nil {
+		a = &Args{}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	sd, err := c.side(sideName)
+	if err != nil {
+		return err
+	}
+	in := c.input(sd, trigger)
+	if a.Endpoint != nil {
+		ep := *a.Endpoint
+		in.Transport = &ep
+	}
+	in.Peer = a.Peer
+	f := &fireCtx{in: in, verdicts: map[int]error{}, detail: a.Reason}
+	if a.Endpoint != nil && f.detail == "" {
+		f.detail = a.Endpoint.URI
+	}
+	prevEndpoint := sd.endpoint
+	if a.Endpoint != nil {
+		ep := *a.Endpoint
+		sd.endpoint = &ep // visible to the transition hook; restored below on refusal
+	}
+	err = c.fire(ctx, sd, f, trigger)
+	if err != nil && a.Endpoint != nil {
+		var ge *GuardError
+		if !(asGuard(err, &ge) && ge.To != "") {
+			sd.endpoint = prevEndpoint
+		}
+	}
+	if err == nil && f.elseTo != "" {
+		ge := c.guardError(sd, f, f.elseTo)
+		sd.errDesc = ge.Reason()
+		err = ge
+	} else if err == nil && a.Reason != "" && sd.graph.State(sd.state) != nil && trigger == "fail" {
+		sd.errDesc = a.Reason
+	}
+	return err
+}
+
+func asGuard(err error, ge **GuardError) bool {
+	g, ok := err.(*GuardError)
+	if ok {
+		*ge = g
+	}
+	return ok
+}
+
+func (c *Controller) fire(ctx context.Context, sd *side, f *fireCtx, trigger string) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("machine: %s side: trigger %q in state %s: state machine panicked: %v", sd.name, trigger, sd.state, r)
+		}
+	}()
+	return sd.sm.FireCtx(context.WithValue(ctx, fireKey{}, f), trigger)
+}
+
+func (c *Controller) side(name string) (*side, error) {
+	if c.closed {
+		return nil, ErrClosed
+	}
+	sd, ok := c.sides[name]
+	if !ok {
+		return nil, fmt.Errorf("machine: side %q: %w (want incoming or outgoing)", name, ErrUnknownName)
+	}
+	return sd, nil
+}
+
+func (c *Controller) input(sd *side, trigger string) *guards.Input {
+	return &guards.Input{
+		Spec:      c.spec,
+		Side:      sd.name,
+		State:     sd.state,
+		Trigger:   trigger,
+		Config:    c.config,
+		Previous:  c.config,
+		Transport: sd.endpoint,
+		Facts:     c.opts.Facts,
+		Features:  c.opts.Features,
+	}
+}
+
+// SetCapabilities switches capabilities on or off, all or nothing: the
+// change is judged by both sides' configure guards and applied only if
+// every guard allows it.
+func (c *Controller) SetCapabilities(ctx context.Context, caps map[string]bool) error {
+	for name := range caps {
+		if c.spec.Capability(name) == nil {
+			return fmt.Errorf("machine: capability %q: %w", name, ErrUnknownName)
+		}
+	}
+	return c.configure(ctx, TriggerSetCapabilities, &guards.Change{Caps: maps.Clone(caps)})
+}
+
+// SetParameters sets parameters, all or nothing. Values may be strings,
+// booleans, JSON numbers or Go integers; each is normalised with its
+// parameter's type and range first (*InvalidValueError otherwise).
+func (c *Controller) SetParameters(ctx context.Context, params map[string]any) error {
+	ch := &guards.Change{Params: map[string]string{}}
+	for _, name := range slices.Sorted(maps.Keys(params)) {
+		p := c.spec.Parameter(name)
+		if p == nil {
+			return fmt.Errorf("machine: parameter %q: %w", name, ErrUnknownName)
+		}
+		v, err := p.Normalize(params[name])
+		if err != nil {
+			return &InvalidValueError{Param: name, Value: params[name], Range: p.Range(), Err: err}
+		}
+		ch.Params[name] = v
+	}
+	return c.configure(ctx, TriggerSetParameters, ch)
+}
+
+func (c *Controller) configure(ctx context.Context, trigger string, ch *guards.Change) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("machine: %s: %w", trigger, err)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return ErrClosed
+	}
+	candidate := c.config.Apply(ch)
+	for _, name := range spec.SideNames {
+		sd := c.sides[name]
+		in := c.input(sd, trigger)
+		in.Config, in.Change = candidate, ch
+		f := &fireCtx{in: in, verdicts: map[int]error{}}
+		if err := c.fire(ctx, sd, f, trigger); err != nil {
+			return err
+		}
+	}
+	c.config = candidate
+	now := c.opts.Now()
+	detail := describeChange(ch)
+	for _, name := range spec.SideNames {
+		sd := c.sides[name]
+		c.record(sd, Record{Time: now, Side: name, From: sd.state, To: sd.state, Trigger: trigger, Detail: detail})
+	}
+	c.publish(Event{Kind: EventConfig, Time: now, Trigger: trigger, Detail: detail})
+	return nil
+}
+
+func describeChange(ch *guards.Change) string {
+	var parts []string
+	for _, k := range slices.Sorted(maps.Keys(ch.Caps)) {
+		v := "off"
+		if ch.Caps[k] {
+			v = "on"
+		}
+		parts = append(parts, k+"="+v)
+	}
+	for _, k := range slices.Sorted(maps.Keys(ch.Params)) {
+		parts = append(parts, k+"="+ch.Params[k])
+	}
+	return fmt.Sprint(parts)
+}
+
+// State returns a side's current state.
+func (c *Controller) State(sideName string) (string, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	sd, err := c.side(sideName)
+	if err != nil {
+		return "", err
+	}
+	return sd.state, nil
+}
+
+// Config returns a copy of the live configuration.
+func (c *Controller) Config() guards.Config {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.config.Clone()
+}
+
+// Param returns one parameter's live value in canonical text form (for the
+// data plane's live parameters such as max-bandwidth).
+func (c *Controller) Param(name string) string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.config.Params[name]
+}
+
+// Frozen returns the configuration snapshot a side took when it entered
+// its first frozen state, the one its data plane must use; ok is false
+// while the side's configuration is still mutable.
+func (c *Controller) Frozen(sideName string) (cfg guards.Config, ok bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	sd, err := c.side(sideName)
+	if err != nil || sd.frozen == nil {
+		return guards.Config{}, false
+	}
+	return sd.frozen.Clone(), true
+}
+
+// Status is a snapshot of one side.
+type Status struct {
+	Side  string
+	State string
+	// Mutable: capabilities may change in this state.
+	Mutable bool
+	// Terminal: the state ends a migration.
+	Terminal bool
+	// Permitted lists the triggers the state accepts (besides the
+	// configuration triggers), sorted.
+	Permitted []string
+	// Endpoint is the transport in use, if any.
+	Endpoint *guards.Endpoint
+	// Error describes why the side failed, if it did.
+	Error string
+	// Started is when the current migration began (zero if never).
+	Started time.Time
+	Stats   Stats
+	History []Record
+}
+
+// Status returns a snapshot of a side; history holds at most the last
+// `history` records (0: none, negative: all kept).
+func (c *Controller) Status(sideName string, history int) (Status, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	sd, err := c.side(sideName)
+	if err != nil {
+		return Status{}, err
+	}
+	st := Status{
+		Side:      sd.name,
+		State:     sd.state,
+		Mutable:   sd.graph.Mutable(sd.state),
+		Permitted: permitted(sd.graph, sd.state),
+		Error:     sd.errDesc,
+		Started:   sd.started,
+		Stats:     sd.stats,
+	}
+	if s := sd.graph.State(sd.state); s != nil {
+		st.Terminal = s.Terminal
+	}
+	if sd.endpoint != nil {
+		ep := *sd.endpoint
+		st.Endpoint = &ep
+	}
+	h := sd.history
+	if history >= 0 && len(h) > history {
+		h = h[len(h)-history:]
+	}
+	st.History = slices.Clone(h)
+	return st, nil
+}
+
+// SetEndpoint records the address a side really uses once known (e.g. the
+// port a tcp:…:0 listener bound). It does not change the transport kind.
+func (c *Controller) SetEndpoint(sideName, uri string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	sd, err := c.side(sideName)
+	if err != nil {
+		return err
+	}
+	if sd.endpoint == nil {
+		return fmt.Errorf("machine: %s side has no transport yet", sideName)
+	}
+	sd.endpoint.URI = uri
+	return nil
+}
+
+// Close ends every subscription; later calls fail with ErrClosed.
+func (c *Controller) Close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return
+	}
+	c.closed = true
+	for s := range c.subs {
+		s.closeLocked()
+	}
+	clear(c.subs)
+}

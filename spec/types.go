@@ -1,0 +1,263 @@
+package spec
+
+// Spec is the decoded form of transitions.yaml: the two state graphs, the
+// guards their edges name, and the capabilities, parameters, transports and
+// compatibility rules the guards enforce.
+//
+// A Spec returned by Load has been validated: every name it mentions is
+// declared, every graph is sound, and Rules() expands the per-capability
+// shorthands into plain rules. Treat it as read-only; the controller and the
+// guards share one Spec between goroutines without locking.
+type Spec struct {
+	// Version of the spec format; 1.
+	Version int `yaml:"version" validate:"eq=1"`
+	// Guards declares every guard name an edge may use, with its meaning. The
+	// implementation of each name is looked up in the guard registry handed to
+	// Load; a declared name with no implementation is an error.
+	Guards []Guard `yaml:"guards" validate:"required,min=1,unique=Name,dive"`
+	// Features are host facilities a capability may need (userfaultfd, a KVM
+	// dirty ring, ...). The embedder reports which are present.
+	Features []Feature `yaml:"features" validate:"unique=Name,dive"`
+	// Facts are properties of the two ends that must be equal for a
+	// migration to connect (page size, guest identity). The source announces
+	// them in its handshake.
+	Facts []Fact `yaml:"facts" validate:"unique=Name,dive"`
+	// Capabilities are the boolean migration options, in QEMU's enum order.
+	Capabilities []Capability `yaml:"capabilities" validate:"required,min=1,unique=Name,dive"`
+	// Parameters are the typed migration options, in QEMU's order.
+	Parameters []Parameter `yaml:"parameters" validate:"required,min=1,unique=Name,dive"`
+	// Transports are the URI schemes with the properties rules test.
+	Transports []Transport `yaml:"transports" validate:"required,min=1,unique=Name,dive"`
+	// Rules are the compatibility rules that are not a capability shorthand.
+	RuleList []Rule `yaml:"rules" validate:"unique=Name,dive"`
+	// Incoming is the destination's state graph.
+	Incoming Side `yaml:"incoming"`
+	// Outgoing is the source's state graph.
+	Outgoing Side `yaml:"outgoing"`
+
+	// File is the name errors and diagrams refer to (set by Load).
+	File string `yaml:"-"`
+
+	rules []Rule // RuleList plus the expanded shorthands (set by Load)
+}
+
+// Guard declares a guard name.
+type Guard struct {
+	Name string `yaml:"name" validate:"required,ident"`
+	Doc  string `yaml:"doc" validate:"required"`
+}
+
+// Feature declares a host facility.
+type Feature struct {
+	Name string `yaml:"name" validate:"required,ident"`
+	Doc  string `yaml:"doc" validate:"required"`
+}
+
+// Fact declares a property both ends must agree on.
+type Fact struct {
+	Name string `yaml:"name" validate:"required,ident"`
+	Doc  string `yaml:"doc" validate:"required"`
+}
+
+// Capability is one boolean migration option and its compatibility
+// shorthands. Each shorthand expands to a Rule named "<capability>/<kind>"
+// (see Spec.Rules).
+type Capability struct {
+	Name string `yaml:"name" validate:"required,ident"`
+	Doc  string `yaml:"doc" validate:"required"`
+	// Since is the QEMU version that introduced it (documentation only).
+	Since string `yaml:"since"`
+	// Conflicts lists capabilities that may not be on together with this one.
+	Conflicts []string `yaml:"conflicts" validate:"unique,dive,capability"`
+	// Requires lists capabilities that must be on when this one is.
+	Requires []string `yaml:"requires" validate:"unique,dive,capability"`
+	// Transports, when not empty, lists the only transports it may run on.
+	Transports []string `yaml:"transports" validate:"unique,dive,transport"`
+	// NeedsTransport lists transport properties it needs (seekable,
+	// multi-channel, ...).
+	NeedsTransport []string `yaml:"needs-transport" validate:"unique,dive,oneof=multi-channel seekable return-path extra-fds streamable"`
+	// NeedsKernel lists host features it needs.
+	NeedsKernel []string `yaml:"needs-kernel" validate:"unique,dive,feature"`
+	// NeedsKernelOn restricts NeedsKernel to one side ("incoming" or
+	// "outgoing"); empty means both.
+	NeedsKernelOn string `yaml:"needs-kernel-on" validate:"omitempty,oneof=incoming outgoing"`
+	// MustMatchPeer: source and destination must agree on it; the source
+	// announces it and the connect guard compares.
+	MustMatchPeer bool `yaml:"must-match-peer"`
+}
+
+// Parameter types.
+const (
+	TypeBool   = "bool"
+	TypeUint8  = "uint8"
+	TypeUint32 = "uint32"
+	TypeUint64 = "uint64"
+	TypeSize   = "size" // uint64 bytes
+	TypeString = "string"
+	TypeEnum   = "enum"
+)
+
+// Parameter is one typed migration option.
+type Parameter struct {
+	Name string `yaml:"name" validate:"required,ident"`
+	Doc  string `yaml:"doc" validate:"required"`
+	// Type is one of bool, uint8, uint32, uint64, size, string, enum.
+	Type string `yaml:"type" validate:"required,oneof=bool uint8 uint32 uint64 size string enum"`
+	// Unit is documentation: ms, B/s, %, bytes, MB/s.
+	Unit string `yaml:"unit"`
+	// Values lists the allowed values of an enum.
+	Values []string `yaml:"values" validate:"required_if=Type enum,unique"`
+	// Default is the value before anyone sets it, in its textual form.
+	Default string `yaml:"default"`
+	// Validate is a go-playground/validator tag checked against every value
+	// (e.g. "min=1,max=255"); empty means any value of the type.
+	Validate string `yaml:"validate"`
+	// Live parameters may change while a migration runs; the others freeze
+	// with the capabilities.
+	Live bool `yaml:"live"`
+	// MustMatchPeer: source and destination must agree on it.
+	MustMatchPeer bool `yaml:"must-match-peer"`
+}
+
+// Transport properties a capability or rule may test.
+const (
+	PropMultiChannel = "multi-channel"
+	PropSeekable     = "seekable"
+	PropReturnPath   = "return-path"
+	PropExtraFDs     = "extra-fds"
+	PropStreamable   = "streamable"
+)
+
+// Transport is one URI scheme and its properties.
+type Transport struct {
+	Name         string `yaml:"name" validate:"required,ident"`
+	Doc          string `yaml:"doc" validate:"required"`
+	MultiChannel bool   `yaml:"multi-channel"`
+	Seekable     bool   `yaml:"seekable"`
+	ReturnPath   bool   `yaml:"return-path"`
+	ExtraFDs     bool   `yaml:"extra-fds"`
+	Streamable   bool   `yaml:"streamable"`
+}
+
+// Has reports whether the transport has the named property.
+func (t *Transport) Has(prop string) bool {
+	switch prop {
+	case PropMultiChannel:
+		return t.MultiChannel
+	case PropSeekable:
+		return t.Seekable
+	case PropReturnPath:
+		return t.ReturnPath
+	case PropExtraFDs:
+		return t.ExtraFDs
+	case PropStreamable:
+		return t.Streamable
+	}
+	return false
+}
+
+// Rule is a compatibility rule: whenever When holds, Require must hold too,
+// or the configuration is refused with Message. A rule without Require is a
+// prohibition: When alone refuses.
+type Rule struct {
+	Name string `yaml:"name" validate:"required"`
+	// Doc says where the rule comes from (e.g. "QEMU migrate_caps_check #7").
+	Doc     string `yaml:"doc"`
+	When    Cond   `yaml:"when"`
+	Require *Cond  `yaml:"require"`
+	// Message is the refusal text. It may use {uri}, {transport}, {side},
+	// {state} and {caps} (the capabilities When named); the evaluator
+	// appends the live transport when one is known and the text lacks it.
+	Message string `yaml:"message" validate:"required"`
+}
+
+// Cond is a conjunction of facts about a configuration; an empty Cond holds.
+type Cond struct {
+	// Caps must all be on.
+	Caps []string `yaml:"caps" validate:"unique,dive,capability"`
+	// CapsOff must all be off.
+	CapsOff []string `yaml:"caps-off" validate:"unique,dive,capability"`
+	// AnyCaps: at least one must be on (ignored when empty).
+	AnyCaps []string `yaml:"any-caps" validate:"unique,dive,capability"`
+	// Enabling: the change under judgement turns all of these on (they were
+	// off before). Only a configuration change can match.
+	Enabling []string `yaml:"enabling" validate:"unique,dive,capability"`
+	// Params compares parameters with values or with other parameters.
+	Params map[string]ParamCond `yaml:"params" validate:"dive,keys,parameter,endkeys"`
+	// Transports: the transport is one of these (holds only when a transport
+	// is known).
+	Transports []string `yaml:"transports" validate:"unique,dive,transport"`
+	// NotTransports: a transport is known and is none of these.
+	NotTransports []string `yaml:"not-transports" validate:"unique,dive,transport"`
+	// TransportHas: a transport is known and has all these properties.
+	TransportHas []string `yaml:"transport-has" validate:"unique,dive,oneof=multi-channel seekable return-path extra-fds streamable"`
+	// TransportLacks: a transport is known and lacks all these properties.
+	TransportLacks []string `yaml:"transport-lacks" validate:"unique,dive,oneof=multi-channel seekable return-path extra-fds streamable"`
+	// Features: the host has all these.
+	Features []string `yaml:"features" validate:"unique,dive,feature"`
+	// Side: the configuration belongs to this side ("incoming"/"outgoing").
+	Side string `yaml:"side" validate:"omitempty,oneof=incoming outgoing"`
+	// States: the side is in one of these states.
+	States []string `yaml:"states" validate:"unique"`
+}
+
+// ParamCond compares one parameter. Values are in textual form and parsed
+// with the parameter's type; *-param forms name another parameter.
+type ParamCond struct {
+	Eq      *string  `yaml:"eq"`
+	Ne      *string  `yaml:"ne"`
+	In      []string `yaml:"in"`
+	GeParam string   `yaml:"ge-param" validate:"omitempty,parameter"`
+	LeParam string   `yaml:"le-param" validate:"omitempty,parameter"`
+}
+
+// Configuration mutability of a state.
+const (
+	ConfigMutable = "mutable"
+	ConfigFrozen  = "frozen"
+)
+
+// Side is one state graph (incoming or outgoing).
+type Side struct {
+	// Initial is the state a fresh controller starts in.
+	Initial string `yaml:"initial" validate:"required"`
+	// Configure lists the guards every configuration change on this side
+	// passes (in every state; see Configure* triggers in package machine).
+	Configure []string `yaml:"configure" validate:"unique,dive,guard"`
+	States    []State  `yaml:"states" validate:"required,min=1,unique=Name,dive"`
+	// Transitions are the edges. Two edges may share (from, on) only as the
+	// two halves of one guarded edge: Guards on the first, Else naming the
+	// second's target is written as a single edge with Else instead.
+	Transitions []Transition `yaml:"transitions" validate:"required,min=1,dive"`
+}
+
+// State is one node of a side's graph.
+type State struct {
+	Name string `yaml:"name" validate:"required,statename"`
+	Doc  string `yaml:"doc"`
+	// Config is "mutable" when capabilities and frozen parameters may change
+	// in this state, "frozen" otherwise (live parameters always may).
+	Config string `yaml:"config" validate:"required,oneof=mutable frozen"`
+	// Terminal marks a state in which a migration has ended.
+	Terminal bool `yaml:"terminal"`
+}
+
+// Transition kinds.
+const (
+	KindPermit = "permit" // move to To (the default)
+	KindIgnore = "ignore" // accept the trigger and stay (a harmless no-op)
+)
+
+// Transition is one edge: on trigger On in state From, go to To if every
+// guard allows; if a guard refuses and Else is set, go to Else instead (the
+// refusal edge); otherwise the trigger fails with the guards' reasons and
+// the state is unchanged.
+type Transition struct {
+	From   string   `yaml:"from" validate:"required"`
+	On     string   `yaml:"on" validate:"required,ident"`
+	To     string   `yaml:"to" validate:"required_unless=Kind ignore"`
+	Guards []string `yaml:"guards" validate:"unique,dive,guard"`
+	Else   string   `yaml:"else" validate:"excluded_without=Guards"`
+	Kind   string   `yaml:"kind" validate:"omitempty,oneof=permit ignore"`
+	Doc    string   `yaml:"doc"`
+}
