@@ -196,6 +196,9 @@ func (c *Controller) build(name string, g *spec.Side) (*side, error) {
 					}
 					if f := fctx(ctx); f != nil {
 						f.elseTo = elseTo
+						if re, ok := f.verdicts[idx].(*guards.RefusedError); ok {
+							f.detail = re.Error()
+						}
 					}
 					return true
 				})
@@ -380,9 +383,15 @@ func (c *Controller) Fire(ctx context.Context, sideName, trigger string, a *Args
 		}
 	}
 	if err == nil && f.elseTo != "" {
+		// The guards refused and the edge's else target was taken. Into a
+		// terminal state that is a failure the caller must see; otherwise
+		// it is the alternative route (e.g. switchover without a pause),
+		// recorded in the history with its reason.
 		ge := c.guardError(sd, f, f.elseTo)
-		sd.errDesc = ge.Reason()
-		err = ge
+		if st := sd.graph.State(f.elseTo); st != nil && st.Terminal {
+			sd.errDesc = ge.Reason()
+			err = ge
+		}
 	} else if err == nil && a.Reason != "" && sd.graph.State(sd.state) != nil && trigger == "fail" {
 		sd.errDesc = a.Reason
 	}

@@ -70,7 +70,7 @@ type InvalidValueError struct {
 }
 
 func (e *InvalidValueError) Error() string {
-	return fmt.Sprintf("invalid value %v for parameter %s (expects %s): %v", e.Value, e.Param, e.Range, e.Err)
+	return fmt.Sprintf("%v; %s expects %s", e.Err, e.Param, e.Range)
 }
 
 func (e *InvalidValueError) Unwrap() error { return e.Err }

@@ -1,0 +1,688 @@
+// Package engine runs the outgoing side of a migration: it connects to the
+// destination, sends the guest's RAM in precopy passes driven by the
+// guest's dirty log, switches over when the remaining pages fit the
+// downtime limit at the measured bandwidth, sends device state, and waits
+// for the destination to confirm that its guest runs.
+//
+// The engine's goroutine never holds the controller lock while it does
+// I/O: it takes it (through machine.Controller) only to fire a trigger or
+// publish statistics. Configuration comes from the snapshot the controller
+// took when the outgoing side froze, except the live parameters
+// (max-bandwidth, downtime-limit), which are re-read every section.
+//
+// Nothing is lost on failure: until the destination confirms it runs the
+// guest, a failure or a cancel restarts the source guest with its memory
+// untouched (the engine only reads guest memory).
+package engine
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/migctl/migctl/guards"
+	"github.com/migctl/migctl/guest"
+	"github.com/migctl/migctl/machine"
+	"github.com/migctl/migctl/spec"
+	"github.com/migctl/migctl/stream"
+	"github.com/migctl/migctl/transport"
+)
+
+// Options tune a migration. The zero value is usable.
+type Options struct {
+	// Logger receives progress lines (default: discard).
+	Logger *slog.Logger
+	// StatsInterval is how often statistics are published (default 100 ms).
+	StatsInterval time.Duration
+	// SectionBytes bounds one RAM section part; between parts the engine
+	// checks for cancellation, applies the bandwidth limit and publishes
+	// statistics (default 8 MiB).
+	SectionBytes int
+	// Dial opens the channel (default transport.Dial); tests inject faults.
+	Dial func(ctx context.Context, a transport.Addr) (transport.Conn, error)
+	// Checksum, when set, is called with the source guest stopped after the
+	// last byte was sent; its result is published in Stats.Checksum.
+	Checksum func() (uint64, error)
+	// ConfirmTimeout bounds the wait for the destination's confirmation
+	// after the stream ends (default 60 s).
+	ConfirmTimeout time.Duration
+}
+
+// Result is how a migration ended.
+type Result struct {
+	// State is the outgoing side's final state: completed, cancelled or
+	// failed.
+	State string
+	Stats machine.Stats
+	// Err is the failure, if any.
+	Err error
+}
+
+// Migration is one outgoing migration in progress.
+type Migration struct {
+	c    *machine.Controller
+	g    guest.Guest
+	addr transport.Addr
+	opts Options
+	log  *slog.Logger
+
+	ioCtx    context.Context
+	cancelIO context.CancelCauseFunc
+	cont     chan struct{} // closed by Continue
+	contOnce sync.Once
+	done     chan struct{}
+	result   Result // written by run before done is closed
+}
+
+// ErrCancelled is the cause recorded when a migration is cancelled.
+var ErrCancelled = errors.New("migration cancelled")
+
+// Start fires migrate on the controller's outgoing side (the guards judge
+// the URI's transport against the configuration) and starts the migration
+// goroutine. A refusal is returned at once and nothing is started.
+func Start(ctx context.Context, c *machine.Controller, g guest.Guest, uri string, opts Options) (*Migration, error) {
+	a, err := transport.Parse(uri)
+	if err != nil {
+		return nil, err
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.StatsInterval <= 0 {
+		opts.StatsInterval = 100 * time.Millisecond
+	}
+	if opts.SectionBytes <= 0 {
+		opts.SectionBytes = 8 << 20
+	}
+	if opts.Dial == nil {
+		opts.Dial = transport.Dial
+	}
+	if opts.ConfirmTimeout <= 0 {
+		opts.ConfirmTimeout = 60 * time.Second
+	}
+	if err := c.Fire(ctx, spec.Outgoing, "migrate", &machine.Args{Endpoint: &guards.Endpoint{Transport: a.Scheme, URI: a.String()}}); err != nil {
+		return nil, err
+	}
+	m := &Migration{c: c, g: g, addr: a, opts: opts, log: opts.Logger, cont: make(chan struct{}), done: make(chan struct{})}
+	m.ioCtx, m.cancelIO = context.WithCancelCause(context.WithoutCancel(ctx))
+	go m.run()
+	return m, nil
+}
+
+// Cancel fires cancel on the outgoing side and aborts the migration's I/O.
+// The migration ends in cancelled with the source guest running. Cancel in
+// a state that ignores it (already ending) is harmless.
+func (m *Migration) Cancel(ctx context.Context) error {
+	err := m.c.Fire(ctx, spec.Outgoing, "cancel", &machine.Args{Reason: "cancelled by the user"})
+	if err != nil {
+		return err
+	}
+	if st, _ := m.c.State(spec.Outgoing); st == "cancelling" {
+		m.cancelIO(ErrCancelled)
+	}
+	return nil
+}
+
+// Continue releases a migration paused in pre-switchover (capability
+// pause-before-switchover) by firing continue.
+func (m *Migration) Continue(ctx context.Context) error {
+	if err := m.c.Fire(ctx, spec.Outgoing, "continue", nil); err != nil {
+		return err
+	}
+	m.contOnce.Do(func() { close(m.cont) })
+	return nil
+}
+
+// Done is closed when the migration has ended and its goroutines exited.
+func (m *Migration) Done() <-chan struct{} { return m.done }
+
+// Wait waits for the end of the migration or ctx.
+func (m *Migration) Wait(ctx context.Context) (Result, error) {
+	select {
+	case <-m.done:
+		return m.result, nil
+	case <-ctx.Done():
+		return Result{}, ctx.Err()
+	}
+}
+
+// run is the migration goroutine.
+func (m *Migration) run() {
+	defer close(m.done)
+	defer m.cancelIO(nil)
+	s := &sender{m: m, start: time.Now()}
+	err := s.migrate()
+	s.finish(err)
+}
+
+// sender holds one run's state; it belongs to the migration goroutine.
+type sender struct {
+	m       *Migration
+	start   time.Time
+	conn    transport.Conn
+	enc     *stream.Encoder
+	rp      chan rpEvent // messages from the destination
+	rpDone  chan struct{}
+	stopped bool // the engine stopped the guest (it was running)
+	stats   machine.Stats
+	dirty   [][]uint64
+	blocks  []*guest.Block
+	lastPub time.Time
+	// bandwidth estimate, bytes per second
+	bw float64
+}
+
+type rpEvent struct {
+	msg stream.RPMessage
+	err error
+}
+
+// failure is an error that carries the destination's own reason.
+type failure struct{ reason string }
+
+func (f *failure) Error() string { return f.reason }
+
+func (s *sender) migrate() error {
+	m := s.m
+	conn, err := m.opts.Dial(m.ioCtx, m.addr)
+	if err != nil {
+		return fmt.Errorf("connect to %s: %w", m.addr, err)
+	}
+	s.conn = conn
+	stopClose := context.AfterFunc(m.ioCtx, func() { conn.Close() })
+	defer stopClose()
+	if err := m.c.Fire(m.ioCtx, spec.Outgoing, "start", nil); err != nil {
+		return err
+	}
+	s.stats.SetupTime = time.Since(s.start)
+	cfg, ok := m.c.Frozen(spec.Outgoing)
+	if !ok {
+		cfg = m.c.Config()
+	}
+	s.blocks = m.g.Blocks()
+	if len(s.blocks) == 0 {
+		return errors.New("the guest has no RAM blocks")
+	}
+	pageSize := uint64(s.blocks[0].PageSize)
+	s.stats.PageSize = pageSize
+	for _, b := range s.blocks {
+		s.stats.Total += uint64(len(b.Mem))
+	}
+
+	s.enc = stream.NewEncoder(conn)
+	if err := s.enc.WriteHeader(m.g.ID()); err != nil {
+		return err
+	}
+	if err := s.enc.WriteHandshake(handshake(m.c.Spec(), cfg, m.g, pageSize)); err != nil {
+		return err
+	}
+	if conn.ReturnPath() {
+		if err := s.enc.OpenReturnPath(); err != nil {
+			return err
+		}
+		if err := s.enc.Ping(1); err != nil {
+			return err
+		}
+		s.rp = make(chan rpEvent, 16)
+		s.rpDone = make(chan struct{})
+		go s.readRP()
+	}
+	sb := make([]stream.Block, len(s.blocks))
+	for i, b := range s.blocks {
+		sb[i] = stream.Block{Name: b.Name, Size: uint64(len(b.Mem))}
+	}
+	if err := s.enc.StartRAM(pageSize, sb); err != nil {
+		return err
+	}
+
+	// The first pass sends everything; later passes what the log reports.
+	m.g.StartDirtyLog()
+	defer m.g.StopDirtyLog()
+	s.dirty = guest.NewBitmaps(s.blocks)
+	for i, b := range s.blocks {
+		bm := guest.Bitmap(s.dirty[i])
+		for p := range b.Pages() {
+			bm.Set(p)
+		}
+	}
+	for pass := uint64(1); ; pass++ {
+		_ = m.c.PublishPass(spec.Outgoing, pass)
+		s.stats.DirtySyncCount = pass
+		t0, b0 := time.Now(), s.enc.Stats().Bytes
+		if err := s.sendDirty(false); err != nil {
+			return err
+		}
+		elapsed := time.Since(t0)
+		if sent := s.enc.Stats().Bytes - b0; elapsed > 0 && sent > 0 {
+			s.bw = float64(sent) / elapsed.Seconds()
+		}
+		m.g.SyncDirty(s.dirty)
+		remaining := s.dirtyBytes()
+		s.stats.Remaining = remaining
+		if elapsed > 0 {
+			s.stats.DirtyPagesRate = uint64(float64(remaining/pageSize) / elapsed.Seconds())
+		}
+		limit := s.liveDuration("downtime-limit", 300*time.Millisecond)
+		expected := time.Duration(0)
+		if s.bw > 0 {
+			expected = time.Duration(float64(remaining) / s.bw * float64(time.Second))
+		}
+		s.stats.ExpectedDowntime = expected
+		s.publish(true)
+		m.log.Info("pass", "pass", pass, "remaining", remaining, "bandwidth", s.bw, "expected_downtime", expected)
+		if expected <= limit {
+			break
+		}
+		if pass >= 2 && cfg.Caps["auto-converge"] {
+			s.throttle(cfg, pass)
+		}
+	}
+	return s.switchover(cfg)
+}
+
+// switchover stops the guest, sends the rest and the devices, and waits
+// for the destination to confirm.
+func (s *sender) switchover(cfg guards.Config) error {
+	m := s.m
+	if err := m.c.Fire(m.ioCtx, spec.Outgoing, "switchover", nil); err != nil {
+		return err
+	}
+	if st, _ := m.c.State(spec.Outgoing); st == "pre-switchover" {
+		select {
+		case <-m.cont:
+		case <-m.ioCtx.Done():
+			return context.Cause(m.ioCtx)
+		}
+	}
+	s.stopped = m.g.Running()
+	if err := m.g.Stop(); err != nil {
+		return fmt.Errorf("stop the guest: %w", err)
+	}
+	tStop := time.Now()
+	m.g.SyncDirty(s.dirty)
+	b0 := s.enc.Stats().Bytes
+	if err := s.sendDirty(true); err != nil {
+		return err
+	}
+	for _, d := range m.g.Devices() {
+		state, err := d.Save()
+		if err != nil {
+			return fmt.Errorf("save device %s: %w", d.Name(), err)
+		}
+		if err := s.enc.WriteDevice(d.Name(), d.Instance(), d.Version(), state); err != nil {
+			return err
+		}
+	}
+	if err := s.enc.Close(); err != nil {
+		return fmt.Errorf("finish the stream: %w", err)
+	}
+	s.stats.DowntimeBytes = s.enc.Stats().Bytes - b0
+	s.stats.Remaining = 0
+	if s.rp == nil {
+		// No return path (file, exec): the stream is complete once the
+		// channel is closed; for exec that waits for the command.
+		err := s.conn.Close()
+		s.stats.Downtime = time.Since(tStop)
+		if err != nil {
+			return fmt.Errorf("close %s: %w", m.addr, err)
+		}
+	} else {
+		_ = s.conn.CloseWrite()
+		if err := s.awaitConfirm(tStop); err != nil {
+			return err
+		}
+	}
+	if m.opts.Checksum != nil {
+		if sum, err := m.opts.Checksum(); err == nil {
+			s.stats.Checksum = sum
+		}
+	}
+	return m.c.Fire(context.Background(), spec.Outgoing, "complete", nil)
+}
+
+// awaitConfirm waits for SHUT from the destination: status 0 means its
+// guest runs (the downtime ends here).
+func (s *sender) awaitConfirm(tStop time.Time) error {
+	timer := time.NewTimer(s.m.opts.ConfirmTimeout)
+	defer timer.Stop()
+	for {
+		select {
+		case ev, ok := <-s.rp:
+			if !ok {
+				return errors.New("the destination closed the connection before confirming it runs the guest")
+			}
+			if ev.err != nil {
+				return ev.err
+			}
+			switch ev.msg.Type {
+			case stream.RPShut:
+				v, _ := ev.msg.Value()
+				if v != 0 {
+					return &failure{reason: fmt.Sprintf("the destination failed (status %d)", v)}
+				}
+				s.stats.Downtime = time.Since(tStop)
+				return nil
+			case stream.RPFailReason:
+				return &failure{reason: "destination: " + string(ev.msg.Data)}
+			}
+		case <-s.m.ioCtx.Done():
+			return context.Cause(s.m.ioCtx)
+		case <-timer.C:
+			return fmt.Errorf("the destination did not confirm within %s", s.m.opts.ConfirmTimeout)
+		}
+	}
+}
+
+// readRP reads return-path messages until the connection ends. A failure
+// reason followed by SHUT is reported as one failure.
+func (s *sender) readRP() {
+	defer close(s.rpDone)
+	defer close(s.rp)
+	var reason string
+	for {
+		msg, err := stream.ReadRP(s.conn)
+		if err != nil {
+			if reason != "" {
+				err = &failure{reason: "destination: " + reason}
+			} else if s.m.ioCtx.Err() == nil {
+				err = fmt.Errorf("return path: %w", err)
+			}
+			select {
+			case s.rp <- rpEvent{err: err}:
+			case <-s.m.ioCtx.Done():
+			}
+			return
+		}
+		if msg.Type == stream.RPFailReason {
+			reason = string(msg.Data)
+			continue
+		}
+		if msg.Type == stream.RPShut && reason != "" {
+			msg = stream.NewFailReason(reason)
+		}
+		select {
+		case s.rp <- rpEvent{msg: msg}:
+		case <-s.m.ioCtx.Done():
+			return
+		}
+	}
+}
+
+// destinationReason replaces a local I/O error by the destination's own
+// reason when the return path brings one shortly: a destination that
+// refuses the stream says why before it hangs up, and that is what the
+// user needs to read.
+func (s *sender) destinationReason(err error) error {
+	var f *failure
+	if errors.As(err, &f) || errors.Is(err, ErrCancelled) {
+		return err
+	}
+	timer := time.NewTimer(2 * time.Second)
+	defer timer.Stop()
+	for {
+		select {
+		case ev, ok := <-s.rp:
+			if !ok {
+				return err
+			}
+			if errors.As(ev.err, &f) {
+				return f
+			}
+			if ev.msg.Type == stream.RPFailReason {
+				return &failure{reason: "destination: " + string(ev.msg.Data)}
+			}
+			if ev.err != nil {
+				return err
+			}
+		case <-timer.C:
+			return err
+		}
+	}
+}
+
+// checkRP looks at pending return-path messages without blocking; a
+// failure reported by the destination ends the migration.
+func (s *sender) checkRP() error {
+	for s.rp != nil {
+		select {
+		case ev, ok := <-s.rp:
+			if !ok {
+				return errors.New("the destination closed the connection")
+			}
+			if ev.err != nil {
+				return ev.err
+			}
+			switch ev.msg.Type {
+			case stream.RPFailReason:
+				return &failure{reason: "destination: " + string(ev.msg.Data)}
+			case stream.RPShut:
+				return &failure{reason: "the destination ended the migration early"}
+			}
+		default:
+			return nil
+		}
+	}
+	return nil
+}
+
+// sendDirty sends every page set in s.dirty (clearing the bits) in RAM
+// section parts, or in the END section when final.
+func (s *sender) sendDirty(final bool) error {
+	m := s.m
+	zero := make([]byte, s.stats.PageSize)
+	begin := func() error {
+		if final {
+			return s.enc.BeginRAMEnd()
+		}
+		return s.enc.BeginRAMPart()
+	}
+	if err := begin(); err != nil {
+		return err
+	}
+	inSection := 0
+	sectionStart := time.Now()
+	for bi, b := range s.blocks {
+		bm := guest.Bitmap(s.dirty[bi])
+		ps := uint64(b.PageSize)
+		for p := bm.Next(0); p >= 0; p = bm.Next(p + 1) {
+			bm.Clear(p)
+			page := b.Page(p)
+			var err error
+			if bytes.Equal(page, zero) {
+				err = s.enc.PutZero(b.Name, uint64(p)*ps)
+				s.stats.Duplicate++
+				inSection += 9
+			} else {
+				err = s.enc.PutPage(b.Name, uint64(p)*ps, page)
+				s.stats.Normal++
+				s.stats.NormalBytes += ps
+				inSection += int(ps) + 8
+			}
+			if err != nil {
+				return fmt.Errorf("send page %s@%#x: %w", b.Name, uint64(p)*ps, err)
+			}
+			if !final && inSection >= m.opts.SectionBytes {
+				if err := s.enc.CloseRAMSection(); err != nil {
+					return err
+				}
+				if err := s.between(inSection, sectionStart); err != nil {
+					return err
+				}
+				inSection, sectionStart = 0, time.Now()
+				if err := begin(); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	if err := s.enc.CloseRAMSection(); err != nil {
+		return err
+	}
+	return s.enc.Flush()
+}
+
+// between runs between two section parts: cancellation, the destination's
+// complaints, the bandwidth limit, statistics.
+func (s *sender) between(sent int, since time.Time) error {
+	m := s.m
+	if err := context.Cause(m.ioCtx); err != nil {
+		return err
+	}
+	if err := s.checkRP(); err != nil {
+		return err
+	}
+	if st, _ := m.c.State(spec.Outgoing); st != "active" {
+		return fmt.Errorf("outgoing side left active (now %s)", st)
+	}
+	if limit := s.liveUint("max-bandwidth"); limit > 0 {
+		want := time.Duration(float64(sent) / float64(limit) * float64(time.Second))
+		if wait := want - time.Since(since); wait > 0 {
+			if err := s.enc.Flush(); err != nil {
+				return err
+			}
+			t := time.NewTimer(wait)
+			select {
+			case <-t.C:
+			case <-m.ioCtx.Done():
+				t.Stop()
+				return context.Cause(m.ioCtx)
+			}
+		}
+	}
+	s.publish(false)
+	return nil
+}
+
+func (s *sender) dirtyBytes() uint64 {
+	var n uint64
+	for i, b := range s.blocks {
+		n += uint64(guest.Bitmap(s.dirty[i]).Count()) * uint64(b.PageSize)
+	}
+	return n
+}
+
+func (s *sender) liveUint(name string) uint64 {
+	v, _ := strconv.ParseUint(s.m.c.Param(name), 10, 64)
+	return v
+}
+
+func (s *sender) liveDuration(name string, def time.Duration) time.Duration {
+	v, err := strconv.ParseUint(s.m.c.Param(name), 10, 64)
+	if err != nil {
+		return def
+	}
+	return time.Duration(v) * time.Millisecond
+}
+
+// throttle raises the guest's throttle like QEMU's auto-converge.
+func (s *sender) throttle(cfg guards.Config, pass uint64) {
+	t, ok := s.m.g.(guest.Throttler)
+	if !ok {
+		return
+	}
+	initial, _ := strconv.Atoi(cfg.Params["cpu-throttle-initial"])
+	inc, _ := strconv.Atoi(cfg.Params["cpu-throttle-increment"])
+	maxT, _ := strconv.Atoi(cfg.Params["max-cpu-throttle"])
+	pct := min(initial+inc*int(pass-2), maxT)
+	t.Throttle(pct)
+}
+
+// publish sends statistics to the controller at most every StatsInterval
+// (always when force).
+func (s *sender) publish(force bool) {
+	now := time.Now()
+	if !force && now.Sub(s.lastPub) < s.m.opts.StatsInterval {
+		return
+	}
+	s.lastPub = now
+	if s.enc != nil {
+		es := s.enc.Stats()
+		s.stats.Transferred = es.Bytes
+		s.stats.PrecopyBytes = es.Bytes - s.stats.DowntimeBytes
+	}
+	s.stats.TotalTime = now.Sub(s.start)
+	if secs := s.stats.TotalTime.Seconds(); secs > 0 {
+		s.stats.Mbps = float64(s.stats.Transferred) * 8 / 1e6 / secs
+		s.stats.PagesPerSecond = uint64(float64(s.stats.Normal+s.stats.Duplicate) / secs)
+	}
+	if s.stats.Remaining == 0 && s.stats.DirtySyncCount <= 1 {
+		s.stats.Remaining = s.stats.Total - min(s.stats.Total, (s.stats.Normal+s.stats.Duplicate)*s.stats.PageSize)
+	}
+	_ = s.m.c.PublishStats(spec.Outgoing, s.stats)
+}
+
+// finish ends the run: on success the side is completed; on failure or
+// cancel the guest is restarted and the side goes to failed or cancelled.
+func (s *sender) finish(err error) {
+	m := s.m
+	if err != nil && s.rp != nil {
+		err = s.destinationReason(err)
+	}
+	m.cancelIO(err)
+	if s.conn != nil {
+		s.conn.Close()
+	}
+	if s.rpDone != nil {
+		<-s.rpDone
+	}
+	if err == nil {
+		s.publish(true)
+		st, _ := m.c.State(spec.Outgoing)
+		m.result = Result{State: st, Stats: s.stats}
+		m.log.Info("migration completed", "downtime", s.stats.Downtime, "total", s.stats.TotalTime)
+		return
+	}
+	if s.stopped {
+		if rerr := m.g.Start(); rerr != nil {
+			m.log.Error("restart the source guest", "err", rerr)
+		}
+	}
+	ctx := context.Background()
+	st, _ := m.c.State(spec.Outgoing)
+	if st != "cancelling" {
+		if ferr := m.c.Fire(ctx, spec.Outgoing, "fail", &machine.Args{Reason: err.Error()}); ferr != nil {
+			m.log.Error("fire fail", "err", ferr)
+		}
+	}
+	_ = m.c.Fire(ctx, spec.Outgoing, "cleanup", nil)
+	s.publish(true)
+	st, _ = m.c.State(spec.Outgoing)
+	if st == "cancelled" {
+		err = fmt.Errorf("%w: %v", ErrCancelled, err)
+	}
+	m.result = Result{State: st, Stats: s.stats, Err: err}
+	m.log.Info("migration ended", "state", st, "err", err)
+}
+
+// handshake builds what the source announces: every must-match capability
+// and parameter, the page size, the guest's identity and RAM layout.
+func handshake(s *spec.Spec, cfg guards.Config, g guest.Guest, pageSize uint64) *stream.Handshake {
+	h := &stream.Handshake{
+		Protocol:     stream.HandshakeProtocol,
+		Side:         stream.SideSource,
+		Capabilities: map[string]bool{},
+		Parameters:   map[string]string{},
+		PageSize:     pageSize,
+		GuestID:      g.ID(),
+		RAMBlocks:    map[string]uint64{},
+	}
+	for _, c := range s.Capabilities {
+		if c.MustMatchPeer {
+			h.Capabilities[c.Name] = cfg.Caps[c.Name]
+		}
+	}
+	for _, p := range s.Parameters {
+		if p.MustMatchPeer {
+			h.Parameters[p.Name] = cfg.Params[p.Name]
+		}
+	}
+	for _, b := range g.Blocks() {
+		h.RAMBlocks[b.Name] = uint64(len(b.Mem))
+	}
+	return h
+}

@@ -1,0 +1,350 @@
+package engine_test
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/migctl/migctl/engine"
+	"github.com/migctl/migctl/guards"
+	"github.com/migctl/migctl/guest"
+	"github.com/migctl/migctl/loaders"
+	"github.com/migctl/migctl/machine"
+	"github.com/migctl/migctl/spec"
+	"github.com/migctl/migctl/transport"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+var (
+	specOnce sync.Once
+	theSpec  *spec.Spec
+	specErr  error
+)
+
+func defaultSpec(t testing.TB) *spec.Spec {
+	t.Helper()
+	specOnce.Do(func() {
+		_, file, _, _ := runtime.Caller(0)
+		theSpec, specErr = spec.LoadFile(filepath.Join(filepath.Dir(file), "..", "transitions.yaml"), guards.Default().Names())
+	})
+	if specErr != nil {
+		t.Fatal(specErr)
+	}
+	return theSpec
+}
+
+// end is one side of an in-process migration: a controller and a guest.
+type end struct {
+	c *machine.Controller
+	g *guest.Builtin
+}
+
+const testSize = 16 << 20
+
+func newEnd(t *testing.T, dest bool, cfg guest.Config) *end {
+	t.Helper()
+	var g *guest.Builtin
+	var err error
+	if dest {
+		g, err = guest.NewDestination(cfg)
+	} else {
+		g, err = guest.New(cfg)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := machine.New(defaultSpec(t), machine.Options{Facts: map[string]string{"page-size": "4096", "guest": g.ID()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(); g.Close() })
+	if !dest {
+		if err := g.Start(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Unlimited bandwidth, as the tests measure correctness not pacing.
+	if err := c.SetParameters(context.Background(), map[string]any{"max-bandwidth": 0}); err != nil {
+		t.Fatal(err)
+	}
+	return &end{c: c, g: g}
+}
+
+func guestCfg() guest.Config {
+	return guest.Config{Size: testSize, DirtyRate: 16 << 20, Seed: 42, ZeroFraction: 0.1}
+}
+
+func checksum(t *testing.T, g *guest.Builtin) uint64 {
+	t.Helper()
+	running := g.Running()
+	if running {
+		g.Stop()
+	}
+	sum, err := g.Checksum()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if running {
+		g.Start()
+	}
+	return sum
+}
+
+func migrate(t *testing.T, src, dst *end, listenURI string, opts engine.Options) (engine.Result, loaders.Result) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	in, err := loaders.Listen(ctx, dst.c, dst.g, listenURI, loaders.Options{PageSums: true, NoStart: true})
+	if err != nil {
+		t.Fatalf("listen: %v", err)
+	}
+	m, err := engine.Start(ctx, src.c, src.g, in.Addr().String(), opts)
+	if err != nil {
+		in.Cancel("source refused")
+		in.Wait(ctx)
+		t.Fatalf("migrate: %v", err)
+	}
+	sr, err := m.Wait(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dr, err := in.Wait(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sr, dr
+}
+
+func TestMigrateTCPAndUnix(t *testing.T) {
+	for _, uri := range []string{"tcp:127.0.0.1:0", "unix:" + filepath.Join(t.TempDir(), "mig.sock")} {
+		t.Run(strings.SplitN(uri, ":", 2)[0], func(t *testing.T) {
+			src := newEnd(t, false, guestCfg())
+			dst := newEnd(t, true, guestCfg())
+			sr, dr := migrate(t, src, dst, uri, engine.Options{})
+			if sr.State != "completed" || dr.State != "completed" {
+				t.Fatalf("source %s (%v), destination %s (%v)", sr.State, sr.Err, dr.State, dr.Err)
+			}
+			if src.g.Running() {
+				t.Error("source guest still running after completion")
+			}
+			want := checksum(t, src.g)
+			got := checksum(t, dst.g)
+			if got != want {
+				t.Fatalf("destination checksum %#x, source %#x", got, want)
+			}
+			if err := dst.g.Verify(); err != nil {
+				t.Fatalf("destination memory: %v", err)
+			}
+			d, err := dst.g.DigestWithPageSums(dr.PageSums)
+			if err != nil || d.Sum() != want {
+				t.Fatalf("incremental digest %#x (%v), want %#x", d.Sum(), err, want)
+			}
+			if sr.Stats.Downtime <= 0 || sr.Stats.DirtySyncCount < 1 {
+				t.Errorf("stats not reported: %+v", sr.Stats)
+			}
+			t.Logf("passes %d, downtime %v, total %v, transferred %d", sr.Stats.DirtySyncCount, sr.Stats.Downtime, sr.Stats.TotalTime, sr.Stats.Transferred)
+		})
+	}
+}
+
+// A must-match capability that differs fails both sides at connect,
+// naming the capability and both values, before any page is loaded.
+func TestCapabilityMismatchAtConnect(t *testing.T) {
+	src := newEnd(t, false, guestCfg())
+	dst := newEnd(t, true, guestCfg())
+	if err := src.c.SetCapabilities(context.Background(), map[string]bool{"return-path": true}); err != nil {
+		t.Fatal(err)
+	}
+	before := checksum(t, dst.g)
+	srcBefore := checksum(t, src.g)
+	sr, dr := migrate(t, src, dst, "tcp:127.0.0.1:0", engine.Options{})
+	if sr.State != "failed" || dr.State != "failed" {
+		t.Fatalf("source %s, destination %s", sr.State, dr.State)
+	}
+	for _, err := range []error{sr.Err, dr.Err} {
+		if err == nil || !strings.Contains(err.Error(), "return-path") || !strings.Contains(err.Error(), "source has it on") || !strings.Contains(err.Error(), "destination has it off") {
+			t.Errorf("reason should name return-path and both values: %v", err)
+		}
+	}
+	if after := checksum(t, dst.g); after != before || dr.Stats.Normal != 0 {
+		t.Errorf("pages were loaded into the destination (%d)", dr.Stats.Normal)
+	}
+	if !src.g.Running() {
+		t.Error("source guest is not running after the failure")
+	}
+	_ = srcBefore
+	st, _ := dst.c.Status(spec.Incoming, 0)
+	if !strings.Contains(st.Error, "return-path") {
+		t.Errorf("destination error-desc %q", st.Error)
+	}
+}
+
+// Cancel in setup, in active and just before switchover: the source ends
+// cancelled with its guest running and its memory intact; a second
+// migration afterwards succeeds.
+func TestCancel(t *testing.T) {
+	for _, when := range []string{"setup", "active", "pre-switchover"} {
+		t.Run(when, func(t *testing.T) {
+			src := newEnd(t, false, guestCfg())
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			sub := src.c.Subscribe(1024)
+			defer sub.Close()
+			var dial func(context.Context, transport.Addr) (transport.Conn, error)
+			hold := make(chan struct{})
+			if when == "setup" {
+				// Hold the connection attempt so the cancel lands in setup.
+				dial = func(ctx context.Context, a transport.Addr) (transport.Conn, error) {
+					<-hold
+					return nil, context.Canceled
+				}
+			}
+			if when == "pre-switchover" {
+				if err := src.c.SetCapabilities(ctx, map[string]bool{"pause-before-switchover": true}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if when == "active" {
+				// Slow enough to be caught mid-stream.
+				if err := src.c.SetParameters(ctx, map[string]any{"max-bandwidth": "8M"}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			dst := newEnd(t, true, guestCfg())
+			in, err := loaders.Listen(ctx, dst.c, dst.g, "tcp:127.0.0.1:0", loaders.Options{NoStart: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			m, err := engine.Start(ctx, src.c, src.g, in.Addr().String(), engine.Options{Dial: dial})
+			if err != nil {
+				t.Fatal(err)
+			}
+			waitState(t, sub, when)
+			if err := m.Cancel(ctx); err != nil {
+				t.Fatal(err)
+			}
+			close(hold)
+			sr, _ := m.Wait(ctx)
+			if sr.State != "cancelled" || !errors.Is(sr.Err, engine.ErrCancelled) {
+				t.Fatalf("source ended %s: %v", sr.State, sr.Err)
+			}
+			if !src.g.Running() {
+				t.Fatal("source guest not running after cancel")
+			}
+			src.g.Stop()
+			if err := src.g.Verify(); err != nil {
+				t.Fatalf("source memory after cancel: %v", err)
+			}
+			src.g.Start()
+			if when == "setup" {
+				in.Cancel("test over")
+			}
+			dr, _ := in.Wait(ctx)
+			if dr.State != "failed" && dr.State != "cancelled" {
+				t.Fatalf("destination ended %s", dr.State)
+			}
+			// A fresh destination and a second migration succeed.
+			if err := src.c.SetCapabilities(ctx, map[string]bool{"pause-before-switchover": false}); err != nil {
+				t.Fatal(err)
+			}
+			if err := src.c.SetParameters(ctx, map[string]any{"max-bandwidth": 0}); err != nil {
+				t.Fatal(err)
+			}
+			dst2 := newEnd(t, true, guestCfg())
+			sr2, dr2 := migrate(t, src, dst2, "tcp:127.0.0.1:0", engine.Options{})
+			if sr2.State != "completed" || dr2.State != "completed" {
+				t.Fatalf("second migration: source %s (%v), destination %s (%v)", sr2.State, sr2.Err, dr2.State, dr2.Err)
+			}
+			if checksum(t, src.g) != checksum(t, dst2.g) {
+				t.Fatal("second migration: checksums differ")
+			}
+		})
+	}
+}
+
+func waitState(t *testing.T, sub *machine.Subscription, state string) {
+	t.Helper()
+	timeout := time.After(20 * time.Second)
+	for {
+		select {
+		case ev := <-sub.C():
+			if ev.Kind == machine.EventState && ev.Side == spec.Outgoing && ev.To == state {
+				return
+			}
+		case <-timeout:
+			t.Fatalf("outgoing side never reached %s", state)
+		}
+	}
+}
+
+// cutProxy forwards a TCP connection and cuts it after limit bytes from the
+// source.
+func cutProxy(t *testing.T, target string, limit int64) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		u, err := net.Dial("tcp", target)
+		if err != nil {
+			return
+		}
+		defer u.Close()
+		wg.Add(1)
+		go func() { defer wg.Done(); io.Copy(c, u) }()
+		io.CopyN(u, c, limit)
+	}()
+	return "tcp:" + ln.Addr().String()
+}
+
+// The connection cut mid-stream: the destination fails with a reason and
+// never writes outside its RAM; the source fails with its guest running.
+func TestConnectionCut(t *testing.T) {
+	src := newEnd(t, false, guestCfg())
+	dst := newEnd(t, true, guestCfg())
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	in, err := loaders.Listen(ctx, dst.c, dst.g, "tcp:127.0.0.1:0", loaders.Options{NoStart: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := cutProxy(t, strings.TrimPrefix(in.Addr().String(), "tcp:"), 4<<20)
+	m, err := engine.Start(ctx, src.c, src.g, proxy, engine.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sr, _ := m.Wait(ctx)
+	dr, _ := in.Wait(ctx)
+	if sr.State != "failed" || dr.State != "failed" {
+		t.Fatalf("source %s (%v), destination %s (%v)", sr.State, sr.Err, dr.State, dr.Err)
+	}
+	if !src.g.Running() {
+		t.Fatal("source guest not running")
+	}
+	st, _ := dst.c.Status(spec.Incoming, 0)
+	if st.Error == "" {
+		t.Fatal("destination failed without a reason")
+	}
+	t.Logf("source: %v\ndestination: %v", sr.Err, st.Error)
+}

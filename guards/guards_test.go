@@ -1,0 +1,282 @@
+package guards_test
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/migctl/migctl/guards"
+	"github.com/migctl/migctl/spec"
+)
+
+var (
+	specOnce sync.Once
+	theSpec  *spec.Spec
+	specErr  error
+)
+
+// defaultSpec loads the repository's transitions.yaml.
+func defaultSpec(t testing.TB) *spec.Spec {
+	t.Helper()
+	specOnce.Do(func() {
+		_, file, _, _ := runtime.Caller(0)
+		path := filepath.Join(filepath.Dir(file), "..", "transitions.yaml")
+		if _, err := os.Stat(path); err != nil {
+			specErr = err
+			return
+		}
+		theSpec, specErr = spec.LoadFile(path, guards.Default().Names())
+	})
+	if specErr != nil {
+		t.Fatalf("load default spec: %v", specErr)
+	}
+	return theSpec
+}
+
+// ruleCase describes one configuration and what transport-compatible must
+// say about it.
+type ruleCase struct {
+	name      string
+	side      string // default outgoing
+	state     string // default none
+	caps      []string
+	params    map[string]string
+	transport string // scheme; URI is derived
+	features  []string
+	enabling  []string // caps turned on by the change under judgement
+	peer      *guards.Peer
+	// refuse lists substrings every one of which must appear in the
+	// refusal; nil means the configuration must be allowed.
+	refuse []string
+}
+
+var uris = map[string]string{
+	"tcp":  "tcp:127.0.0.1:4444",
+	"unix": "unix:/tmp/mig.sock",
+	"fd":   "fd:3",
+	"exec": "exec:cat > /tmp/f",
+	"file": "file:/tmp/f",
+	"rdma": "rdma:0.0.0.0:4444",
+}
+
+var allFeatures = []string{"userfaultfd", "uffd-wp", "kvm-dirty-ring", "msg-zerocopy", "colo-replication"}
+
+func (c ruleCase) input(s *spec.Spec) *guards.Input {
+	in := &guards.Input{Spec: s, Side: spec.Outgoing, State: "none", Trigger: "test", Features: map[string]bool{}}
+	if c.side != "" {
+		in.Side = c.side
+	}
+	if c.state != "" {
+		in.State = c.state
+	}
+	cfg := guards.DefaultConfig(s)
+	for _, cp := range c.caps {
+		cfg.Caps[cp] = true
+	}
+	for k, v := range c.params {
+		p := s.Parameter(k)
+		if p == nil {
+			panic("unknown parameter " + k)
+		}
+		n, err := p.Normalize(v)
+		if err != nil {
+			panic(err)
+		}
+		cfg.Params[k] = n
+	}
+	in.Config, in.Previous = cfg, cfg
+	if len(c.enabling) > 0 {
+		prev := cfg.Clone()
+		ch := &guards.Change{Caps: map[string]bool{}}
+		for _, cp := range c.enabling {
+			prev.Caps[cp] = false
+			ch.Caps[cp] = true
+		}
+		in.Previous, in.Change = prev, ch
+	}
+	if c.transport != "" {
+		in.Transport = &guards.Endpoint{Transport: c.transport, URI: uris[c.transport]}
+	}
+	for _, f := range c.features {
+		in.Features[f] = true
+	}
+	in.Peer = c.peer
+	return in
+}
+
+// The rules of qemu-control.md §3–§4, each as a refused configuration and
+// its allowed neighbours.
+var ruleCases = []ruleCase{
+	// §4.2 #1: COLO needs the replication module.
+	{name: "x-colo without replication", caps: []string{"x-colo"}, refuse: []string{"x-colo", "colo-replication"}},
+	{name: "x-colo with replication", caps: []string{"x-colo"}, features: []string{"colo-replication"}},
+	// #2: postcopy-ram on a destination needs userfaultfd.
+	{name: "postcopy-ram on destination without uffd", side: spec.Incoming, caps: []string{"postcopy-ram"}, refuse: []string{"postcopy-ram", "userfaultfd"}},
+	{name: "postcopy-ram on destination with uffd", side: spec.Incoming, caps: []string{"postcopy-ram"}, features: []string{"userfaultfd"}},
+	{name: "postcopy-ram on source without uffd", caps: []string{"postcopy-ram"}},
+	// #3
+	{name: "postcopy-ram + x-ignore-shared", caps: []string{"postcopy-ram", "x-ignore-shared"}, refuse: []string{"postcopy-ram", "x-ignore-shared"}},
+	{name: "x-ignore-shared alone", caps: []string{"x-ignore-shared"}},
+	// #4
+	{name: "background-snapshot without uffd-wp", caps: []string{"background-snapshot"}, refuse: []string{"background-snapshot", "uffd-wp"}},
+	{name: "background-snapshot with uffd-wp", caps: []string{"background-snapshot"}, features: []string{"uffd-wp"}},
+	// #7
+	{name: "zero-copy-send without multifd", caps: []string{"zero-copy-send"}, features: allFeatures, refuse: []string{"zero-copy-send"}},
+	{name: "zero-copy-send with plain multifd", caps: []string{"zero-copy-send", "multifd"}, features: allFeatures, transport: "tcp"},
+	{name: "zero-copy-send with compression", caps: []string{"zero-copy-send", "multifd"}, features: allFeatures, params: map[string]string{"multifd-compression": "zstd"}, refuse: []string{"zero-copy-send"}},
+	{name: "zero-copy-send with TLS", caps: []string{"zero-copy-send", "multifd"}, features: allFeatures, params: map[string]string{"tls-creds": "tls0"}, refuse: []string{"zero-copy-send"}},
+	{name: "zero-copy-send with xbzrle", caps: []string{"zero-copy-send", "multifd", "xbzrle"}, features: allFeatures, refuse: []string{"zero-copy-send", "xbzrle"}},
+	{name: "zero-copy-send without MSG_ZEROCOPY", caps: []string{"zero-copy-send", "multifd"}, refuse: []string{"zero-copy-send", "msg-zerocopy"}},
+	// #8
+	{name: "postcopy-preempt without postcopy-ram", caps: []string{"postcopy-preempt"}, refuse: []string{"postcopy-preempt", "postcopy-ram"}},
+	{name: "postcopy-preempt with postcopy-ram", caps: []string{"postcopy-preempt", "postcopy-ram"}},
+	// #9 / #10: enabling after the incoming socket listener exists.
+	{name: "multifd enabled while listening on tcp", side: spec.Incoming, state: "listening", transport: "tcp", caps: []string{"multifd"}, enabling: []string{"multifd"}, refuse: []string{"multifd"}},
+	{name: "multifd enabled before listening", side: spec.Incoming, state: "none", caps: []string{"multifd"}, enabling: []string{"multifd"}},
+	{name: "multifd already on while listening on tcp", side: spec.Incoming, state: "listening", transport: "tcp", caps: []string{"multifd"}},
+	{name: "postcopy-preempt enabled while listening on tcp", side: spec.Incoming, state: "listening", transport: "tcp", caps: []string{"postcopy-preempt", "postcopy-ram"}, features: allFeatures, enabling: []string{"postcopy-preempt"}, refuse: []string{"postcopy-preempt"}},
+	// #11
+	{name: "switchover-ack without return-path", caps: []string{"switchover-ack"}, refuse: []string{"switchover-ack", "return-path"}},
+	{name: "switchover-ack with return-path", caps: []string{"switchover-ack", "return-path"}},
+	// #12, #13
+	{name: "dirty-limit + auto-converge", caps: []string{"dirty-limit", "auto-converge"}, features: allFeatures, refuse: []string{"dirty-limit", "auto-converge"}},
+	{name: "dirty-limit without dirty ring", caps: []string{"dirty-limit"}, refuse: []string{"dirty-limit", "kvm-dirty-ring"}},
+	{name: "dirty-limit with dirty ring", caps: []string{"dirty-limit"}, features: allFeatures},
+	{name: "auto-converge alone", caps: []string{"auto-converge"}},
+	// #14–#16
+	{name: "multifd + xbzrle", caps: []string{"multifd", "xbzrle"}, refuse: []string{"multifd", "xbzrle"}},
+	{name: "mapped-ram + xbzrle", caps: []string{"mapped-ram", "xbzrle"}, refuse: []string{"mapped-ram", "xbzrle"}},
+	{name: "mapped-ram + postcopy-ram", caps: []string{"mapped-ram", "postcopy-ram"}, refuse: []string{"mapped-ram", "postcopy-ram"}},
+	{name: "xbzrle alone over tcp", caps: []string{"xbzrle"}, transport: "tcp"},
+	// §4.3 RDMA.
+	{name: "rdma + xbzrle", caps: []string{"xbzrle"}, transport: "rdma", refuse: []string{"xbzrle", "rdma"}},
+	{name: "rdma + multifd", caps: []string{"multifd"}, transport: "rdma", refuse: []string{"multifd", "rdma"}},
+	{name: "rdma + postcopy-ram", caps: []string{"postcopy-ram"}, transport: "rdma", refuse: []string{"postcopy-ram", "rdma"}},
+	{name: "rdma + mapped-ram", caps: []string{"mapped-ram"}, transport: "rdma", refuse: []string{"mapped-ram", "rdma"}},
+	{name: "rdma-pin-all over tcp", caps: []string{"rdma-pin-all"}, transport: "tcp", refuse: []string{"rdma-pin-all", "tcp"}},
+	{name: "rdma-pin-all over rdma", caps: []string{"rdma-pin-all"}, transport: "rdma"},
+	{name: "plain rdma", transport: "rdma"},
+	// §4.4 transport checks.
+	{name: "mapped-ram over tcp", caps: []string{"mapped-ram"}, transport: "tcp", refuse: []string{"mapped-ram", "tcp:127.0.0.1:4444"}},
+	{name: "mapped-ram over file", caps: []string{"mapped-ram"}, transport: "file"},
+	{name: "mapped-ram before a transport is known", caps: []string{"mapped-ram"}},
+	{name: "multifd over fd", caps: []string{"multifd"}, transport: "fd", refuse: []string{"multifd", "fd:3"}},
+	{name: "multifd over exec", caps: []string{"multifd"}, transport: "exec", refuse: []string{"multifd"}},
+	{name: "multifd over tcp", caps: []string{"multifd"}, transport: "tcp"},
+	{name: "multifd over unix", caps: []string{"multifd"}, transport: "unix"},
+	{name: "multifd over file without mapped-ram", caps: []string{"multifd"}, transport: "file", refuse: []string{"multifd", "file"}},
+	{name: "multifd + mapped-ram over file", caps: []string{"multifd", "mapped-ram"}, transport: "file"},
+	{name: "postcopy-preempt over exec", caps: []string{"postcopy-preempt", "postcopy-ram"}, transport: "exec", refuse: []string{"postcopy-preempt"}},
+	{name: "direct-io over file", caps: []string{"multifd", "mapped-ram"}, params: map[string]string{"direct-io": "true"}, transport: "file"},
+	{name: "cpr-transfer over file", params: map[string]string{"mode": "cpr-transfer"}, transport: "file", refuse: []string{"cpr-transfer"}},
+	{name: "cpr-transfer over unix", params: map[string]string{"mode": "cpr-transfer"}, transport: "unix"},
+	// §3 cross-parameter checks and §4.5.
+	{name: "max-cpu-throttle below initial", params: map[string]string{"cpu-throttle-initial": "50", "max-cpu-throttle": "40"}, refuse: []string{"max-cpu-throttle", "cpu-throttle-initial"}},
+	{name: "max-cpu-throttle equal to initial", params: map[string]string{"cpu-throttle-initial": "50", "max-cpu-throttle": "50"}},
+	{name: "mapped-ram + compression", caps: []string{"mapped-ram", "multifd"}, params: map[string]string{"multifd-compression": "zlib"}, refuse: []string{"mapped-ram", "compression"}},
+	{name: "mapped-ram + TLS", caps: []string{"mapped-ram"}, params: map[string]string{"tls-creds": "tls0"}, refuse: []string{"mapped-ram", "TLS"}},
+	{name: "multifd + compression without mapped-ram", caps: []string{"multifd"}, params: map[string]string{"multifd-compression": "zlib"}, transport: "tcp"},
+	// The seed: a peer announcing mapped-ram to a destination listening on rdma.
+	{name: "peer announces mapped-ram on rdma", side: spec.Incoming, state: "listening", transport: "rdma",
+		peer: &guards.Peer{Caps: map[string]bool{"mapped-ram": true}}, refuse: []string{"mapped-ram", "rdma:0.0.0.0:4444", "source has it on", "destination has it off"}},
+	{name: "peer agrees on tcp", side: spec.Incoming, state: "listening", transport: "tcp", caps: []string{"multifd"},
+		peer: &guards.Peer{Caps: map[string]bool{"multifd": true, "mapped-ram": false}, Params: map[string]string{"multifd-channels": "2"}}},
+	{name: "peer multifd-channels differ", side: spec.Incoming, state: "listening", transport: "tcp", caps: []string{"multifd"},
+		peer: &guards.Peer{Caps: map[string]bool{"multifd": true}, Params: map[string]string{"multifd-channels": "8"}}, refuse: []string{"multifd-channels", "8", "2"}},
+}
+
+func TestRules(t *testing.T) {
+	s := defaultSpec(t)
+	tc := guards.Default()[guards.TransportCompatible]
+	for _, c := range ruleCases {
+		t.Run(c.name, func(t *testing.T) {
+			err := tc(c.input(s))
+			if c.refuse == nil {
+				if err != nil {
+					t.Fatalf("want allowed, got refused: %v", err)
+				}
+				return
+			}
+			var re *guards.RefusedError
+			if !errors.As(err, &re) {
+				t.Fatalf("want a refusal naming %q, got %v", c.refuse, err)
+			}
+			for _, want := range c.refuse {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("refusal does not name %q:\n%v", want, err)
+				}
+			}
+			for _, r := range re.Refusals {
+				if r.Guard != guards.TransportCompatible || r.Rule == "" {
+					t.Errorf("refusal %+v lacks its guard or rule name", r)
+				}
+			}
+		})
+	}
+}
+
+// Background-snapshot conflicts with a long list of capabilities (§4.2 #6).
+func TestBackgroundSnapshotConflicts(t *testing.T) {
+	s := defaultSpec(t)
+	tc := guards.Default()[guards.TransportCompatible]
+	for _, other := range []string{"postcopy-ram", "dirty-bitmaps", "postcopy-blocktime", "late-block-activate",
+		"return-path", "multifd", "pause-before-switchover", "auto-converge", "release-ram", "rdma-pin-all",
+		"xbzrle", "x-colo", "validate-uuid", "zero-copy-send"} {
+		c := ruleCase{caps: []string{"background-snapshot", other}, features: allFeatures}
+		err := tc(c.input(s))
+		if err == nil || !strings.Contains(err.Error(), other) || !strings.Contains(err.Error(), "background-snapshot") {
+			t.Errorf("background-snapshot + %s: want a refusal naming both, got %v", other, err)
+		}
+	}
+}
+
+func TestConfigMutable(t *testing.T) {
+	s := defaultSpec(t)
+	cm := guards.Default()[guards.ConfigMutable]
+	for _, sideName := range spec.SideNames {
+		sd := s.Side(sideName)
+		for _, st := range sd.States {
+			for _, ch := range []*guards.Change{
+				{Caps: map[string]bool{"xbzrle": true}},
+				{Params: map[string]string{"multifd-channels": "4"}},
+				{Params: map[string]string{"max-bandwidth": "1000"}},
+			} {
+				in := &guards.Input{Spec: s, Side: sideName, State: st.Name, Change: ch}
+				err := cm(in)
+				live := len(ch.Params) > 0 && s.Parameter("max-bandwidth").Live && ch.Params["max-bandwidth"] != ""
+				want := st.Config == spec.ConfigMutable || live
+				if (err == nil) != want {
+					t.Errorf("%s/%s change %+v: allowed=%v, want %v (%v)", sideName, st.Name, ch, err == nil, want, err)
+				}
+				if err != nil && !strings.Contains(err.Error(), st.Name) {
+					t.Errorf("refusal does not name the state %s: %v", st.Name, err)
+				}
+			}
+		}
+	}
+}
+
+func TestEvaluateListsEveryRule(t *testing.T) {
+	s := defaultSpec(t)
+	in := ruleCase{caps: []string{"mapped-ram"}, transport: "tcp"}.input(s)
+	vs := guards.Evaluate(in)
+	if len(vs) != len(s.Rules()) {
+		t.Fatalf("Evaluate returned %d verdicts for %d rules", len(vs), len(s.Rules()))
+	}
+	refused := 0
+	for _, v := range vs {
+		if !v.OK {
+			refused++
+			if v.Reason == "" {
+				t.Errorf("rule %s refused without a reason", v.Rule.Name)
+			}
+		}
+	}
+	if refused == 0 {
+		t.Fatal("mapped-ram over tcp: no rule refused")
+	}
+}
