@@ -1,0 +1,565 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
+
+	"github.com/migctl/migctl/engine"
+	"github.com/migctl/migctl/guest"
+	"github.com/migctl/migctl/host"
+	"github.com/migctl/migctl/loaders"
+	"github.com/migctl/migctl/machine"
+	"github.com/migctl/migctl/spec"
+)
+
+// guestFlags are the built-in guest's settings, shared by both processes
+// of the demo (the destination must build the same layout).
+type guestFlags struct {
+	size, dirtyRate string
+	seed            uint64
+	zero            float64
+	random          bool
+}
+
+func (f *guestFlags) add(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&f.size, "size", "1G", "guest RAM size (K, M, G suffixes)")
+	cmd.Flags().StringVar(&f.dirtyRate, "dirty-rate", "64M", "bytes per second the guest's writers dirty (0: idle)")
+	cmd.Flags().Uint64Var(&f.seed, "seed", 1, "seed of the guest's memory pattern")
+	cmd.Flags().Float64Var(&f.zero, "zero-fraction", 0.1, "fraction of pages that stay zero")
+	cmd.Flags().BoolVar(&f.random, "random", false, "fill memory with incompressible random content")
+}
+
+func (f *guestFlags) config() (guest.Config, error) {
+	size, err := parseBytes(f.size)
+	if err != nil {
+		return guest.Config{}, fmt.Errorf("--size: %w", err)
+	}
+	rate, err := parseBytes(f.dirtyRate)
+	if err != nil {
+		return guest.Config{}, fmt.Errorf("--dirty-rate: %w", err)
+	}
+	return guest.Config{Size: int64(size), DirtyRate: int64(rate), Seed: f.seed, ZeroFraction: f.zero, Random: f.random}, nil
+}
+
+func (f *guestFlags) args() []string {
+	a := []string{"--size", f.size, "--dirty-rate", f.dirtyRate, "--seed", strconv.FormatUint(f.seed, 10),
+		"--zero-fraction", strconv.FormatFloat(f.zero, 'g', -1, 64)}
+	if f.random {
+		a = append(a, "--random")
+	}
+	return a
+}
+
+// parseBytes parses 123, 64K, 64M, 1G, 1GiB.
+func parseBytes(s string) (uint64, error) {
+	u := strings.ToUpper(strings.TrimSpace(s))
+	u = strings.TrimSuffix(strings.TrimSuffix(u, "IB"), "B")
+	mult := uint64(1)
+	if n := len(u); n > 0 {
+		switch u[n-1] {
+		case 'K':
+			mult = 1 << 10
+		case 'M':
+			mult = 1 << 20
+		case 'G':
+			mult = 1 << 30
+		case 'T':
+			mult = 1 << 40
+		}
+		if mult > 1 {
+			u = u[:n-1]
+		}
+	}
+	v, err := strconv.ParseUint(u, 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("%q is not a size (examples: 64M, 1G)", s)
+	}
+	return v * mult, nil
+}
+
+// configFlags are --cap and --param, applied to a controller.
+type configFlags struct {
+	caps, params []string
+}
+
+func (f *configFlags) add(cmd *cobra.Command) {
+	cmd.Flags().StringArrayVar(&f.caps, "cap", nil, "capability NAME=on|off, set on both sides (repeatable)")
+	cmd.Flags().StringArrayVar(&f.params, "param", nil, "parameter NAME=VALUE, set on both sides (repeatable)")
+}
+
+func (f *configFlags) args() []string {
+	var a []string
+	for _, c := range f.caps {
+		a = append(a, "--cap", c)
+	}
+	for _, p := range f.params {
+		a = append(a, "--param", p)
+	}
+	return a
+}
+
+// apply sets the capabilities and parameters; unless the user set
+// max-bandwidth, the demo lifts QEMU's default 128 MiB/s limit.
+func (f *configFlags) apply(ctx context.Context, c *machine.Controller) error {
+	caps := map[string]bool{}
+	for _, s := range f.caps {
+		name, val, _ := strings.Cut(s, "=")
+		switch val {
+		case "", "on", "true":
+			caps[name] = true
+		case "off", "false":
+			caps[name] = false
+		default:
+			return fmt.Errorf("--cap %s: want NAME=on|off", s)
+		}
+	}
+	params := map[string]any{"max-bandwidth": "0"}
+	for _, s := range f.params {
+		name, val, ok := strings.Cut(s, "=")
+		if !ok {
+			return fmt.Errorf("--param %s: want NAME=VALUE", s)
+		}
+		params[name] = val
+	}
+	if len(caps) > 0 {
+		if err := c.SetCapabilities(ctx, caps); err != nil {
+			return err
+		}
+	}
+	return c.SetParameters(ctx, params)
+}
+
+func newController(g guest.Guest) (*machine.Controller, error) {
+	s, err := spec.Load("transitions.yaml (built in)", defaultSpecBytes(), guardNames())
+	if err != nil {
+		return nil, err
+	}
+	bs := g.Blocks()
+	ps := "4096"
+	if len(bs) > 0 {
+		ps = strconv.Itoa(bs[0].PageSize)
+	}
+	return machine.New(s, machine.Options{
+		Features: host.Features(),
+		Facts:    map[string]string{"page-size": ps, "guest": g.ID()},
+	})
+}
+
+// demoResult is what `migctl demo --json` prints.
+type demoResult struct {
+	Status              string  `json:"status"`
+	Transport           string  `json:"transport"`
+	SizeBytes           uint64  `json:"size_bytes"`
+	DirtyRateBytes      uint64  `json:"dirty_rate_bytes_s"`
+	TotalTimeMS         float64 `json:"total_time_ms"`
+	DowntimeMS          float64 `json:"downtime_ms"`
+	ThroughputMiBs      float64 `json:"throughput_mib_s"`
+	Passes              uint64  `json:"passes"`
+	PagesSent           uint64  `json:"pages_sent"`
+	PagesZero           uint64  `json:"pages_zero"`
+	TransferredBytes    uint64  `json:"transferred_bytes"`
+	SourceChecksum      string  `json:"source_checksum"`
+	DestinationChecksum string  `json:"destination_checksum"`
+	Verified            bool    `json:"verified"`
+	Error               string  `json:"error,omitempty"`
+}
+
+func newDemo() *cobra.Command {
+	var gf guestFlags
+	var cf configFlags
+	var transportName string
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "demo",
+		Short: "Migrate the built-in guest between two processes and verify the result",
+		Long: "demo starts a second migctl process as the destination, migrates a running built-in guest to it\n" +
+			"(default 1 GiB dirtying 64 MiB/s, over loopback TCP) with live progress, then prints a summary and\n" +
+			"checks that the destination's memory and device state equal the source's. Exit status 0 only when\n" +
+			"verified. The demo lifts QEMU's default 128 MiB/s bandwidth limit unless --param max-bandwidth=… is given.",
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			res, err := runDemo(cmd.Context(), &gf, &cf, transportName, cmd.ErrOrStderr(), asJSON)
+			if asJSON {
+				enc := json.NewEncoder(cmd.OutOrStdout())
+				enc.SetIndent("", "  ")
+				_ = enc.Encode(res)
+			} else {
+				printSummary(cmd.OutOrStdout(), res)
+			}
+			if err != nil {
+				if !asJSON {
+					fmt.Fprintln(cmd.ErrOrStderr(), "migctl demo:", err)
+				}
+				return &exitError{code: 1}
+			}
+			if !res.Verified {
+				return &exitError{code: 1}
+			}
+			return nil
+		},
+	}
+	gf.add(cmd)
+	cf.add(cmd)
+	cmd.Flags().StringVar(&transportName, "transport", "tcp", "tcp, unix, fd (a socketpair), file (save, then restore) or exec (cat > file, then cat file)")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print one JSON object instead of the summary (progress still goes to stderr)")
+	return cmd
+}
+
+func printSummary(w io.Writer, r demoResult) {
+	fmt.Fprintf(w, "\nmigration %s over %s\n", r.Status, r.Transport)
+	fmt.Fprintf(w, "  guest          %s, dirtying %s/s\n", human(r.SizeBytes), human(r.DirtyRateBytes))
+	fmt.Fprintf(w, "  total time     %.0f ms\n", r.TotalTimeMS)
+	fmt.Fprintf(w, "  downtime       %.1f ms (measured: guest stopped on the source → destination confirms it runs)\n", r.DowntimeMS)
+	fmt.Fprintf(w, "  throughput     %.0f MiB/s\n", r.ThroughputMiBs)
+	fmt.Fprintf(w, "  passes         %d\n", r.Passes)
+	fmt.Fprintf(w, "  pages          %d sent, %d zero\n", r.PagesSent, r.PagesZero)
+	fmt.Fprintf(w, "  checksums      source %s, destination %s\n", r.SourceChecksum, r.DestinationChecksum)
+	if r.Verified {
+		fmt.Fprintln(w, "  verified       yes: the destination's memory and devices equal the source's")
+	} else {
+		fmt.Fprintln(w, "  verified       NO")
+	}
+	if r.Error != "" {
+		fmt.Fprintf(w, "  error          %s\n", r.Error)
+	}
+}
+
+func human(n uint64) string {
+	switch {
+	case n >= 1<<30 && n%(1<<30) == 0:
+		return fmt.Sprintf("%d GiB", n>>30)
+	case n >= 1<<20:
+		return fmt.Sprintf("%d MiB", n>>20)
+	case n >= 1<<10:
+		return fmt.Sprintf("%d KiB", n>>10)
+	}
+	return fmt.Sprintf("%d B", n)
+}
+
+// destProc is the destination process of the demo.
+type destProc struct {
+	cmd    *exec.Cmd
+	lines  chan destLine
+	stderr strings.Builder
+}
+
+// destLine is one JSON line the destination prints.
+type destLine struct {
+	Event    string `json:"event"` // listening | done
+	URI      string `json:"uri,omitempty"`
+	State    string `json:"state,omitempty"`
+	Checksum string `json:"checksum,omitempty"`
+	Error    string `json:"error,omitempty"`
+}
+
+func startDest(ctx context.Context, args []string, extra []*os.File) (*destProc, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	d := &destProc{lines: make(chan destLine, 4)}
+	d.cmd = exec.CommandContext(ctx, self, append([]string{"demo-destination"}, args...)...)
+	d.cmd.ExtraFiles = extra
+	d.cmd.Stderr = &d.stderr
+	out, err := d.cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := d.cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start the destination process: %w", err)
+	}
+	go func() {
+		defer close(d.lines)
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			var l destLine
+			if json.Unmarshal(sc.Bytes(), &l) == nil {
+				d.lines <- l
+			}
+		}
+	}()
+	return d, nil
+}
+
+// next waits for the destination's next line of the given event.
+func (d *destProc) next(event string) (destLine, error) {
+	for l := range d.lines {
+		if l.Event == event {
+			return l, nil
+		}
+	}
+	_ = d.cmd.Wait()
+	return destLine{}, fmt.Errorf("the destination process ended without reporting %q: %s", event, strings.TrimSpace(d.stderr.String()))
+}
+
+func (d *destProc) wait() { _ = d.cmd.Wait() }
+
+func runDemo(ctx context.Context, gf *guestFlags, cf *configFlags, transportName string, progress io.Writer, quiet bool) (demoResult, error) {
+	res := demoResult{Status: "failed", Transport: transportName}
+	cfg, err := gf.config()
+	if err != nil {
+		return res, err
+	}
+	res.SizeBytes, res.DirtyRateBytes = uint64(cfg.Size), uint64(cfg.DirtyRate)
+	fmt.Fprintf(progress, "preparing a %s guest (pre-faulting and filling memory)...\n", human(uint64(cfg.Size)))
+	g, err := guest.New(cfg)
+	if err != nil {
+		return res, err
+	}
+	defer g.Close()
+	if err := g.Start(); err != nil {
+		return res, err
+	}
+	c, err := newController(g)
+	if err != nil {
+		return res, err
+	}
+	defer c.Close()
+	if err := cf.apply(ctx, c); err != nil {
+		return res, err
+	}
+
+	tmp, err := os.MkdirTemp("", "migctl-demo-")
+	if err != nil {
+		return res, err
+	}
+	defer os.RemoveAll(tmp)
+	destArgs := append(gf.args(), cf.args()...)
+	var dest *destProc
+	var srcURI string
+	var extra []*os.File
+	switch transportName {
+	case "tcp", "unix", "fd":
+		listen := "tcp:127.0.0.1:0"
+		if transportName == "unix" {
+			listen = "unix:" + filepath.Join(tmp, "migration.sock")
+		}
+		if transportName == "fd" {
+			fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				return res, err
+			}
+			mine := os.NewFile(uintptr(fds[0]), "migration-source")
+			theirs := os.NewFile(uintptr(fds[1]), "migration-destination")
+			defer mine.Close()
+			extra = []*os.File{theirs}
+			listen = "fd:3"
+			srcURI = fmt.Sprintf("fd:%d", fds[0])
+		}
+		dest, err = startDest(ctx, append(destArgs, "--listen", listen), extra)
+		for _, f := range extra {
+			f.Close()
+		}
+		if err != nil {
+			return res, err
+		}
+		defer dest.wait()
+		l, err := dest.next("listening")
+		if err != nil {
+			return res, err
+		}
+		if srcURI == "" {
+			srcURI = l.URI
+		}
+	case "file":
+		srcURI = "file:" + filepath.Join(tmp, "guest.mig")
+	case "exec":
+		srcURI = "exec:cat > " + filepath.Join(tmp, "guest.mig")
+	default:
+		return res, fmt.Errorf("--transport %q: want tcp, unix, fd, file or exec", transportName)
+	}
+
+	m, err := engine.Start(ctx, c, g, srcURI, engine.Options{Checksum: g.Checksum})
+	if err != nil {
+		return res, fmt.Errorf("migrate %s: %w", srcURI, err)
+	}
+	stopProgress := showProgress(c, progress)
+	sr, _ := m.Wait(context.Background())
+	stopProgress()
+	st := sr.Stats
+	res.TotalTimeMS = float64(st.TotalTime.Microseconds()) / 1000
+	res.DowntimeMS = float64(st.Downtime.Microseconds()) / 1000
+	if secs := st.TotalTime.Seconds(); secs > 0 {
+		res.ThroughputMiBs = float64(st.Transferred) / secs / (1 << 20)
+	}
+	res.Passes, res.PagesSent, res.PagesZero, res.TransferredBytes = st.DirtySyncCount, st.Normal, st.Duplicate, st.Transferred
+	res.SourceChecksum = fmt.Sprintf("%016x", st.Checksum)
+	if sr.State != "completed" {
+		res.Status = sr.State
+		if sr.Err != nil {
+			res.Error = sr.Err.Error()
+		}
+		return res, fmt.Errorf("the source ended %s: %v", sr.State, sr.Err)
+	}
+	if transportName == "file" || transportName == "exec" {
+		restore := "file:" + filepath.Join(tmp, "guest.mig")
+		if transportName == "exec" {
+			restore = "exec:cat " + filepath.Join(tmp, "guest.mig")
+		}
+		fmt.Fprintf(progress, "restoring from %s in a fresh process...\n", restore)
+		dest, err = startDest(ctx, append(destArgs, "--listen", restore), nil)
+		if err != nil {
+			return res, err
+		}
+		defer dest.wait()
+	}
+	done, err := dest.next("done")
+	if err != nil {
+		return res, err
+	}
+	res.DestinationChecksum = done.Checksum
+	res.Status = done.State
+	if done.State != "completed" {
+		res.Error = done.Error
+		return res, fmt.Errorf("the destination ended %s: %s", done.State, done.Error)
+	}
+	res.Verified = res.DestinationChecksum == res.SourceChecksum && st.Checksum != 0
+	if !res.Verified {
+		return res, fmt.Errorf("checksums differ: source %s, destination %s", res.SourceChecksum, res.DestinationChecksum)
+	}
+	return res, nil
+}
+
+// showProgress prints the source's progress from controller events until
+// the returned function is called.
+func showProgress(c *machine.Controller, w io.Writer) func() {
+	sub := c.Subscribe(256)
+	tty := isTerminal(w)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		var last time.Time
+		var st machine.Stats
+		state, _ := c.State(spec.Outgoing)
+		print := func(force bool) {
+			if !force && time.Since(last) < 250*time.Millisecond {
+				return
+			}
+			last = time.Now()
+			line := fmt.Sprintf("%-10s pass %d  sent %s  remaining %s  rate %.0f MiB/s  expected downtime %d ms",
+				state, st.DirtySyncCount, human(st.Transferred), human(st.Remaining), st.Mbps/8*1e6/(1<<20), st.ExpectedDowntime.Milliseconds())
+			if tty {
+				fmt.Fprintf(w, "\r\033[K%s", line)
+			} else {
+				fmt.Fprintln(w, line)
+			}
+		}
+		for ev := range sub.C() {
+			switch ev.Kind {
+			case machine.EventStats:
+				if ev.Side == spec.Outgoing {
+					st = *ev.Stats
+					print(false)
+				}
+			case machine.EventState:
+				if ev.Side == spec.Outgoing {
+					state = ev.To
+					print(true)
+				}
+			}
+		}
+		print(true)
+		if tty {
+			fmt.Fprintln(w)
+		}
+	}()
+	return func() { sub.Close(); <-done }
+}
+
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
+}
+
+// newDemoDestination is the destination half of the demo, run as a child
+// process: it listens (or reads a file), loads, verifies and reports JSON
+// lines on stdout.
+func newDemoDestination() *cobra.Command {
+	var gf guestFlags
+	var cf configFlags
+	var listen string
+	cmd := &cobra.Command{
+		Use:    "demo-destination",
+		Short:  "The destination process of `migctl demo` (internal)",
+		Hidden: true,
+		Args:   cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			out := json.NewEncoder(cmd.OutOrStdout())
+			report := func(l destLine) { _ = out.Encode(l) }
+			err := demoDestination(cmd.Context(), &gf, &cf, listen, report)
+			if err != nil {
+				report(destLine{Event: "done", State: "failed", Error: err.Error()})
+				return &exitError{code: 1}
+			}
+			return nil
+		},
+	}
+	gf.add(cmd)
+	cf.add(cmd)
+	cmd.Flags().StringVar(&listen, "listen", "tcp:127.0.0.1:0", "URI to receive the migration on")
+	return cmd
+}
+
+func demoDestination(ctx context.Context, gf *guestFlags, cf *configFlags, listen string, report func(destLine)) error {
+	cfg, err := gf.config()
+	if err != nil {
+		return err
+	}
+	g, err := guest.NewDestination(cfg)
+	if err != nil {
+		return err
+	}
+	defer g.Close()
+	c, err := newController(g)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if err := cf.apply(ctx, c); err != nil {
+		return err
+	}
+	var checksum uint64
+	in, err := loaders.Listen(ctx, c, g, listen, loaders.Options{
+		PageSums: true,
+		BeforeStart: func(sums [][]uint32) error {
+			d, err := g.DigestWithPageSums(sums)
+			checksum = d.Sum()
+			return err
+		},
+	})
+	if err != nil {
+		return err
+	}
+	report(destLine{Event: "listening", URI: in.Addr().String()})
+	r, err := in.Wait(ctx)
+	if err != nil {
+		in.Cancel("interrupted")
+		<-in.Done()
+		return err
+	}
+	if r.State != "completed" {
+		if r.Err != nil {
+			return r.Err
+		}
+		return errors.New("incoming migration ended " + r.State)
+	}
+	report(destLine{Event: "done", State: r.State, Checksum: fmt.Sprintf("%016x", checksum)})
+	return nil
+}
