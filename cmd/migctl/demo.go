@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -93,6 +94,7 @@ func parseBytes(s string) (uint64, error) {
 // configFlags are --cap and --param, applied to a controller.
 type configFlags struct {
 	caps, params []string
+	destCaps     []string // demo only: capabilities set on the destination alone
 }
 
 func (f *configFlags) add(cmd *cobra.Command) {
@@ -102,7 +104,7 @@ func (f *configFlags) add(cmd *cobra.Command) {
 
 func (f *configFlags) args() []string {
 	var a []string
-	for _, c := range f.caps {
+	for _, c := range append(slices.Clone(f.caps), f.destCaps...) {
 		a = append(a, "--cap", c)
 	}
 	for _, p := range f.params {
@@ -213,6 +215,7 @@ func newDemo() *cobra.Command {
 	}
 	gf.add(cmd)
 	cf.add(cmd)
+	cmd.Flags().StringArrayVar(&cf.destCaps, "destination-cap", nil, "capability NAME=on|off set on the destination only, after --cap (shows how a mismatch fails)")
 	cmd.Flags().StringVar(&transportName, "transport", "tcp", "tcp, unix, fd (a socketpair), file (save, then restore) or exec (cat > file, then cat file)")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print one JSON object instead of the summary (progress still goes to stderr)")
 	return cmd
