@@ -11,9 +11,10 @@ import (
 	"path/filepath"
 	"reflect"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/migctl/migctl/internal/qemutools"
 )
 
 // These tests run QEMU's own scripts/analyze-migration.py on files we write.
@@ -23,79 +24,14 @@ import (
 // ../shared/tools beside the module root. Without it, without network or apt,
 // or without python3, the tests skip and say why.
 
-var (
-	qemuOnce   sync.Once
-	qemuScript string
-	qemuSkip   string
-)
-
-func moduleRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", fmt.Errorf("no go.mod above the working directory")
-		}
-		dir = parent
-	}
-}
-
-func findQEMUSrcTool() (string, error) {
-	if p := os.Getenv("MIGCTL_QEMU_SRC"); p != "" {
-		if fi, err := os.Stat(p); err == nil && fi.IsDir() {
-			p = filepath.Join(p, "qemu-src.sh")
-		}
-		if _, err := os.Stat(p); err != nil {
-			return "", fmt.Errorf("MIGCTL_QEMU_SRC=%s: %v", os.Getenv("MIGCTL_QEMU_SRC"), err)
-		}
-		return p, nil
-	}
-	root, err := moduleRoot()
-	if err != nil {
-		return "", err
-	}
-	p := filepath.Join(root, "..", "shared", "tools", "qemu-src.sh")
-	if _, err := os.Stat(p); err != nil {
-		return "", fmt.Errorf("no %s (set MIGCTL_QEMU_SRC to the shared tools folder)", p)
-	}
-	return p, nil
-}
-
 // analyzeScript returns the path of analyze-migration.py or skips t.
 func analyzeScript(t *testing.T) string {
 	t.Helper()
-	qemuOnce.Do(func() {
-		if _, err := exec.LookPath("python3"); err != nil {
-			qemuSkip = "python3 is not installed"
-			return
-		}
-		tool, err := findQEMUSrcTool()
-		if err != nil {
-			qemuSkip = "cannot find qemu-src.sh: " + err.Error()
-			return
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-		defer cancel()
-		cmd := exec.CommandContext(ctx, "bash", tool, filepath.Join(os.TempDir(), "qemu-src-cache"))
-		var stderr bytes.Buffer
-		cmd.Stderr = &stderr
-		out, err := cmd.Output()
-		if err != nil {
-			qemuSkip = fmt.Sprintf("cannot fetch QEMU's analyze-migration.py (no network or apt?): %v: %s", err, strings.TrimSpace(stderr.String()))
-			return
-		}
-		qemuScript = strings.TrimSpace(string(out))
-	})
-	if qemuSkip != "" {
-		t.Skip(qemuSkip)
+	script, err := qemutools.AnalyzeScript()
+	if err != nil {
+		t.Skip(err)
 	}
-	return qemuScript
+	return script
 }
 
 // runScript runs the script on b with args and returns stdout, stderr and

@@ -1,0 +1,194 @@
+package engine_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/migctl/migctl/engine"
+	"github.com/migctl/migctl/guest"
+	"github.com/migctl/migctl/loaders"
+	"github.com/migctl/migctl/machine"
+	"github.com/migctl/migctl/spec"
+)
+
+// benchSize is the guest size of the throughput benchmarks; override with
+// MIGCTL_BENCH_SIZE (e.g. 2G for the figure).
+func benchSize(b *testing.B, def int64) int64 {
+	if s := os.Getenv("MIGCTL_BENCH_SIZE"); s != "" {
+		n, err := strconv.ParseInt(strings.TrimSuffix(strings.ToUpper(s), "G"), 10, 64)
+		if err != nil {
+			b.Fatal(err)
+		}
+		return n << 30
+	}
+	return def
+}
+
+// rawCopy copies size bytes from src memory over a fresh connection of the
+// given network into pre-faulted memory: the baseline a migration is
+// compared with.
+func rawCopy(b *testing.B, network, addr string, src []byte) time.Duration {
+	dst, err := unix.Mmap(-1, 0, len(src), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_POPULATE)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer unix.Munmap(dst)
+	ln, err := net.Listen(network, addr)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	done := make(chan error, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			done <- err
+			return
+		}
+		defer c.Close()
+		_, err = io.ReadFull(c, dst)
+		done <- err
+	}()
+	start := time.Now()
+	c, err := net.Dial(network, ln.Addr().String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	for off := 0; off < len(src); off += 1 << 20 {
+		if _, err := c.Write(src[off:min(off+1<<20, len(src))]); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := <-done; err != nil {
+		b.Fatal(err)
+	}
+	c.Close()
+	return time.Since(start)
+}
+
+// migrateOnce migrates an idle random guest in-process over uri and returns
+// the time from migrate to completed on the destination.
+func migrateOnce(b *testing.B, src *end, cfg guest.Config, listen string) (time.Duration, machine.Stats) {
+	dst := newEndB(b, true, cfg)
+	ctx := context.Background()
+	in, err := loaders.Listen(ctx, dst.c, dst.g, listen, loaders.Options{NoStart: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	start := time.Now()
+	m, err := engine.Start(ctx, src.c, src.g, in.Addr().String(), engine.Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	sr, _ := m.Wait(ctx)
+	dr, _ := in.Wait(ctx)
+	took := time.Since(start)
+	if sr.State != "completed" || dr.State != "completed" {
+		b.Fatalf("source %s %v, destination %s %v", sr.State, sr.Err, dr.State, dr.Err)
+	}
+	dst.c.Close()
+	dst.g.Close()
+	// the source guest is left stopped in completed: reset it for the next run
+	src.c.Close()
+	c, err := machine.New(theSpec, machine.Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := c.SetParameters(ctx, map[string]any{"max-bandwidth": 0}); err != nil {
+		b.Fatal(err)
+	}
+	src.c = c
+	return took, sr.Stats
+}
+
+func newEndB(b *testing.B, dest bool, cfg guest.Config) *end {
+	var g *guest.Builtin
+	var err error
+	if dest {
+		g, err = guest.NewDestination(cfg)
+	} else {
+		g, err = guest.New(cfg)
+	}
+	if err != nil {
+		b.Fatal(err)
+	}
+	defaultSpec(b)
+	c, err := machine.New(theSpec, machine.Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := c.SetParameters(context.Background(), map[string]any{"max-bandwidth": 0}); err != nil {
+		b.Fatal(err)
+	}
+	return &end{c: c, g: g}
+}
+
+// BenchmarkThroughput migrates an idle guest with random content (default
+// 512 MiB; MIGCTL_BENCH_SIZE=2G for the figure) and compares with a
+// raw copy of the same bytes over the same kind of socket into pre-faulted
+// memory, measured in the same run. The destination pre-faults its RAM in
+// parallel with receiving (loaders' default). Reports the ratio.
+func BenchmarkThroughput(b *testing.B) {
+	size := benchSize(b, 512<<20)
+	cfg := guest.Config{Size: size, Seed: 3, Random: true, VRAM: -1}
+	for _, network := range []string{"tcp", "unix"} {
+		b.Run(network, func(b *testing.B) {
+			src := newEndB(b, false, cfg)
+			defer func() { src.c.Close(); src.g.Close() }()
+			mem := src.g.Blocks()[0].Mem
+			var migs, raws []time.Duration
+			for b.Loop() {
+				listen := "tcp:127.0.0.1:0"
+				rawAddr := "127.0.0.1:0"
+				if network == "unix" {
+					listen = "unix:" + filepath.Join(b.TempDir(), "m.sock")
+					rawAddr = filepath.Join(b.TempDir(), "raw.sock")
+				}
+				raws = append(raws, rawCopy(b, network, rawAddr, mem))
+				d, _ := migrateOnce(b, src, cfg, listen)
+				migs = append(migs, d)
+			}
+			slices.Sort(migs)
+			slices.Sort(raws)
+			mig, raw := migs[len(migs)/2], raws[len(raws)/2]
+			b.ReportMetric(float64(size)/mig.Seconds()/1e9, "migrate-GB/s")
+			b.ReportMetric(float64(size)/raw.Seconds()/1e9, "raw-GB/s")
+			b.ReportMetric(raw.Seconds()/mig.Seconds(), "ratio")
+			fmt.Fprintf(os.Stderr, "throughput/%s size=%d MiB: migrate %.2f GB/s, raw copy %.2f GB/s, ratio %.2f (medians of %d)\n",
+				network, size>>20, float64(size)/mig.Seconds()/1e9, float64(size)/raw.Seconds()/1e9, raw.Seconds()/mig.Seconds(), len(migs))
+		})
+	}
+}
+
+// BenchmarkDowntime migrates a 1 GiB guest dirtying 64 MiB/s over loopback
+// TCP and reports the measured downtime (source stop → destination
+// confirms it runs). Override the size with MIGCTL_BENCH_SIZE.
+func BenchmarkDowntime(b *testing.B) {
+	size := benchSize(b, 1<<30)
+	cfg := guest.Config{Size: size, Seed: 5, DirtyRate: 64 << 20, ZeroFraction: 0.1}
+	var downs []time.Duration
+	for b.Loop() {
+		src := newEndB(b, false, cfg)
+		src.g.Start()
+		_, st := migrateOnce(b, src, cfg, "tcp:127.0.0.1:0")
+		downs = append(downs, st.Downtime)
+		src.c.Close()
+		src.g.Close()
+	}
+	slices.Sort(downs)
+	b.ReportMetric(float64(downs[len(downs)/2].Microseconds())/1000, "downtime-ms")
+	fmt.Fprintf(os.Stderr, "downtime size=%d MiB dirty=64 MiB/s: median %v over %d runs (all: %v)\n", size>>20, downs[len(downs)/2], len(downs), downs)
+}
+
+var _ = spec.Incoming
