@@ -504,7 +504,7 @@ func (s *sender) sendDirty(final bool) error {
 				inSection += int(ps) + 8
 			}
 			if err != nil {
-				return fmt.Errorf("send page %s@%#x: %w", b.Name, uint64(p)*ps, err)
+				return fmt.Errorf("sending page %s@%#x to the destination: %w", b.Name, uint64(p)*ps, err)
 			}
 			if !final && inSection >= m.opts.SectionBytes {
 				if err := s.enc.CloseRAMSection(); err != nil {

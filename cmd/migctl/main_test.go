@@ -1,13 +1,21 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/migctl/migctl/engine"
+	"github.com/migctl/migctl/guest"
+	"github.com/migctl/migctl/machine"
+	"github.com/migctl/migctl/spec"
 )
 
 // binary is the migctl built once for the tests that run it as a process.
@@ -113,4 +121,70 @@ func TestValidateAndExplain(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "stateDiagram-v2") || !strings.Contains(out, "transport-compatible") {
 		t.Fatalf("diagram: exit %d\n%s", code, out)
 	}
+}
+
+// The destination process killed mid-stream: the source ends failed with a
+// reason, its guest running and its memory intact.
+func TestDestinationKilledMidStream(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "m.sock")
+	dest := exec.Command(binary, "demo-destination", "--size", "32M", "--listen", "unix:"+sock)
+	out, err := dest.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := dest.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer dest.Wait()
+	defer dest.Process.Kill()
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil || !strings.Contains(line, "listening") {
+		t.Fatalf("destination said %q (%v)", line, err)
+	}
+
+	g, err := guest.New(guest.Config{Size: 32 << 20, DirtyRate: 32 << 20, Seed: 1, ZeroFraction: 0.1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	g.Start()
+	c, err := newController(g)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	// Slow enough to be killed in the middle.
+	if err := c.SetParameters(ctx, map[string]any{"max-bandwidth": "8M"}); err != nil {
+		t.Fatal(err)
+	}
+	sub := c.Subscribe(256)
+	defer sub.Close()
+	m, err := engine.Start(ctx, c, g, "unix:"+sock, engine.Options{SectionBytes: 1 << 20, StatsInterval: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for ev := range sub.C() {
+		if ev.Kind == machine.EventStats && ev.Stats.Transferred > 4<<20 {
+			break
+		}
+	}
+	dest.Process.Kill()
+	r, _ := m.Wait(ctx)
+	if r.State != "failed" || r.Err == nil {
+		t.Fatalf("source ended %s (%v)", r.State, r.Err)
+	}
+	if !g.Running() {
+		t.Fatal("source guest not running after the destination died")
+	}
+	st, _ := c.Status(spec.Outgoing, 0)
+	if st.Error == "" {
+		t.Fatal("source failed without an error description")
+	}
+	g.Stop()
+	if err := g.Verify(); err != nil {
+		t.Fatalf("source memory after the failure: %v", err)
+	}
+	t.Logf("source error: %s", st.Error)
 }
