@@ -1,0 +1,42 @@
+// Package transport parses migration URIs and opens the byte channels a
+// migration runs over.
+//
+// A migration address is written the way QEMU writes it, as a URI
+// (tcp:HOST:PORT, unix:PATH, fd:N, file:PATH[,offset=N], exec:CMDLINE,
+// rdma:HOST:PORT, vsock:CID:PORT) or as QMP's MigrationAddress JSON object.
+// [Parse] and [FromChannel] turn either into an [Addr]; [Addr.String] gives
+// the canonical URI back.
+//
+// The source side calls [Dial] to open its channel; the destination calls
+// [Listen] and then [Listener.Accept]. Both return a [Conn]: an
+// io.ReadWriteCloser that also knows how to half-close, whether it has a
+// return path (a channel back from destination to source), and its address.
+// [Config] carries the knobs (a resolver for named fds, socket buffer sizes,
+// how long to wait for an exec command to exit); the package-level [Dial] and
+// [Listen] use the zero Config.
+//
+// The package moves bytes and nothing else: it never parses the migration
+// stream and knows nothing about capabilities. Which transport suits which
+// capability (multi-channel, seekable, extra fds) is declared in the spec and
+// checked by the guards; the key they use is [Addr.Scheme].
+//
+// # Ownership
+//
+// A Conn owns every descriptor, goroutine and child process it uses; Close
+// releases them all, also after a failure. A Listener owns its socket (and,
+// for unix:, the socket file it created); Close releases them. Connections
+// already accepted are independent of the Listener. Dial and Listen release
+// everything they acquired when they fail. For fd: addresses the descriptor
+// passes to the transport only on success; on error it stays the caller's.
+//
+// # Zero copy
+//
+// The Conns returned here implement io.ReaderFrom and io.WriterTo by handing
+// the copy to the underlying *net.TCPConn, *net.UnixConn or *os.File, so
+// io.Copy between two Conns (or a Conn and an *os.File) keeps the kernel's
+// splice/sendfile/copy_file_range paths. Unwrap returns the underlying object
+// for callers that need it directly.
+//
+// rdma: and vsock: addresses parse but do not open yet: Dial and Listen
+// return an error wrapping [ErrUnsupported].
+package transport
