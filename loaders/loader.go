@@ -52,6 +52,12 @@ type Options struct {
 	BeforeStart func(pageSums [][]uint32) error
 	// NoStart leaves the guest stopped after loading (QEMU's -S).
 	NoStart bool
+	// LockedBatch, for measurement only, makes the loader hold the
+	// controller lock while it reads and applies batches of this many
+	// records — what QEMU's destination did before its loader thread — so
+	// a benchmark can show what the lock-free loader buys. 0 (the default)
+	// never holds the lock except around a NeedsLock device.
+	LockedBatch int
 }
 
 // Result is how an incoming migration ended.
@@ -160,6 +166,8 @@ type loader struct {
 	prefault context.CancelFunc
 	pfDone   chan struct{}
 	loaded   bool // a page or device was written into the guest
+	zero     []byte
+	devs     map[string]guest.Device // by name + "\x00" + instance
 }
 
 func (l *loader) load() error {
@@ -228,82 +236,119 @@ func (l *loader) load() error {
 
 // loop reads records until EOF and applies them.
 func (l *loader) loop(dec *stream.Decoder) error {
-	in := l.in
-	zero := make([]byte, l.stats.PageSize)
-	devs := map[string]guest.Device{}
-	for _, d := range in.g.Devices() {
-		devs[d.Name()+"\x00"+strconv.FormatUint(uint64(d.Instance()), 10)] = d
+	l.zero = make([]byte, l.stats.PageSize)
+	l.devs = map[string]guest.Device{}
+	for _, d := range l.in.g.Devices() {
+		l.devs[d.Name()+"\x00"+strconv.FormatUint(uint64(d.Instance()), 10)] = d
 	}
-	for n := 0; ; n++ {
+	for {
+		var (
+			done bool
+			err  error
+		)
+		if n := l.in.opts.LockedBatch; n > 0 {
+			// Measurement only: QEMU's behaviour before its loader thread,
+			// the lock held while reading the socket.
+			l.in.c.Locked(func() { done, err = l.batch(dec, n, true) })
+		} else {
+			done, err = l.batch(dec, 4096, false)
+		}
+		if err != nil {
+			return err
+		}
+		if done {
+			return l.complete()
+		}
+		if err := context.Cause(l.in.ioCtx); err != nil {
+			return err
+		}
+		l.publish(false, dec)
+	}
+}
+
+// batch applies up to n records; done reports the EOF marker (the caller
+// then completes, outside any lock).
+func (l *loader) batch(dec *stream.Decoder, n int, locked bool) (done bool, err error) {
+	for range n {
 		rec, err := dec.Next()
 		if err != nil {
 			if errors.Is(err, io.EOF) {
-				return errors.New("the stream ended before its EOF marker")
+				return false, errors.New("the stream ended before its EOF marker")
 			}
-			return err
+			return false, err
 		}
-		switch rec.Kind {
-		case stream.KindPage:
-			dst, err := l.page(rec)
-			if err != nil {
-				return err
-			}
-			if err := dec.ReadPage(dst); err != nil {
-				return err
-			}
-			l.loaded = true
-			l.stats.Normal++
-			l.stats.NormalBytes += l.stats.PageSize
-			if l.pageSums != nil {
-				l.pageSums[l.index[rec.Block]][rec.Offset/l.stats.PageSize] = guest.PageSum(dst)
-			}
-		case stream.KindZero:
-			dst, err := l.page(rec)
-			if err != nil {
-				return err
-			}
-			if !bytes.Equal(dst, zero) {
-				clear(dst)
-				l.loaded = true
-			}
-			l.stats.Duplicate++
-			if l.pageSums != nil {
-				l.pageSums[l.index[rec.Block]][rec.Offset/l.stats.PageSize] = guest.PageSum(zero)
-			}
-		case stream.KindDevice:
-			key := rec.Section.IDStr + "\x00" + strconv.FormatUint(uint64(rec.Section.Instance), 10)
-			d, ok := devs[key]
-			if !ok {
-				return fmt.Errorf("the stream carries device %s (instance %d), which this guest does not have", rec.Section.IDStr, rec.Section.Instance)
-			}
-			if rec.Section.Version != d.Version() {
-				return fmt.Errorf("device %s: stream version %d, this guest speaks %d", d.Name(), rec.Section.Version, d.Version())
-			}
-			l.loaded = true
-			if err := l.loadDevice(d, rec.Data); err != nil {
-				return fmt.Errorf("load device %s: %w", d.Name(), err)
-			}
-		case stream.KindCommand:
-			switch rec.Command {
-			case stream.CmdOpenReturnPath:
-				l.rp = l.conn.ReturnPath()
-			case stream.CmdPing:
-				if l.rp {
-					if err := l.sendRP(stream.NewPong(uint32(rec.Value))); err != nil {
-						return err
-					}
-				}
-			}
-		case stream.KindEOF:
-			return l.complete()
+		if rec.Kind == stream.KindEOF {
+			return true, nil
 		}
-		if n%4096 == 0 {
-			if err := context.Cause(in.ioCtx); err != nil {
-				return err
-			}
-			l.publish(false, dec)
+		if err := l.apply(dec, rec, locked); err != nil {
+			return false, err
 		}
 	}
+	return false, nil
+}
+
+// apply applies one record.
+func (l *loader) apply(dec *stream.Decoder, rec stream.Record, locked bool) error {
+	switch rec.Kind {
+	case stream.KindPage:
+		dst, err := l.page(rec)
+		if err != nil {
+			return err
+		}
+		if err := dec.ReadPage(dst); err != nil {
+			return err
+		}
+		l.loaded = true
+		l.stats.Normal++
+		l.stats.NormalBytes += l.stats.PageSize
+		if l.pageSums != nil {
+			l.pageSums[l.index[rec.Block]][rec.Offset/l.stats.PageSize] = guest.PageSum(dst)
+		}
+	case stream.KindZero:
+		dst, err := l.page(rec)
+		if err != nil {
+			return err
+		}
+		if !bytes.Equal(dst, l.zero) {
+			clear(dst)
+			l.loaded = true
+		}
+		l.stats.Duplicate++
+		if l.pageSums != nil {
+			l.pageSums[l.index[rec.Block]][rec.Offset/l.stats.PageSize] = guest.PageSum(l.zero)
+		}
+	case stream.KindDevice:
+		key := rec.Section.IDStr + "\x00" + strconv.FormatUint(uint64(rec.Section.Instance), 10)
+		d, ok := l.devs[key]
+		if !ok {
+			return fmt.Errorf("the stream carries device %s (instance %d), which this guest does not have", rec.Section.IDStr, rec.Section.Instance)
+		}
+		if rec.Section.Version != d.Version() {
+			return fmt.Errorf("device %s: stream version %d, this guest speaks %d", d.Name(), rec.Section.Version, d.Version())
+		}
+		l.loaded = true
+		var err error
+		if d.NeedsLock() && !locked {
+			l.in.c.Locked(func() { err = d.Load(rec.Data) })
+		} else {
+			err = d.Load(rec.Data)
+		}
+		if err != nil {
+			return fmt.Errorf("load device %s: %w", d.Name(), err)
+		}
+	case stream.KindCommand:
+		switch rec.Command {
+		case stream.CmdOpenReturnPath:
+			l.rp = l.conn.ReturnPath()
+		case stream.CmdPing:
+			if l.rp {
+				if err := l.sendRP(stream.NewPong(uint32(rec.Value))); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	return nil
 }
 
 // page returns the guest memory a page record targets. The decoder has
@@ -316,17 +361,6 @@ func (l *loader) page(rec stream.Record) ([]byte, error) {
 		return nil, fmt.Errorf("page %s@%#x is outside guest RAM", rec.Block, rec.Offset)
 	}
 	return b.Mem[rec.Offset : rec.Offset+ps], nil
-}
-
-// loadDevice applies one device state, under the controller lock only if
-// the device needs it.
-func (l *loader) loadDevice(d guest.Device, data []byte) error {
-	if !d.NeedsLock() {
-		return d.Load(data)
-	}
-	var err error
-	l.in.c.Locked(func() { err = d.Load(data) })
-	return err
 }
 
 // complete starts the guest, confirms to the source and fires complete.

@@ -175,8 +175,11 @@ type demoResult struct {
 	TransferredBytes    uint64  `json:"transferred_bytes"`
 	SourceChecksum      string  `json:"source_checksum"`
 	DestinationChecksum string  `json:"destination_checksum"`
-	Verified            bool    `json:"verified"`
-	Error               string  `json:"error,omitempty"`
+	// DestinationOverheadPct is the destination process's peak RSS beyond
+	// its guest's RAM, as a percentage of the guest's RAM.
+	DestinationOverheadPct float64 `json:"destination_rss_overhead_pct"`
+	Verified               bool    `json:"verified"`
+	Error                  string  `json:"error,omitempty"`
 }
 
 func newDemo() *cobra.Command {
@@ -230,6 +233,7 @@ func printSummary(w io.Writer, r demoResult) {
 	fmt.Fprintf(w, "  passes         %d\n", r.Passes)
 	fmt.Fprintf(w, "  pages          %d sent, %d zero\n", r.PagesSent, r.PagesZero)
 	fmt.Fprintf(w, "  checksums      source %s, destination %s\n", r.SourceChecksum, r.DestinationChecksum)
+	fmt.Fprintf(w, "  destination    peak RSS %.1f%% above guest RAM\n", r.DestinationOverheadPct)
 	if r.Verified {
 		fmt.Fprintln(w, "  verified       yes: the destination's memory and devices equal the source's")
 	} else {
@@ -266,6 +270,8 @@ type destLine struct {
 	State    string `json:"state,omitempty"`
 	Checksum string `json:"checksum,omitempty"`
 	Error    string `json:"error,omitempty"`
+	// PeakRSS is the destination process's peak resident set (VmHWM).
+	PeakRSS uint64 `json:"peak_rss,omitempty"`
 }
 
 func startDest(ctx context.Context, args []string, extra []*os.File) (*destProc, error) {
@@ -424,6 +430,13 @@ func runDemo(ctx context.Context, gf *guestFlags, cf *configFlags, transportName
 		return res, err
 	}
 	res.DestinationChecksum = done.Checksum
+	if done.PeakRSS > 0 {
+		ram := uint64(0)
+		for _, b := range g.Blocks() {
+			ram += uint64(len(b.Mem))
+		}
+		res.DestinationOverheadPct = (float64(done.PeakRSS) - float64(ram)) / float64(ram) * 100
+	}
 	res.Status = done.State
 	if done.State != "completed" {
 		res.Error = done.Error
@@ -563,6 +576,21 @@ func demoDestination(ctx context.Context, gf *guestFlags, cf *configFlags, liste
 		}
 		return errors.New("incoming migration ended " + r.State)
 	}
-	report(destLine{Event: "done", State: r.State, Checksum: fmt.Sprintf("%016x", checksum)})
+	report(destLine{Event: "done", State: r.State, Checksum: fmt.Sprintf("%016x", checksum), PeakRSS: peakRSS()})
 	return nil
+}
+
+// peakRSS returns this process's peak resident set size (VmHWM), or 0.
+func peakRSS() uint64 {
+	data, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			kb, _ := strconv.ParseUint(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 10, 64)
+			return kb << 10
+		}
+	}
+	return 0
 }
