@@ -43,6 +43,7 @@ type ruleCase struct {
 	name      string
 	side      string // default outgoing
 	state     string // default none
+	trigger   string // default "test"
 	caps      []string
 	params    map[string]string
 	transport string // scheme; URI is derived
@@ -72,6 +73,9 @@ func (c ruleCase) input(s *spec.Spec) *guards.Input {
 	}
 	if c.state != "" {
 		in.State = c.state
+	}
+	if c.trigger != "" {
+		in.Trigger = c.trigger
 	}
 	cfg := guards.DefaultConfig(s)
 	for _, cp := range c.caps {
@@ -118,6 +122,11 @@ var ruleCases = []ruleCase{
 	{name: "postcopy-ram on destination without uffd", side: spec.Incoming, caps: []string{"postcopy-ram"}, refuse: []string{"postcopy-ram", "userfaultfd"}},
 	{name: "postcopy-ram on destination with uffd", side: spec.Incoming, caps: []string{"postcopy-ram"}, features: []string{"userfaultfd"}},
 	{name: "postcopy-ram on source without uffd", caps: []string{"postcopy-ram"}},
+	// Both sides judge every change; a destination-only rule applies only
+	// once the incoming side is in use.
+	{name: "postcopy-ram enabled while the incoming side is unused", side: spec.Incoming, caps: []string{"postcopy-ram"}, enabling: []string{"postcopy-ram"}},
+	{name: "postcopy-ram enabled while listening without uffd", side: spec.Incoming, state: "listening", transport: "tcp", caps: []string{"postcopy-ram"}, enabling: []string{"postcopy-ram"}, refuse: []string{"postcopy-ram", "userfaultfd"}},
+	{name: "background-snapshot at migrate-incoming", side: spec.Incoming, trigger: "incoming", caps: []string{"background-snapshot"}, features: allFeatures, transport: "tcp", refuse: []string{"background-snapshot"}},
 	// #3
 	{name: "postcopy-ram + x-ignore-shared", caps: []string{"postcopy-ram", "x-ignore-shared"}, refuse: []string{"postcopy-ram", "x-ignore-shared"}},
 	{name: "x-ignore-shared alone", caps: []string{"x-ignore-shared"}},

@@ -127,7 +127,10 @@ func holds(c *spec.Cond, in *Input, cfg Config, unknownTransport bool) bool {
 			return false
 		}
 	}
-	if c.Side != "" && c.Side != in.Side {
+	if c.Side != "" && !sideInUse(c.Side, in) {
+		return false
+	}
+	if len(c.Triggers) > 0 && !slices.Contains(c.Triggers, in.Trigger) {
 		return false
 	}
 	if len(c.States) > 0 && !slices.Contains(c.States, in.State) {
@@ -210,4 +213,21 @@ func message(r *spec.Rule, in *Input) string {
 		msg = fmt.Sprintf("%s; %s %s", msg, verb, in.Transport.URI)
 	}
 	return msg
+}
+
+// sideInUse reports whether the input is judged for side: the side judging
+// is that side, and it is in use — the trigger is one of its own edges, or
+// it has left its initial state. Both sides judge every configuration
+// change (there is one configuration per process), so without the second
+// half a destination-only rule would refuse a change on a process that is
+// only ever a source.
+func sideInUse(side string, in *Input) bool {
+	if in.Side != side {
+		return false
+	}
+	if in.Change == nil {
+		return true
+	}
+	sd := in.Spec.Side(side)
+	return sd == nil || in.State != sd.Initial || in.Transport != nil
 }

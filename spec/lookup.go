@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"reflect"
 	"strconv"
 	"strings"
 
@@ -63,11 +64,20 @@ func (s *Spec) Transport(name string) *Transport {
 
 // Rules returns every compatibility rule: the declared ones followed by the
 // ones expanded from capability shorthands, in a stable order.
+//
+// Load computes the list once, so Rules on a loaded Spec allocates nothing
+// and is safe from any number of goroutines. On a Spec built by hand it
+// builds a fresh list on every call (it never writes to the Spec); do not
+// modify the returned slice.
 func (s *Spec) Rules() []Rule {
-	if s.rules == nil {
-		s.rules = append(append([]Rule(nil), s.RuleList...), s.expandShorthands()...)
+	if s.rules != nil {
+		return s.rules
 	}
-	return s.rules
+	return s.buildRules()
+}
+
+func (s *Spec) buildRules() []Rule {
+	return append(append([]Rule{}, s.RuleList...), s.expandShorthands()...)
 }
 
 // expandShorthands turns each capability's conflicts/requires/transports/
@@ -154,7 +164,26 @@ func (sd *Side) Triggers() []string {
 // ErrBadValue is wrapped by every parameter value error.
 var ErrBadValue = errors.New("invalid parameter value")
 
-var valueValidator = validator.New()
+// valueValidator checks parameter values against their Validate tags: the
+// validator's built-in tags plus pow2.
+var valueValidator = newValueValidator()
+
+func newValueValidator() *validator.Validate {
+	v := validator.New()
+	// pow2: an unsigned integer that is a power of two (xbzrle-cache-size).
+	if err := v.RegisterValidation("pow2", func(fl validator.FieldLevel) bool {
+		f := fl.Field()
+		switch f.Kind() {
+		case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+			n := f.Uint()
+			return n != 0 && n&(n-1) == 0
+		}
+		return false
+	}); err != nil {
+		panic(err)
+	}
+	return v
+}
 
 // Normalize converts a value given by a user (a string, bool, JSON number or
 // Go integer) into the parameter's canonical textual form, and checks it

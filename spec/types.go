@@ -31,9 +31,9 @@ type Spec struct {
 	// Rules are the compatibility rules that are not a capability shorthand.
 	RuleList []Rule `yaml:"rules" validate:"unique=Name,dive"`
 	// Incoming is the destination's state graph.
-	Incoming Side `yaml:"incoming"`
+	Incoming Side `yaml:"incoming" validate:"required"`
 	// Outgoing is the source's state graph.
-	Outgoing Side `yaml:"outgoing"`
+	Outgoing Side `yaml:"outgoing" validate:"required"`
 
 	// File is the name errors and diagrams refer to (set by Load).
 	File string `yaml:"-"`
@@ -80,7 +80,7 @@ type Capability struct {
 	NeedsKernel []string `yaml:"needs-kernel" validate:"unique,dive,feature"`
 	// NeedsKernelOn restricts NeedsKernel to one side ("incoming" or
 	// "outgoing"); empty means both.
-	NeedsKernelOn string `yaml:"needs-kernel-on" validate:"omitempty,oneof=incoming outgoing"`
+	NeedsKernelOn string `yaml:"needs-kernel-on" validate:"omitempty,excluded_without=NeedsKernel,oneof=incoming outgoing"`
 	// MustMatchPeer: source and destination must agree on it; the source
 	// announces it and the connect guard compares.
 	MustMatchPeer bool `yaml:"must-match-peer"`
@@ -110,7 +110,8 @@ type Parameter struct {
 	// Default is the value before anyone sets it, in its textual form.
 	Default string `yaml:"default"`
 	// Validate is a go-playground/validator tag checked against every value
-	// (e.g. "min=1,max=255"); empty means any value of the type.
+	// (e.g. "min=1,max=255"); empty means any value of the type. Besides
+	// the validator's built-in tags, pow2 accepts powers of two.
 	Validate string `yaml:"validate"`
 	// Live parameters may change while a migration runs; the others freeze
 	// with the capabilities.
@@ -160,7 +161,10 @@ func (t *Transport) Has(prop string) bool {
 // or the configuration is refused with Message. A rule without Require is a
 // prohibition: When alone refuses.
 type Rule struct {
-	Name string `yaml:"name" validate:"required"`
+	// Name identifies the rule in refusals: lower-case kebab-case words
+	// joined by '/', e.g. "mapped-ram/no-tls". It may not take a name the
+	// shorthand expansion uses (see Spec.Rules).
+	Name string `yaml:"name" validate:"required,rulename"`
 	// Doc says where the rule comes from (e.g. "QEMU migrate_caps_check #7").
 	Doc     string `yaml:"doc"`
 	When    Cond   `yaml:"when"`
@@ -195,10 +199,18 @@ type Cond struct {
 	TransportLacks []string `yaml:"transport-lacks" validate:"unique,dive,oneof=multi-channel seekable return-path extra-fds streamable"`
 	// Features: the host has all these.
 	Features []string `yaml:"features" validate:"unique,dive,feature"`
-	// Side: the configuration belongs to this side ("incoming"/"outgoing").
+	// Side: the side judging is this one ("incoming"/"outgoing"). Every
+	// configuration change is judged by both sides, each in its own state
+	// with its own transport; an edge only by its own side.
 	Side string `yaml:"side" validate:"omitempty,oneof=incoming outgoing"`
 	// States: the side is in one of these states.
-	States []string `yaml:"states" validate:"unique"`
+	States []string `yaml:"states" validate:"unique,dive,statename"`
+	// Triggers: the judgement is for firing one of these triggers (an
+	// edge's on:, e.g. migrate or resume). A configuration change never
+	// matches. This is how a rule that QEMU checks only when a command
+	// runs (migrate_prepare's "cpr-exec mode requires cpr-exec-command")
+	// is kept from refusing the configuration changes that lead up to it.
+	Triggers []string `yaml:"triggers" validate:"unique,dive,ident"`
 }
 
 // ParamCond compares one parameter. Values are in textual form and parsed
@@ -225,9 +237,9 @@ type Side struct {
 	// passes (in every state; see Configure* triggers in package machine).
 	Configure []string `yaml:"configure" validate:"unique,dive,guard"`
 	States    []State  `yaml:"states" validate:"required,min=1,unique=Name,dive"`
-	// Transitions are the edges. Two edges may share (from, on) only as the
-	// two halves of one guarded edge: Guards on the first, Else naming the
-	// second's target is written as a single edge with Else instead.
+	// Transitions are the edges, at most one per (from, on): the
+	// alternative of a guarded edge is its Else, never a second edge
+	// (Load refuses two).
 	Transitions []Transition `yaml:"transitions" validate:"required,min=1,dive"`
 }
 

@@ -1,0 +1,312 @@
+package spec
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+)
+
+func loadDefault(t testing.TB) *Spec {
+	t.Helper()
+	s, err := Load("transitions.yaml", readDefault(t), registry)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// The default spec must follow QEMU: capabilities and parameters in QEMU's
+// enum order (qemu-control.md §2, §3; QAPI MigrationCapability and
+// MigrationParameter).
+func TestDefaultCapabilitiesAndParameters(t *testing.T) {
+	s := loadDefault(t)
+	caps := names(s.Capabilities, func(c Capability) string { return c.Name })
+	wantCaps := []string{"xbzrle", "rdma-pin-all", "auto-converge", "events", "postcopy-ram", "x-colo",
+		"release-ram", "return-path", "pause-before-switchover", "multifd", "dirty-bitmaps",
+		"postcopy-blocktime", "late-block-activate", "x-ignore-shared", "validate-uuid",
+		"background-snapshot", "zero-copy-send", "postcopy-preempt", "switchover-ack", "dirty-limit", "mapped-ram"}
+	if !slices.Equal(caps, wantCaps) {
+		t.Errorf("capabilities:\n got %v\nwant %v", caps, wantCaps)
+	}
+	for _, c := range s.Capabilities {
+		if c.Since == "" {
+			t.Errorf("capability %s has no since", c.Name)
+		}
+	}
+	params := names(s.Parameters, func(p Parameter) string { return p.Name })
+	wantParams := []string{"announce-initial", "announce-max", "announce-rounds", "announce-step",
+		"throttle-trigger-threshold", "cpu-throttle-initial", "cpu-throttle-increment", "cpu-throttle-tailslow",
+		"tls-creds", "tls-hostname", "tls-authz", "max-bandwidth", "avail-switchover-bandwidth", "downtime-limit",
+		"x-checkpoint-delay", "multifd-channels", "xbzrle-cache-size", "max-postcopy-bandwidth", "max-cpu-throttle",
+		"multifd-compression", "multifd-zlib-level", "multifd-qatzip-level", "multifd-zstd-level",
+		"block-bitmap-mapping", "x-vcpu-dirty-limit-period", "vcpu-dirty-limit", "mode", "zero-page-detection",
+		"direct-io", "cpr-exec-command"}
+	if !slices.Equal(params, wantParams) {
+		t.Errorf("parameters:\n got %v\nwant %v", params, wantParams)
+	}
+	var live, match, capMatch []string
+	for _, p := range s.Parameters {
+		if p.Live {
+			live = append(live, p.Name)
+		}
+		if p.MustMatchPeer {
+			match = append(match, p.Name)
+		}
+	}
+	for _, c := range s.Capabilities {
+		if c.MustMatchPeer {
+			capMatch = append(capMatch, c.Name)
+		}
+	}
+	wantLive := []string{"announce-initial", "announce-max", "announce-rounds", "announce-step",
+		"throttle-trigger-threshold", "cpu-throttle-initial", "cpu-throttle-increment", "cpu-throttle-tailslow",
+		"max-bandwidth", "avail-switchover-bandwidth", "downtime-limit", "x-checkpoint-delay",
+		"xbzrle-cache-size", "max-postcopy-bandwidth", "max-cpu-throttle", "x-vcpu-dirty-limit-period", "vcpu-dirty-limit"}
+	if !slices.Equal(live, wantLive) {
+		t.Errorf("live parameters:\n got %v\nwant %v", live, wantLive)
+	}
+	if want := []string{"multifd-channels", "multifd-compression"}; !slices.Equal(match, want) {
+		t.Errorf("must-match parameters: got %v, want %v", match, want)
+	}
+	wantCapMatch := []string{"xbzrle", "postcopy-ram", "x-colo", "return-path", "multifd", "dirty-bitmaps",
+		"x-ignore-shared", "postcopy-preempt", "switchover-ack", "mapped-ram"}
+	if !slices.Equal(capMatch, wantCapMatch) {
+		t.Errorf("must-match capabilities:\n got %v\nwant %v", capMatch, wantCapMatch)
+	}
+	// Ranges from qemu-control.md §3.
+	for _, c := range []struct {
+		name      string
+		ok, notOK []any
+	}{
+		{"announce-step", []any{"1", "10000"}, []any{"0", "10001"}},
+		{"throttle-trigger-threshold", []any{"1", "100"}, []any{"0", "101"}},
+		{"cpu-throttle-initial", []any{"1", "99"}, []any{"0", "100"}},
+		{"downtime-limit", []any{"0", "2000000"}, []any{"2000001"}},
+		{"multifd-channels", []any{"1", "255"}, []any{"0", "256"}},
+		{"multifd-zstd-level", []any{"0", "20"}, []any{"21"}},
+		{"multifd-qatzip-level", []any{"1", "9"}, []any{"0", "10"}},
+		{"xbzrle-cache-size", []any{"4096", "64M"}, []any{"2048", "100000"}},
+		{"x-vcpu-dirty-limit-period", []any{"1", "1000"}, []any{"0", "1001"}},
+		{"vcpu-dirty-limit", []any{"1"}, []any{"0"}},
+		{"multifd-compression", []any{"none", "qatzip"}, []any{"lz4"}},
+		{"mode", []any{"cpr-exec"}, []any{"cpr"}},
+	} {
+		p := s.Parameter(c.name)
+		for _, v := range c.ok {
+			if _, err := p.Normalize(v); err != nil {
+				t.Errorf("%s = %v refused: %v", c.name, v, err)
+			}
+		}
+		for _, v := range c.notOK {
+			if _, err := p.Normalize(v); err == nil {
+				t.Errorf("%s = %v accepted", c.name, v)
+			}
+		}
+	}
+}
+
+func TestDefaultTransports(t *testing.T) {
+	s := loadDefault(t)
+	got := map[string]string{}
+	for i := range s.Transports {
+		tr := &s.Transports[i]
+		var props []string
+		for _, p := range []string{PropMultiChannel, PropSeekable, PropReturnPath, PropExtraFDs, PropStreamable} {
+			if tr.Has(p) {
+				props = append(props, p)
+			}
+		}
+		got[tr.Name] = strings.Join(props, " ")
+	}
+	want := map[string]string{
+		"tcp":   "multi-channel return-path streamable",
+		"unix":  "multi-channel return-path streamable",
+		"vsock": "multi-channel return-path streamable",
+		"fd":    "return-path streamable",
+		"exec":  "streamable",
+		"rdma":  "return-path streamable",
+		"file":  "seekable extra-fds",
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("transports:\n got %v\nwant %v", got, want)
+	}
+}
+
+func TestDefaultRules(t *testing.T) {
+	s := loadDefault(t)
+	rules := map[string]Rule{}
+	for _, r := range s.Rules() {
+		if _, dup := rules[r.Name]; dup {
+			t.Errorf("two rules named %s", r.Name)
+		}
+		rules[r.Name] = r
+	}
+	// Every rule the QEMU mapping in docs/spec.md names must exist.
+	for _, name := range []string{
+		"x-colo/needs-kernel", "postcopy-ram/needs-kernel", "postcopy-ram/conflicts/x-ignore-shared",
+		"background-snapshot/needs-kernel", "zero-copy-send/requires/multifd", "zero-copy-send/conflicts/xbzrle",
+		"zero-copy-send/no-compression", "zero-copy-send/no-tls", "zero-copy-send/needs-kernel",
+		"postcopy-preempt/requires/postcopy-ram", "postcopy-preempt/before-listen", "multifd/before-listen",
+		"switchover-ack/requires/return-path", "dirty-limit/conflicts/auto-converge", "dirty-limit/needs-kernel",
+		"multifd/conflicts/xbzrle", "mapped-ram/conflicts/xbzrle", "mapped-ram/conflicts/postcopy-ram",
+		"rdma/no-xbzrle", "rdma/no-multifd", "rdma/no-postcopy", "rdma-pin-all/transports",
+		"mapped-ram/transports", "mapped-ram/needs-transport/seekable", "postcopy-preempt/needs-transport/multi-channel",
+		"multifd/needs-multi-channel", "multifd/file-needs-mapped-ram", "direct-io/needs-extra-fds",
+		"mode/cpr-transfer-needs-stream", "mode/cpr-exec-needs-command", "mode/cpr-no-postcopy-snapshot-colo",
+		"mapped-ram/no-compression", "mapped-ram/no-tls", "max-cpu-throttle/at-least-initial",
+		"release-ram/no-recovery", "background-snapshot/not-incoming",
+	} {
+		if _, ok := rules[name]; !ok {
+			t.Errorf("no rule %s", name)
+		}
+	}
+	bg := s.Capability("background-snapshot")
+	if len(bg.Conflicts) != 14 {
+		t.Errorf("background-snapshot conflicts with %d capabilities, want the 14 of migrate_caps_check #6", len(bg.Conflicts))
+	}
+	for _, r := range s.RuleList {
+		if !strings.Contains(r.Doc, "QEMU") && !strings.Contains(r.Doc, "migctl") {
+			t.Errorf("rule %s: doc %q names no origin", r.Name, r.Doc)
+		}
+		if len(r.When.Transports)+len(r.When.NotTransports)+len(r.When.TransportHas)+len(r.When.TransportLacks) > 0 {
+			if !strings.Contains(r.Message, "{transport}") || !strings.Contains(r.Message, "{uri}") {
+				t.Errorf("rule %s tests the transport but its message lacks {transport} or {uri}: %q", r.Name, r.Message)
+			}
+		}
+	}
+}
+
+// edge is "from --on [guards] else--> to" in a compact form for comparison.
+func edgeString(t Transition) string {
+	if t.Kind == KindIgnore {
+		return t.From + " --" + t.On + "--> (ignore)"
+	}
+	g := ""
+	if len(t.Guards) > 0 {
+		g = " [" + strings.Join(t.Guards, ",") + "]"
+	}
+	if t.Else != "" {
+		g += " else " + t.Else
+	}
+	return t.From + " --" + t.On + g + "--> " + t.To
+}
+
+// TestDefaultGraphs pins both graphs of the default spec edge by edge.
+func TestDefaultGraphs(t *testing.T) {
+	s := loadDefault(t)
+	tc := "[transport-compatible]"
+	want := map[string][]string{
+		Incoming: {
+			"none --incoming " + tc + "--> setup",
+			"setup --listen--> listening", "setup --fail--> failed",
+			"listening --connect " + tc + " else failed--> connected",
+			"listening --cancel--> cancelled", "listening --fail--> failed",
+			"connected --load--> active", "connected --fail--> failed",
+			"active --complete--> completed", "active --fail--> failed", "active --postcopy--> postcopy-active",
+			"postcopy-active --complete--> completed", "postcopy-active --pause--> postcopy-paused", "postcopy-active --fail--> failed",
+			"postcopy-paused --recover " + tc + "--> postcopy-recover", "postcopy-paused --fail--> failed",
+			"postcopy-recover --resume--> postcopy-active", "postcopy-recover --pause--> postcopy-paused", "postcopy-recover --fail--> failed",
+			"completed --cancel--> (ignore)", "failed --cancel--> (ignore)", "cancelled --cancel--> (ignore)",
+		},
+		Outgoing: {
+			"none --migrate " + tc + "--> setup", "failed --migrate " + tc + "--> setup", "cancelled --migrate " + tc + "--> setup",
+			"setup --start--> active",
+			"active --switchover [pause-before-switchover] else device--> pre-switchover",
+			"pre-switchover --continue--> device",
+			"device --complete--> completed", "device --postcopy--> postcopy-active",
+			"setup --cancel--> cancelling", "active --cancel--> cancelling", "pre-switchover --cancel--> cancelling", "device --cancel--> cancelling",
+			"cancelling --cleanup--> cancelled",
+			"setup --fail--> failing", "active --fail--> failing", "pre-switchover --fail--> failing", "device --fail--> failing", "postcopy-active --fail--> failing",
+			"failing --cleanup--> failed",
+			"postcopy-active --complete--> completed", "postcopy-active --pause--> postcopy-paused",
+			"postcopy-paused --resume " + tc + "--> postcopy-recover-setup", "postcopy-paused --fail--> failing",
+			"postcopy-recover-setup --connect--> postcopy-recover", "postcopy-recover-setup --connect-failed--> postcopy-paused",
+			"postcopy-recover --resume-ack--> postcopy-active", "postcopy-recover --pause--> postcopy-paused", "postcopy-recover --fail--> failing",
+			"none --cancel--> (ignore)", "cancelling --cancel--> (ignore)", "cancelled --cancel--> (ignore)",
+			"completed --cancel--> (ignore)", "failing --cancel--> (ignore)", "failed --cancel--> (ignore)",
+		},
+	}
+	wantStates := map[string]string{
+		Incoming: "none:mutable setup:mutable listening:mutable connected:frozen active:frozen postcopy-active:frozen " +
+			"postcopy-paused:frozen postcopy-recover:frozen completed:frozen:end failed:frozen:end cancelled:frozen:end",
+		Outgoing: "none:mutable setup:frozen active:frozen pre-switchover:frozen device:frozen postcopy-active:frozen " +
+			"postcopy-paused:frozen postcopy-recover-setup:frozen postcopy-recover:frozen completed:mutable:end " +
+			"cancelling:frozen cancelled:mutable:end failing:frozen failed:mutable:end",
+	}
+	for _, side := range SideNames {
+		sd := s.Side(side)
+		if sd.Initial != "none" || !slices.Equal(sd.Configure, []string{"config-mutable", "transport-compatible"}) {
+			t.Errorf("%s: initial %q, configure %v", side, sd.Initial, sd.Configure)
+		}
+		var states []string
+		for _, st := range sd.States {
+			x := st.Name + ":" + st.Config
+			if st.Terminal {
+				x += ":end"
+			}
+			states = append(states, x)
+			if st.Doc == "" {
+				t.Errorf("%s state %s has no doc", side, st.Name)
+			}
+		}
+		if got := strings.Join(states, " "); got != wantStates[side] {
+			t.Errorf("%s states:\n got %s\nwant %s", side, got, wantStates[side])
+		}
+		var got []string
+		for _, tr := range sd.Transitions {
+			got = append(got, edgeString(tr))
+			if tr.Doc == "" {
+				t.Errorf("%s edge %s has no doc", side, edgeString(tr))
+			}
+		}
+		slices.Sort(got)
+		w := slices.Sorted(slices.Values(want[side]))
+		if !slices.Equal(got, w) {
+			t.Errorf("%s edges:\n got %q\nwant %q", side, got, w)
+		}
+	}
+}
+
+// TestRulesConcurrent reads Rules from many goroutines; -race proves Load
+// left nothing lazy behind, and a hand-built Spec never writes either.
+func TestRulesConcurrent(t *testing.T) {
+	loaded := loadDefault(t)
+	built := &Spec{Capabilities: []Capability{{Name: "a", Conflicts: []string{"b"}}, {Name: "b"}}}
+	n := len(loaded.Rules())
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 100 {
+				if len(loaded.Rules()) != n || len(built.Rules()) != 1 {
+					t.Error("Rules changed length")
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if got := built.Rules()[0].Name; got != "a/conflicts/b" {
+		t.Errorf("hand-built rule = %q", got)
+	}
+}
+
+// TestLoadConcurrent loads the default spec from several goroutines at
+// once: the shared validators must be safe for it (run with -race).
+func TestLoadConcurrent(t *testing.T) {
+	data := readDefault(t)
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := Load("transitions.yaml", data, registry); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+}

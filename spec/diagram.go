@@ -1,0 +1,190 @@
+package spec
+
+import (
+	"fmt"
+	"strings"
+)
+
+// Diagram conventions shared by Mermaid and DOT.
+//
+//   - The initial state has an arrow from a start mark; terminal states have
+//     an arrow to an end mark (Mermaid) or a double border (DOT).
+//   - States whose configuration is frozen are filled grey.
+//   - An edge is labelled with its trigger and, in brackets, its guards:
+//     "connect [transport-compatible]".
+//   - The refusal edge of a guarded edge (its else:) is labelled with the
+//     negated guards, "connect ¬[transport-compatible]"; DOT also draws it
+//     dashed and red.
+//   - kind: ignore edges are not drawn: they do not move the machine. DOT
+//     lists them in the state's box ("ignores cancel"); the Markdown
+//     tables list them for Mermaid, whose state boxes cannot hold them
+//     reliably.
+
+// edgeLabel is "trigger [g1, g2]" or, for the refusal edge, "trigger ¬[g1, g2]".
+func edgeLabel(t *Transition, refusal bool) string {
+	if len(t.Guards) == 0 {
+		return t.On
+	}
+	neg := ""
+	if refusal {
+		neg = "¬"
+	}
+	return t.On + " " + neg + "[" + strings.Join(t.Guards, ", ") + "]"
+}
+
+// ignoredTriggers maps each state to the triggers it ignores, in spec order.
+func (sd *Side) ignoredTriggers() map[string][]string {
+	out := map[string][]string{}
+	for _, t := range sd.Transitions {
+		if t.Kind == KindIgnore {
+			out[t.From] = append(out[t.From], t.On)
+		}
+	}
+	return out
+}
+
+// mermaidKeywords are words a Mermaid state id must not be.
+var mermaidKeywords = map[string]bool{
+	"state": true, "note": true, "class": true, "classDef": true, "style": true,
+	"direction": true, "click": true, "end": true, "as": true, "left": true, "right": true, "of": true,
+}
+
+// mermaidIDs gives every state a Mermaid identifier: the name itself when it
+// is a plain word, otherwise the name with '-' (and anything else outside
+// [A-Za-z0-9_]) turned into '_', made unique.
+func mermaidIDs(sd *Side) map[string]string {
+	ids := map[string]string{}
+	used := map[string]bool{}
+	for _, st := range sd.States {
+		var b strings.Builder
+		for _, r := range st.Name {
+			if r == '_' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' {
+				b.WriteRune(r)
+			} else {
+				b.WriteByte('_')
+			}
+		}
+		id := b.String()
+		if id == "" || mermaidKeywords[id] || id[0] >= '0' && id[0] <= '9' {
+			id = "s_" + id
+		}
+		for base, n := id, 2; used[id]; n++ {
+			id = fmt.Sprintf("%s_%d", base, n)
+		}
+		used[id] = true
+		ids[st.Name] = id
+	}
+	return ids
+}
+
+// mermaidText keeps a label on one line and away from Mermaid's syntax.
+func mermaidText(s string) string {
+	return strings.NewReplacer("\n", " ", ":", " ", ";", ",", "\"", "'", "#", "", "%%", "%").Replace(s)
+}
+
+// Mermaid returns side's state graph (Incoming or Outgoing) as a Mermaid
+// stateDiagram-v2, generated from the spec alone: states in spec order,
+// guard names on the edges, refusal edges labelled with the negated guards,
+// frozen states in the class "frozen" (grey). The output is deterministic.
+// It returns "" for an unknown side.
+func Mermaid(s *Spec, side string) string {
+	sd := s.Side(side)
+	if sd == nil {
+		return ""
+	}
+	ids := mermaidIDs(sd)
+	id := func(name string) string {
+		if v, ok := ids[name]; ok {
+			return v
+		}
+		return "undeclared_" + mermaidText(strings.ReplaceAll(name, "-", "_"))
+	}
+	var b strings.Builder
+	b.WriteString("stateDiagram-v2\n")
+	fmt.Fprintf(&b, "    %%%% %s side, generated from the spec by spec.Mermaid\n", side)
+	b.WriteString("    classDef frozen fill:#d9d9d9,stroke:#595959,color:#000000\n")
+	for _, st := range sd.States {
+		if ids[st.Name] != st.Name {
+			fmt.Fprintf(&b, "    state \"%s\" as %s\n", mermaidText(st.Name), ids[st.Name])
+		} else {
+			fmt.Fprintf(&b, "    %s\n", st.Name)
+		}
+	}
+	fmt.Fprintf(&b, "    [*] --> %s\n", id(sd.Initial))
+	for i := range sd.Transitions {
+		t := &sd.Transitions[i]
+		if t.Kind == KindIgnore {
+			continue
+		}
+		fmt.Fprintf(&b, "    %s --> %s : %s\n", id(t.From), id(t.To), mermaidText(edgeLabel(t, false)))
+		if t.Else != "" {
+			fmt.Fprintf(&b, "    %s --> %s : %s\n", id(t.From), id(t.Else), mermaidText(edgeLabel(t, true)))
+		}
+	}
+	var frozen []string
+	for _, st := range sd.States {
+		if st.Terminal {
+			fmt.Fprintf(&b, "    %s --> [*]\n", ids[st.Name])
+		}
+		if st.Config == ConfigFrozen {
+			frozen = append(frozen, ids[st.Name])
+		}
+	}
+	if len(frozen) > 0 {
+		fmt.Fprintf(&b, "    class %s frozen\n", strings.Join(frozen, ","))
+	}
+	return b.String()
+}
+
+// dotQuote quotes s as a DOT string.
+func dotQuote(s string) string {
+	return `"` + strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`).Replace(s) + `"`
+}
+
+// DOT returns side's state graph (Incoming or Outgoing) in Graphviz's DOT
+// language, with the same information as Mermaid: an arrow from a point to
+// the initial state, frozen states filled grey, terminal states with a
+// double border, guard names on the edges, refusal edges dashed and red,
+// and the triggers a state ignores written in its box. The output is
+// deterministic. It returns "" for an unknown side.
+func DOT(s *Spec, side string) string {
+	sd := s.Side(side)
+	if sd == nil {
+		return ""
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "// %s side, generated from the spec by spec.DOT\n", side)
+	fmt.Fprintf(&b, "digraph %s {\n", dotQuote(side))
+	b.WriteString("\trankdir=TB;\n")
+	b.WriteString("\tnode [shape=box, style=rounded, fontname=\"Helvetica\"];\n")
+	b.WriteString("\tedge [fontname=\"Helvetica\", fontsize=10];\n")
+	b.WriteString("\t\"__start\" [shape=point, label=\"\", width=0.15];\n")
+	ignored := sd.ignoredTriggers()
+	for _, st := range sd.States {
+		label := st.Name
+		if ig := ignored[st.Name]; len(ig) > 0 {
+			label += "\nignores " + strings.Join(ig, ", ")
+		}
+		attrs := []string{"label=" + dotQuote(label)}
+		if st.Config == ConfigFrozen {
+			attrs = append(attrs, `style="rounded,filled"`, `fillcolor="#d9d9d9"`)
+		}
+		if st.Terminal {
+			attrs = append(attrs, "peripheries=2")
+		}
+		fmt.Fprintf(&b, "\t%s [%s];\n", dotQuote(st.Name), strings.Join(attrs, ", "))
+	}
+	fmt.Fprintf(&b, "\t\"__start\" -> %s;\n", dotQuote(sd.Initial))
+	for i := range sd.Transitions {
+		t := &sd.Transitions[i]
+		if t.Kind == KindIgnore {
+			continue
+		}
+		fmt.Fprintf(&b, "\t%s -> %s [label=%s];\n", dotQuote(t.From), dotQuote(t.To), dotQuote(edgeLabel(t, false)))
+		if t.Else != "" {
+			fmt.Fprintf(&b, "\t%s -> %s [label=%s, style=dashed, color=red, fontcolor=red];\n", dotQuote(t.From), dotQuote(t.Else), dotQuote(edgeLabel(t, true)))
+		}
+	}
+	b.WriteString("}\n")
+	return b.String()
+}
