@@ -175,6 +175,8 @@ type sender struct {
 	lastPub time.Time
 	// bandwidth estimate, bytes per second
 	bw float64
+	// acked: the destination sent SWITCHOVER_ACK (capability switchover-ack)
+	acked bool
 }
 
 type rpEvent struct {
@@ -275,8 +277,20 @@ func (s *sender) migrate() error {
 		s.stats.ExpectedDowntime = expected
 		s.publish(true)
 		m.log.Info("pass", "pass", pass, "remaining", remaining, "bandwidth", s.bw, "expected_downtime", expected)
+		if err := s.checkRP(); err != nil {
+			return err
+		}
 		if expected <= limit {
-			break
+			if !cfg.Caps["switchover-ack"] || s.acked {
+				break
+			}
+			// Converged, but the destination has not allowed switchover yet.
+			if err := s.awaitAck(50 * time.Millisecond); err != nil {
+				return err
+			}
+			if s.acked {
+				break
+			}
 		}
 		if pass >= 2 && cfg.Caps["auto-converge"] {
 			s.throttle(cfg, pass)
@@ -378,6 +392,37 @@ func (s *sender) awaitConfirm(tStop time.Time) error {
 	}
 }
 
+// awaitAck waits up to d for return-path messages, for SWITCHOVER_ACK.
+func (s *sender) awaitAck(d time.Duration) error {
+	if s.rp == nil {
+		return errors.New("capability switchover-ack needs a return path, and this transport has none")
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	for !s.acked {
+		select {
+		case <-t.C:
+			return nil
+		case <-s.m.ioCtx.Done():
+			return context.Cause(s.m.ioCtx)
+		case ev, ok := <-s.rp:
+			if !ok {
+				return errors.New("the destination closed the connection")
+			}
+			if ev.err != nil {
+				return ev.err
+			}
+			switch ev.msg.Type {
+			case stream.RPSwitchoverAck:
+				s.acked = true
+			case stream.RPFailReason:
+				return &failure{reason: "destination: " + string(ev.msg.Data)}
+			}
+		}
+	}
+	return nil
+}
+
 // readRP reads return-path messages until the connection ends. A failure
 // reason followed by SHUT is reported as one failure.
 func (s *sender) readRP() {
@@ -462,6 +507,8 @@ func (s *sender) checkRP() error {
 				return &failure{reason: "destination: " + string(ev.msg.Data)}
 			case stream.RPShut:
 				return &failure{reason: "the destination ended the migration early"}
+			case stream.RPSwitchoverAck:
+				s.acked = true
 			}
 		default:
 			return nil

@@ -348,3 +348,23 @@ func TestConnectionCut(t *testing.T) {
 	}
 	t.Logf("source: %v\ndestination: %v", sr.Err, st.Error)
 }
+
+// With switchover-ack on both sides the destination allows switchover over
+// the return path and the migration completes (the source's wait for the
+// ack is in engine.awaitAck).
+func TestSwitchoverAck(t *testing.T) {
+	src := newEnd(t, false, guestCfg())
+	dst := newEnd(t, true, guestCfg())
+	for _, e := range []*end{src, dst} {
+		if err := e.c.SetCapabilities(context.Background(), map[string]bool{"return-path": true, "switchover-ack": true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sr, dr := migrate(t, src, dst, "tcp:127.0.0.1:0", engine.Options{})
+	if sr.State != "completed" || dr.State != "completed" {
+		t.Fatalf("source %s (%v), destination %s (%v)", sr.State, sr.Err, dr.State, dr.Err)
+	}
+	if checksum(t, src.g) != checksum(t, dst.g) {
+		t.Fatal("checksums differ")
+	}
+}

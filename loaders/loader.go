@@ -340,6 +340,14 @@ func (l *loader) apply(dec *stream.Decoder, rec stream.Record, locked bool) erro
 		switch rec.Command {
 		case stream.CmdOpenReturnPath:
 			l.rp = l.conn.ReturnPath()
+			// switchover-ack: no device of ours needs more time before
+			// switchover, so the destination allows it at once, as QEMU does
+			// when no device asks to delay it.
+			if cfg, ok := l.in.c.Frozen(spec.Incoming); l.rp && ok && cfg.Caps["switchover-ack"] {
+				if err := l.sendRP(stream.NewSwitchoverAck()); err != nil {
+					return err
+				}
+			}
 		case stream.CmdPing:
 			if l.rp {
 				if err := l.sendRP(stream.NewPong(uint32(rec.Value))); err != nil {
