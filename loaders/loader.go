@@ -38,8 +38,9 @@ type Options struct {
 	Logger *slog.Logger
 	// StatsInterval is how often statistics are published (default 100 ms).
 	StatsInterval time.Duration
-	// Prefault pre-faults guest RAM in parallel with receiving (default
-	// true; set NoPrefault to disable).
+	// NoPrefault disables pre-faulting guest RAM. By default the loader
+	// pre-faults it (MADV_POPULATE_WRITE) from the moment it listens, in
+	// parallel with waiting for the source and with receiving.
 	NoPrefault bool
 	// Populate pre-faults one block (default guest.Populate).
 	Populate func(ctx context.Context, b *guest.Block) error
@@ -80,6 +81,8 @@ type Incoming struct {
 
 	ioCtx    context.Context
 	cancelIO context.CancelCauseFunc
+	pfCancel context.CancelFunc // stops pre-faulting; nil with NoPrefault
+	pfDone   chan struct{}      // closed when pre-faulting ends
 	done     chan struct{}
 	result   Result
 }
@@ -118,6 +121,7 @@ func Listen(ctx context.Context, c *machine.Controller, g guest.Guest, uri strin
 	}
 	in := &Incoming{c: c, g: g, opts: opts, log: opts.Logger, ln: ln, done: make(chan struct{})}
 	in.ioCtx, in.cancelIO = context.WithCancelCause(context.WithoutCancel(ctx))
+	in.startPrefault()
 	go in.run()
 	return in, nil
 }
@@ -163,8 +167,6 @@ type loader struct {
 	index    map[string]int
 	pageSums [][]uint32
 	lastPub  time.Time
-	prefault context.CancelFunc
-	pfDone   chan struct{}
 	loaded   bool // a page or device was written into the guest
 	zero     []byte
 	devs     map[string]guest.Device // by name + "\x00" + instance
@@ -230,7 +232,6 @@ func (l *loader) load() error {
 	if err := in.c.Fire(in.ioCtx, spec.Incoming, "load", nil); err != nil {
 		return err
 	}
-	l.startPrefault(blocks)
 	return l.loop(dec)
 }
 
@@ -418,29 +419,38 @@ func (l *loader) sendRP(m stream.RPMessage) error {
 	return stream.WriteRP(l.conn, m)
 }
 
-func (l *loader) startPrefault(blocks []*guest.Block) {
-	if l.in.opts.NoPrefault {
+// startPrefault pre-faults guest RAM from the moment the destination
+// listens: in production the destination waits for its source, and the
+// faulting is done by the time pages arrive; otherwise it runs in parallel
+// with receiving. Pages the loader already wrote are simply skipped by the
+// kernel (MADV_POPULATE_WRITE only faults in what is missing).
+func (in *Incoming) startPrefault() {
+	in.pfDone = make(chan struct{})
+	if in.opts.NoPrefault {
+		close(in.pfDone)
 		return
 	}
-	ctx, cancel := context.WithCancel(l.in.ioCtx)
-	l.prefault = cancel
-	l.pfDone = make(chan struct{})
+	ctx, cancel := context.WithCancel(in.ioCtx)
+	in.pfCancel = cancel
 	go func() {
-		defer close(l.pfDone)
-		for _, b := range blocks {
-			if err := l.in.opts.Populate(ctx, b); err != nil {
+		defer close(in.pfDone)
+		for _, b := range in.g.Blocks() {
+			if err := in.opts.Populate(ctx, b); err != nil {
 				return // best effort: pages fault in as they land
 			}
 		}
 	}()
 }
 
+// Prefaulted is closed when pre-faulting guest RAM has finished (or was
+// stopped).
+func (in *Incoming) Prefaulted() <-chan struct{} { return in.pfDone }
+
 func (l *loader) stopPrefault() {
-	if l.prefault != nil {
-		l.prefault()
-		<-l.pfDone
-		l.prefault = nil
+	if l.in.pfCancel != nil {
+		l.in.pfCancel()
 	}
+	<-l.in.pfDone
 }
 
 func (l *loader) publish(force bool, dec *stream.Decoder) {
