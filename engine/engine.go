@@ -335,6 +335,7 @@ func (s *sender) switchover(cfg guards.Config) error {
 	if err := s.enc.Close(); err != nil {
 		return fmt.Errorf("finish the stream: %w", err)
 	}
+	tSent := time.Now()
 	s.stats.DowntimeBytes = s.enc.Stats().Bytes - b0
 	s.stats.Remaining = 0
 	if s.rp == nil {
@@ -351,6 +352,7 @@ func (s *sender) switchover(cfg guards.Config) error {
 			return err
 		}
 	}
+	m.log.Info("switchover", "final_bytes", s.stats.DowntimeBytes, "sent_after", tSent.Sub(tStop), "downtime", s.stats.Downtime)
 	if m.opts.Checksum != nil {
 		if sum, err := m.opts.Checksum(); err == nil {
 			s.stats.Checksum = sum
@@ -586,19 +588,27 @@ func (s *sender) between(sent int, since time.Time) error {
 	if st, _ := m.c.State(spec.Outgoing); st != "active" {
 		return fmt.Errorf("outgoing side left active (now %s)", st)
 	}
-	if limit := s.liveUint("max-bandwidth"); limit > 0 {
+	// Pace to max-bandwidth, re-reading it at least every 100 ms so a
+	// change applies at once (it is a live parameter).
+	for {
+		limit := s.liveUint("max-bandwidth")
+		if limit == 0 {
+			break
+		}
 		want := time.Duration(float64(sent) / float64(limit) * float64(time.Second))
-		if wait := want - time.Since(since); wait > 0 {
-			if err := s.enc.Flush(); err != nil {
-				return err
-			}
-			t := time.NewTimer(wait)
-			select {
-			case <-t.C:
-			case <-m.ioCtx.Done():
-				t.Stop()
-				return context.Cause(m.ioCtx)
-			}
+		wait := want - time.Since(since)
+		if wait <= 0 {
+			break
+		}
+		if err := s.enc.Flush(); err != nil {
+			return err
+		}
+		t := time.NewTimer(min(wait, 100*time.Millisecond))
+		select {
+		case <-t.C:
+		case <-m.ioCtx.Done():
+			t.Stop()
+			return context.Cause(m.ioCtx)
 		}
 	}
 	s.publish(false)

@@ -170,6 +170,9 @@ type loader struct {
 	loaded   bool // a page or device was written into the guest
 	zero     []byte
 	devs     map[string]guest.Device // by name + "\x00" + instance
+	// ackSwitchover: capability switchover-ack is on (read once, from the
+	// frozen configuration, so no record handler ever takes the lock).
+	ackSwitchover bool
 }
 
 func (l *loader) load() error {
@@ -231,6 +234,9 @@ func (l *loader) load() error {
 	}
 	if err := in.c.Fire(in.ioCtx, spec.Incoming, "load", nil); err != nil {
 		return err
+	}
+	if cfg, ok := in.c.Frozen(spec.Incoming); ok {
+		l.ackSwitchover = cfg.Caps["switchover-ack"]
 	}
 	return l.loop(dec)
 }
@@ -344,7 +350,7 @@ func (l *loader) apply(dec *stream.Decoder, rec stream.Record, locked bool) erro
 			// switchover-ack: no device of ours needs more time before
 			// switchover, so the destination allows it at once, as QEMU does
 			// when no device asks to delay it.
-			if cfg, ok := l.in.c.Frozen(spec.Incoming); l.rp && ok && cfg.Caps["switchover-ack"] {
+			if l.rp && l.ackSwitchover {
 				if err := l.sendRP(stream.NewSwitchoverAck()); err != nil {
 					return err
 				}

@@ -32,6 +32,7 @@ func newRoot() *cobra.Command {
 	}
 	root.PersistentFlags().String("spec", "", "state graph and rules to use (default: the built-in transitions.yaml)")
 	root.AddCommand(newValidate(), newDiagram(), newExplain(), newVersion(), newDemo(), newDemoDestination())
+	addQMPCommands(root)
 	return root
 }
 

@@ -1,0 +1,686 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"os"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
+
+	"github.com/migctl/migctl/guest"
+	"github.com/migctl/migctl/machine"
+	"github.com/migctl/migctl/qmp"
+)
+
+// addQMPCommands adds `migctl serve` (a QMP server hosting the built-in
+// guest) and the client commands that talk to it: incoming, migrate,
+// status, set-cap, set-param, cancel, events and qmp.
+func addQMPCommands(root *cobra.Command) {
+	root.AddCommand(qmpServeCmd(), qmpIncomingCmd(), qmpMigrateCmd(), qmpStatusCmd(),
+		qmpSetCapCmd(), qmpSetParamCmd(), qmpCancelCmd(), qmpEventsCmd(), qmpRawCmd())
+}
+
+// qmpDefaultGuest is the built-in guest `migctl serve` hosts by default.
+// Source and destination must be given the same size and seed.
+const qmpDefaultGuest = "size=256M,dirty-rate=16M,seed=1"
+
+func qmpServeCmd() *cobra.Command {
+	var addrs []string
+	var guestSpec string
+	var dest bool
+	cmd := &cobra.Command{
+		Use:   "serve --qmp unix:PATH [--qmp tcp:HOST:PORT] [--guest size=1G,dirty-rate=64M,seed=N] [--destination]",
+		Short: "Host the built-in guest and serve QMP, as a QEMU process does",
+		Long: "serve hosts the built-in guest and answers QMP (the QEMU Machine Protocol) on the given sockets, so that\n" +
+			"QMP clients (and migctl's own migrate, incoming, status... commands) drive its migrations.\n\n" +
+			"Without --destination the guest runs (a source). With --destination the guest is empty and waits for\n" +
+			"migrate-incoming (QEMU's -incoming defer). Source and destination need the same --guest size and seed.\n" +
+			"The unix socket is created with mode 0600; a TCP address must be loopback. serve runs until the QMP\n" +
+			"command quit, SIGINT or SIGTERM, and removes its sockets. It exits with status 1 when an incoming\n" +
+			"migration started with exit-on-error (the default) fails.\n\n" +
+			"--guest takes comma-separated KEY=VALUE: size (bytes, K/M/G suffixes), dirty-rate (bytes per second\n" +
+			"the guest rewrites), seed, writers, zero (fraction of zero pages). Default: " + qmpDefaultGuest + ".",
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if len(addrs) == 0 {
+				return errors.New("give at least one --qmp unix:PATH or --qmp tcp:127.0.0.1:PORT to serve on")
+			}
+			cfg, err := qmpParseGuest(guestSpec)
+			if err != nil {
+				return err
+			}
+			return qmpRunServe(cmd, addrs, cfg, dest)
+		},
+	}
+	cmd.Flags().StringArrayVar(&addrs, "qmp", nil, "QMP address to serve on: unix:PATH or tcp:HOST:PORT (repeatable)")
+	cmd.Flags().StringVar(&guestSpec, "guest", qmpDefaultGuest, "built-in guest: size=…,dirty-rate=…,seed=…[,writers=…][,zero=…]")
+	cmd.Flags().BoolVar(&dest, "destination", false, "host an empty guest that waits for an incoming migration")
+	return cmd
+}
+
+func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest bool) error {
+	s, err := loadSpec(cmd, nil)
+	if err != nil {
+		printSpecErrors(cmd.ErrOrStderr(), err)
+		return &exitError{code: 1}
+	}
+	var g *guest.Builtin
+	if dest {
+		g, err = guest.NewDestination(cfg)
+	} else {
+		g, err = guest.New(cfg)
+	}
+	if err != nil {
+		return err
+	}
+	defer g.Close()
+	log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: slog.LevelWarn}))
+	c, err := machine.New(s, machine.Options{Facts: map[string]string{"page-size": strconv.Itoa(guest.PageSize), "guest": g.ID()}})
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if !dest {
+		if err := g.Start(); err != nil {
+			return err
+		}
+	}
+	exitCh := make(chan error, 1)
+	h := qmp.NewGuestHost(c, g, qmp.HostOptions{
+		Destination: dest,
+		Exit: func(err error) {
+			select {
+			case exitCh <- err:
+			default:
+			}
+		},
+		Logger: log,
+	})
+	defer h.Close()
+	srv := qmp.NewServer(c, h, qmp.Options{Logger: log})
+	defer srv.Close()
+	for _, a := range addrs {
+		addr, err := srv.Listen(a)
+		if err != nil {
+			return err
+		}
+		shown := a
+		if strings.HasPrefix(a, "tcp:") {
+			shown = "tcp:" + addr.String()
+		}
+		role := "source guest running"
+		if dest {
+			role = "destination guest waiting for migrate-incoming"
+		}
+		fmt.Fprintf(cmd.OutOrStdout(), "serving QMP on %s (%s)\n", shown, role)
+	}
+	ctx := cmd.Context()
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	select {
+	case <-srv.Done():
+		return nil
+	case <-ctx.Done():
+		return nil
+	case err := <-exitCh:
+		fmt.Fprintln(cmd.ErrOrStderr(), "migctl serve:", err)
+		return &exitError{code: 1}
+	}
+}
+
+// qmpParseGuest parses --guest.
+func qmpParseGuest(s string) (guest.Config, error) {
+	cfg := guest.Config{}
+	for _, kv := range strings.Split(s, ",") {
+		if kv == "" {
+			continue
+		}
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok {
+			return cfg, fmt.Errorf("--guest %q: want KEY=VALUE pairs such as size=1G,dirty-rate=64M,seed=1", kv)
+		}
+		var err error
+		switch k {
+		case "size":
+			var n uint64
+			n, err = qmpParseSize(v)
+			cfg.Size = int64(min(n, math.MaxInt64))
+		case "dirty-rate":
+			var n uint64
+			n, err = qmpParseSize(v)
+			cfg.DirtyRate = int64(min(n, math.MaxInt64))
+		case "seed":
+			cfg.Seed, err = strconv.ParseUint(v, 0, 64)
+		case "writers":
+			cfg.Writers, err = strconv.Atoi(v)
+		case "zero":
+			cfg.ZeroFraction, err = strconv.ParseFloat(v, 64)
+		default:
+			return cfg, fmt.Errorf("--guest: unknown key %q; use size, dirty-rate, seed, writers or zero", k)
+		}
+		if err != nil {
+			return cfg, fmt.Errorf("--guest %s=%s: %v", k, v, err)
+		}
+	}
+	if cfg.Size == 0 {
+		return cfg, errors.New("--guest: size is required (e.g. size=256M)")
+	}
+	return cfg, nil
+}
+
+// qmpParseSize parses a byte count with an optional K, M, G or T suffix
+// (powers of 1024, optional "iB"/"B").
+func qmpParseSize(s string) (uint64, error) {
+	t := strings.ToUpper(strings.TrimSpace(s))
+	t = strings.TrimSuffix(strings.TrimSuffix(t, "IB"), "B")
+	mult := uint64(1)
+	if n := len(t); n > 0 {
+		switch t[n-1] {
+		case 'K':
+			mult = 1 << 10
+		case 'M':
+			mult = 1 << 20
+		case 'G':
+			mult = 1 << 30
+		case 'T':
+			mult = 1 << 40
+		}
+		if mult > 1 {
+			t = t[:n-1]
+		}
+	}
+	n, err := strconv.ParseUint(t, 0, 64)
+	if err != nil {
+		return 0, fmt.Errorf("want a byte count such as 4096, 64M or 1G, got %q", s)
+	}
+	if n > math.MaxUint64/mult {
+		return 0, fmt.Errorf("%q is too large", s)
+	}
+	return n * mult, nil
+}
+
+// qmpSocketFlag adds -s/--socket to a client command.
+func qmpSocketFlag(cmd *cobra.Command) *string {
+	var sock string
+	cmd.Flags().StringVarP(&sock, "socket", "s", os.Getenv("MIGCTL_SOCKET"),
+		"QMP socket of `migctl serve`: PATH, unix:PATH or tcp:HOST:PORT (default $MIGCTL_SOCKET)")
+	return &sock
+}
+
+// qmpConnect dials the server for a client command.
+func qmpConnect(cmd *cobra.Command, sock string) (*qmp.Client, context.Context, error) {
+	ctx := cmd.Context()
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	if sock == "" {
+		return nil, ctx, errors.New("give the QMP socket of `migctl serve` with -s PATH (or set MIGCTL_SOCKET)")
+	}
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	cl, err := qmp.DialAddr(dctx, sock)
+	return cl, ctx, err
+}
+
+// qmpFail prints a server's error as the server gave it and turns any
+// error into exit status 1.
+func qmpFail(cmd *cobra.Command, err error) error {
+	var qe *qmp.Error
+	if errors.As(err, &qe) {
+		fmt.Fprintln(cmd.ErrOrStderr(), qe.Desc)
+		return &exitError{code: 1}
+	}
+	return err
+}
+
+// qmpClientCmd builds a client command: it connects, runs fn, and reports
+// a QMP error as the server gave it.
+func qmpClientCmd(use, short, long string, args cobra.PositionalArgs, fn func(cmd *cobra.Command, ctx context.Context, cl *qmp.Client, args []string) error) *cobra.Command {
+	var sock *string
+	cmd := &cobra.Command{
+		Use:   use,
+		Short: short,
+		Long:  long,
+		Args:  args,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, ctx, err := qmpConnect(cmd, *sock)
+			if err != nil {
+				return err
+			}
+			defer cl.Close()
+			return qmpFail(cmd, fn(cmd, ctx, cl, args))
+		},
+	}
+	sock = qmpSocketFlag(cmd)
+	return cmd
+}
+
+func qmpIncomingCmd() *cobra.Command {
+	var exitOnError bool
+	cmd := qmpClientCmd("incoming URI", "Make a destination listen for an incoming migration (QMP migrate-incoming)",
+		"incoming sends migrate-incoming to a `migctl serve --destination`. URI is tcp:HOST:PORT (port 0 picks a\n"+
+			"free one: see `migctl status`), unix:PATH, file:PATH, exec:CMD or fd:N. With --exit-on-error (the\n"+
+			"default, as in QEMU) the destination process exits if the migration fails.",
+		cobra.ExactArgs(1),
+		func(cmd *cobra.Command, ctx context.Context, cl *qmp.Client, args []string) error {
+			if _, err := cl.Execute(ctx, "migrate-incoming", map[string]any{"uri": args[0], "exit-on-error": exitOnError}); err != nil {
+				return err
+			}
+			info, err := qmpQueryMigrate(ctx, cl)
+			if err != nil {
+				return err
+			}
+			for _, sa := range info.SocketAddress {
+				fmt.Fprintf(cmd.OutOrStdout(), "listening on %s\n", sa.URI())
+			}
+			if len(info.SocketAddress) == 0 {
+				fmt.Fprintf(cmd.OutOrStdout(), "listening on %s\n", args[0])
+			}
+			return nil
+		})
+	cmd.Flags().BoolVar(&exitOnError, "exit-on-error", true, "end the destination process if the incoming migration fails")
+	return cmd
+}
+
+func qmpQueryMigrate(ctx context.Context, cl *qmp.Client) (qmp.MigrationInfo, error) {
+	var info qmp.MigrationInfo
+	raw, err := cl.Execute(ctx, "query-migrate", nil)
+	if err != nil {
+		return info, err
+	}
+	err = json.Unmarshal(raw, &info)
+	return info, err
+}
+
+func qmpMigrateCmd() *cobra.Command {
+	var capArgs, paramArgs []string
+	var noWait bool
+	cmd := qmpClientCmd("migrate URI [--cap NAME=on|off]... [--param NAME=VALUE]... [--no-wait]",
+		"Start a migration on a source (QMP migrate) and follow it to the end",
+		"migrate sets the given capabilities and parameters, sends migrate to a `migctl serve`, then prints\n"+
+			"progress (sent, remaining, rate, pass, expected downtime) until the migration ends. Exit status 0\n"+
+			"only when it completed; 1 when it failed or was cancelled (the error is printed). --no-wait returns\n"+
+			"once the migration started.",
+		cobra.ExactArgs(1),
+		func(cmd *cobra.Command, ctx context.Context, cl *qmp.Client, args []string) error {
+			if len(capArgs) > 0 {
+				c, err := qmpCapsArgs(capArgs)
+				if err != nil {
+					return err
+				}
+				if _, err := cl.Execute(ctx, "migrate-set-capabilities", c); err != nil {
+					return err
+				}
+			}
+			if len(paramArgs) > 0 {
+				p, err := qmpTypedParams(ctx, cl, paramArgs)
+				if err != nil {
+					return err
+				}
+				if _, err := cl.Execute(ctx, "migrate-set-parameters", p); err != nil {
+					return err
+				}
+			}
+			if _, err := cl.Execute(ctx, "migrate", map[string]any{"uri": args[0]}); err != nil {
+				return err
+			}
+			if noWait {
+				fmt.Fprintf(cmd.OutOrStdout(), "migration to %s started\n", args[0])
+				return nil
+			}
+			return qmpFollow(cmd, ctx, cl)
+		})
+	cmd.Flags().StringArrayVar(&capArgs, "cap", nil, "set a capability first: NAME=on|off (repeatable)")
+	cmd.Flags().StringArrayVar(&paramArgs, "param", nil, "set a parameter first: NAME=VALUE (repeatable; sizes take K/M/G)")
+	cmd.Flags().BoolVar(&noWait, "no-wait", false, "return once the migration started")
+	return cmd
+}
+
+// qmpFollow polls query-migrate and prints progress until the migration
+// ends: one line rewritten in place on a terminal, a line a second
+// otherwise.
+func qmpFollow(cmd *cobra.Command, ctx context.Context, cl *qmp.Client) error {
+	out := cmd.OutOrStdout()
+	tty := qmpIsTTY(out)
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	var lastPrint time.Time
+	lastStatus := ""
+	for {
+		info, err := qmpQueryMigrate(ctx, cl)
+		if err != nil {
+			if tty {
+				fmt.Fprintln(out)
+			}
+			return err
+		}
+		line := qmpProgressLine(info)
+		switch {
+		case tty:
+			fmt.Fprintf(out, "\r%s\033[K", line)
+		case info.Status != lastStatus || time.Since(lastPrint) >= time.Second:
+			fmt.Fprintln(out, line)
+			lastPrint = time.Now()
+		}
+		lastStatus = info.Status
+		switch info.Status {
+		case "completed":
+			if tty {
+				fmt.Fprintln(out)
+			}
+			return nil
+		case "failed", "cancelled":
+			if tty {
+				fmt.Fprintln(out)
+			}
+			msg := "migration " + info.Status
+			if info.ErrorDesc != "" {
+				msg += ": " + info.ErrorDesc
+			}
+			fmt.Fprintln(cmd.ErrOrStderr(), msg)
+			return &exitError{code: 1}
+		}
+		select {
+		case <-tick.C:
+		case <-ctx.Done():
+			if tty {
+				fmt.Fprintln(out)
+			}
+			fmt.Fprintln(cmd.ErrOrStderr(), "stopped following; the migration goes on (see `migctl status`, stop it with `migctl cancel`)")
+			return &exitError{code: 1}
+		case <-cl.Done():
+			return fmt.Errorf("lost the QMP connection: %w", cl.Err())
+		}
+	}
+}
+
+func qmpProgressLine(info qmp.MigrationInfo) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%-10s", info.Status)
+	if r := info.RAM; r != nil {
+		fmt.Fprintf(&b, " sent %s  remaining %s  rate %.1f Mbps  pass %d", qmpBytes(r.Transferred), qmpBytes(r.Remaining), r.Mbps, r.DirtySyncCount)
+	}
+	if info.ExpectedDowntime != nil {
+		fmt.Fprintf(&b, "  expected downtime %d ms", *info.ExpectedDowntime)
+	}
+	if info.Downtime != nil {
+		fmt.Fprintf(&b, "  downtime %d ms", *info.Downtime)
+	}
+	if info.TotalTime != nil {
+		fmt.Fprintf(&b, "  total %.1f s", float64(*info.TotalTime)/1000)
+	}
+	return b.String()
+}
+
+func qmpBytes(n uint64) string {
+	switch {
+	case n >= 1<<30:
+		return fmt.Sprintf("%.2f GiB", float64(n)/(1<<30))
+	case n >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	case n >= 1<<10:
+		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
+	}
+	return fmt.Sprintf("%d B", n)
+}
+
+func qmpIsTTY(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
+}
+
+// qmpCapsArgs turns NAME=on|off into migrate-set-capabilities arguments.
+func qmpCapsArgs(kvs []string) (map[string]any, error) {
+	var list []map[string]any
+	for _, kv := range kvs {
+		name, val, ok := strings.Cut(kv, "=")
+		if !ok {
+			val = "on"
+		}
+		var state bool
+		switch strings.ToLower(val) {
+		case "on", "true", "yes", "1":
+			state = true
+		case "off", "false", "no", "0":
+		default:
+			return nil, fmt.Errorf("capability %s: want on or off, got %q", name, val)
+		}
+		list = append(list, map[string]any{"capability": name, "state": state})
+	}
+	return map[string]any{"capabilities": list}, nil
+}
+
+// qmpTypedParams turns NAME=VALUE into migrate-set-parameters arguments
+// with the JSON types the server expects, learnt from
+// query-migrate-parameters (numbers take K/M/G suffixes). Unknown names
+// are sent as strings for the server to refuse.
+func qmpTypedParams(ctx context.Context, cl *qmp.Client, kvs []string) (map[string]any, error) {
+	raw, err := cl.Execute(ctx, "query-migrate-parameters", nil)
+	if err != nil {
+		return nil, err
+	}
+	var cur map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &cur); err != nil {
+		return nil, err
+	}
+	out := map[string]any{}
+	for _, kv := range kvs {
+		name, val, ok := strings.Cut(kv, "=")
+		if !ok {
+			return nil, fmt.Errorf("parameter %q: want NAME=VALUE", kv)
+		}
+		r, known := cur[name]
+		var kind byte
+		if known && len(r) > 0 {
+			kind = r[0]
+		}
+		switch {
+		case name == "block-bitmap-mapping":
+			if !json.Valid([]byte(val)) {
+				return nil, fmt.Errorf("parameter %s: want its JSON list of node aliases", name)
+			}
+			out[name] = json.RawMessage(val)
+		case kind == 't' || kind == 'f':
+			switch strings.ToLower(val) {
+			case "on", "true", "yes", "1":
+				out[name] = true
+			case "off", "false", "no", "0":
+				out[name] = false
+			default:
+				return nil, fmt.Errorf("parameter %s: want on or off, got %q", name, val)
+			}
+		case kind >= '0' && kind <= '9':
+			n, err := qmpParseSize(val)
+			if err != nil {
+				return nil, fmt.Errorf("parameter %s: %v", name, err)
+			}
+			out[name] = n
+		case kind == '[':
+			out[name] = strings.Fields(val)
+		default:
+			out[name] = val
+		}
+	}
+	return out, nil
+}
+
+func qmpStatusCmd() *cobra.Command {
+	var format string
+	cmd := qmpClientCmd("status [-o json]", "Show the migration's state and statistics (QMP query-migrate)",
+		"status prints query-migrate as a table, or with -o json as the server returned it.",
+		cobra.NoArgs,
+		func(cmd *cobra.Command, ctx context.Context, cl *qmp.Client, _ []string) error {
+			raw, err := cl.Execute(ctx, "query-migrate", nil)
+			if err != nil {
+				return err
+			}
+			switch format {
+			case "json":
+				var v any
+				if err := json.Unmarshal(raw, &v); err != nil {
+					return err
+				}
+				b, _ := json.MarshalIndent(v, "", "  ")
+				fmt.Fprintln(cmd.OutOrStdout(), string(b))
+				return nil
+			case "", "table":
+			default:
+				return fmt.Errorf("-o %q: want table or json", format)
+			}
+			var info qmp.MigrationInfo
+			if err := json.Unmarshal(raw, &info); err != nil {
+				return err
+			}
+			var rs qmp.RunState
+			if r, err := cl.Execute(ctx, "query-status", nil); err == nil {
+				_ = json.Unmarshal(r, &rs)
+			}
+			qmpPrintStatus(cmd.OutOrStdout(), info, rs)
+			return nil
+		})
+	cmd.Flags().StringVarP(&format, "output", "o", "table", "output format: table or json")
+	return cmd
+}
+
+func qmpPrintStatus(w io.Writer, info qmp.MigrationInfo, rs qmp.RunState) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	defer tw.Flush()
+	status := info.Status
+	if status == "" {
+		status = "none (no migration has run)"
+	}
+	fmt.Fprintf(tw, "status\t%s\n", status)
+	if rs.Status != "" {
+		fmt.Fprintf(tw, "guest\t%s\n", rs.Status)
+	}
+	for _, sa := range info.SocketAddress {
+		fmt.Fprintf(tw, "listening on\t%s\n", sa.URI())
+	}
+	msField := func(name string, v *int64) {
+		if v != nil {
+			fmt.Fprintf(tw, "%s\t%d ms\n", name, *v)
+		}
+	}
+	msField("total time", info.TotalTime)
+	msField("setup time", info.SetupTime)
+	msField("expected downtime", info.ExpectedDowntime)
+	msField("downtime", info.Downtime)
+	if r := info.RAM; r != nil {
+		fmt.Fprintf(tw, "transferred\t%s\n", qmpBytes(r.Transferred))
+		fmt.Fprintf(tw, "remaining\t%s\n", qmpBytes(r.Remaining))
+		fmt.Fprintf(tw, "total\t%s\n", qmpBytes(r.Total))
+		fmt.Fprintf(tw, "throughput\t%.1f Mbps\n", r.Mbps)
+		fmt.Fprintf(tw, "pass (dirty-sync-count)\t%d\n", r.DirtySyncCount)
+		fmt.Fprintf(tw, "pages: normal / zero\t%d / %d\n", r.Normal, r.Duplicate)
+		fmt.Fprintf(tw, "dirty pages rate\t%d pages/s\n", r.DirtyPagesRate)
+	}
+	if info.ErrorDesc != "" {
+		fmt.Fprintf(tw, "error\t%s\n", info.ErrorDesc)
+	}
+}
+
+func qmpSetCapCmd() *cobra.Command {
+	cmd := qmpClientCmd("set-cap NAME=on|off...", "Set migration capabilities, all or nothing (QMP migrate-set-capabilities)",
+		"set-cap switches capabilities on or off in one migrate-set-capabilities: either all change or none.",
+		cobra.MinimumNArgs(1),
+		func(cmd *cobra.Command, ctx context.Context, cl *qmp.Client, args []string) error {
+			c, err := qmpCapsArgs(args)
+			if err != nil {
+				return err
+			}
+			_, err = cl.Execute(ctx, "migrate-set-capabilities", c)
+			return err
+		})
+	return cmd
+}
+
+func qmpSetParamCmd() *cobra.Command {
+	cmd := qmpClientCmd("set-param NAME=VALUE...", "Set migration parameters, all or nothing (QMP migrate-set-parameters)",
+		"set-param sets parameters in one migrate-set-parameters: either all change or none. Sizes take K/M/G.",
+		cobra.MinimumNArgs(1),
+		func(cmd *cobra.Command, ctx context.Context, cl *qmp.Client, args []string) error {
+			p, err := qmpTypedParams(ctx, cl, args)
+			if err != nil {
+				return err
+			}
+			_, err = cl.Execute(ctx, "migrate-set-parameters", p)
+			return err
+		})
+	return cmd
+}
+
+func qmpCancelCmd() *cobra.Command {
+	cmd := qmpClientCmd("cancel", "Cancel the running migration (QMP migrate_cancel)",
+		"cancel sends migrate_cancel: the source's migration is cancelled and its guest keeps running; a\n"+
+			"destination still waiting for its source stops listening. Harmless when nothing runs.",
+		cobra.NoArgs,
+		func(cmd *cobra.Command, ctx context.Context, cl *qmp.Client, _ []string) error {
+			_, err := cl.Execute(ctx, "migrate_cancel", nil)
+			return err
+		})
+	return cmd
+}
+
+func qmpEventsCmd() *cobra.Command {
+	cmd := qmpClientCmd("events", "Print QMP events as JSON lines until interrupted",
+		"events prints every event (MIGRATION, MIGRATION_PASS) the server sends, one JSON object per line,\n"+
+			"until interrupted or the server goes away. Events are sent only while the capability events is on\n"+
+			"(`migctl set-cap events=on`).",
+		cobra.NoArgs,
+		func(cmd *cobra.Command, ctx context.Context, cl *qmp.Client, _ []string) error {
+			out := cmd.OutOrStdout()
+			// On stderr, so that stdout stays JSON lines: from here on no
+			// event is missed.
+			fmt.Fprintln(cmd.ErrOrStderr(), "migctl events: connected; printing events until interrupted")
+			for {
+				select {
+				case ev, ok := <-cl.Events():
+					if !ok {
+						return fmt.Errorf("the QMP connection ended: %w", cl.Err())
+					}
+					b, _ := json.Marshal(ev)
+					fmt.Fprintln(out, string(b))
+				case <-ctx.Done():
+					return nil
+				}
+			}
+		})
+	return cmd
+}
+
+func qmpRawCmd() *cobra.Command {
+	cmd := qmpClientCmd(`qmp '{"execute":…}'`, "Send one raw QMP request and print the reply",
+		"qmp sends the JSON request as given (after capabilities negotiation) and prints the server's reply\n"+
+			"line. Exit status 1 when the reply is an error.",
+		cobra.ExactArgs(1),
+		func(cmd *cobra.Command, ctx context.Context, cl *qmp.Client, args []string) error {
+			line, err := cl.Raw(ctx, []byte(args[0]))
+			if err != nil {
+				return err
+			}
+			fmt.Fprintln(cmd.OutOrStdout(), string(line))
+			var r struct {
+				Error *qmp.Error `json:"error"`
+			}
+			if json.Unmarshal(line, &r) == nil && r.Error != nil {
+				return &exitError{code: 1}
+			}
+			return nil
+		})
+	return cmd
+}

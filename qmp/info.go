@@ -1,0 +1,170 @@
+package qmp
+
+import (
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/migctl/migctl/machine"
+	"github.com/migctl/migctl/spec"
+	"github.com/migctl/migctl/transport"
+)
+
+// MigrationInfo is query-migrate's result, with QEMU's member names. Only
+// the members QEMU would fill for the current states are set; before any
+// migration it is {}.
+type MigrationInfo struct {
+	Status           string          `json:"status,omitempty"`
+	RAM              *MigrationStats `json:"ram,omitempty"`
+	TotalTime        *int64          `json:"total-time,omitempty"`
+	ExpectedDowntime *int64          `json:"expected-downtime,omitempty"`
+	Downtime         *int64          `json:"downtime,omitempty"`
+	SetupTime        *int64          `json:"setup-time,omitempty"`
+	ErrorDesc        string          `json:"error-desc,omitempty"`
+	// SocketAddress lists the addresses a destination listens on (with the
+	// real port of a tcp:…:0 listener).
+	SocketAddress []SocketAddress `json:"socket-address,omitempty"`
+}
+
+// MigrationStats is MigrationInfo's ram member (QEMU's MigrationStats).
+type MigrationStats struct {
+	Transferred             uint64  `json:"transferred"`
+	Remaining               uint64  `json:"remaining"`
+	Total                   uint64  `json:"total"`
+	Duplicate               uint64  `json:"duplicate"`
+	Normal                  uint64  `json:"normal"`
+	NormalBytes             uint64  `json:"normal-bytes"`
+	DirtyPagesRate          uint64  `json:"dirty-pages-rate"`
+	Mbps                    float64 `json:"mbps"`
+	DirtySyncCount          uint64  `json:"dirty-sync-count"`
+	PostcopyRequests        uint64  `json:"postcopy-requests"`
+	PageSize                uint64  `json:"page-size"`
+	MultifdBytes            uint64  `json:"multifd-bytes"`
+	PagesPerSecond          uint64  `json:"pages-per-second"`
+	PrecopyBytes            uint64  `json:"precopy-bytes"`
+	DowntimeBytes           uint64  `json:"downtime-bytes"`
+	PostcopyBytes           uint64  `json:"postcopy-bytes"`
+	DirtySyncMissedZeroCopy uint64  `json:"dirty-sync-missed-zero-copy"`
+}
+
+// SocketAddress is QEMU's SocketAddress (flat union on type).
+type SocketAddress struct {
+	Type string `json:"type"`
+	Host string `json:"host,omitempty"`
+	Port string `json:"port,omitempty"`
+	Path string `json:"path,omitempty"`
+	CID  string `json:"cid,omitempty"`
+	Str  string `json:"str,omitempty"`
+}
+
+// MigrationStatus returns QEMU's MigrationStatus for a side's machine
+// state. The destination's listening and connected (migctl's finer steps
+// of QEMU's setup) are both "setup"; every other state has QEMU's name.
+func MigrationStatus(side, state string) string {
+	if side == spec.Incoming && (state == "listening" || state == "connected") {
+		return "setup"
+	}
+	return state
+}
+
+func ms(d time.Duration) *int64 {
+	v := d.Milliseconds()
+	return &v
+}
+
+func ramInfo(st machine.Stats) *MigrationStats {
+	return &MigrationStats{
+		Transferred:    st.Transferred,
+		Remaining:      st.Remaining,
+		Total:          st.Total,
+		Duplicate:      st.Duplicate,
+		Normal:         st.Normal,
+		NormalBytes:    st.NormalBytes,
+		DirtyPagesRate: st.DirtyPagesRate,
+		Mbps:           st.Mbps,
+		DirtySyncCount: st.DirtySyncCount,
+		PageSize:       st.PageSize,
+		PagesPerSecond: st.PagesPerSecond,
+		PrecopyBytes:   st.PrecopyBytes,
+		DowntimeBytes:  st.DowntimeBytes,
+	}
+}
+
+// migrationInfo builds query-migrate's answer from both sides' status the
+// way QEMU's qmp_query_migrate does: the destination is filled first, then
+// the source overrides it unless the source never started a migration.
+func migrationInfo(in, out machine.Status, now time.Time) *MigrationInfo {
+	info := &MigrationInfo{}
+	// Destination (fill_destination_migration_info).
+	if in.Endpoint != nil && !in.Terminal {
+		if sa, ok := socketAddress(in.Endpoint.URI); ok {
+			info.SocketAddress = []SocketAddress{sa}
+		}
+	}
+	if in.State != "none" {
+		info.Status = MigrationStatus(spec.Incoming, in.State)
+		info.ErrorDesc = in.Error
+	}
+	// Source (fill_source_migration_info).
+	switch out.State {
+	case "none":
+		return info
+	case "setup", "failed", "failing", "cancelled":
+		// status (and the error) only
+	default: // active, pre-switchover, device, cancelling, postcopy-*, completed
+		info.SetupTime = ms(out.Stats.SetupTime)
+		if out.State == "completed" {
+			info.TotalTime = ms(out.Stats.TotalTime)
+		} else if !out.Started.IsZero() {
+			info.TotalTime = ms(now.Sub(out.Started))
+		} else {
+			info.TotalTime = ms(out.Stats.TotalTime)
+		}
+		if out.State == "completed" || strings.HasPrefix(out.State, "postcopy-") {
+			info.Downtime = ms(out.Stats.Downtime)
+		} else {
+			info.ExpectedDowntime = ms(out.Stats.ExpectedDowntime)
+		}
+		info.RAM = ramInfo(out.Stats)
+	}
+	info.Status = MigrationStatus(spec.Outgoing, out.State)
+	if out.Error != "" {
+		info.ErrorDesc = out.Error
+	}
+	return info
+}
+
+// socketAddress converts a listening endpoint's URI to QEMU's
+// SocketAddress; ok is false for transports that are not sockets.
+func socketAddress(uri string) (SocketAddress, bool) {
+	a, err := transport.Parse(uri)
+	if err != nil {
+		return SocketAddress{}, false
+	}
+	switch a.Scheme {
+	case transport.SchemeTCP:
+		return SocketAddress{Type: "inet", Host: a.Host, Port: strconv.Itoa(a.Port)}, true
+	case transport.SchemeUnix:
+		return SocketAddress{Type: "unix", Path: a.Path}, true
+	case transport.SchemeVsock:
+		return SocketAddress{Type: "vsock", CID: strconv.FormatUint(uint64(a.CID), 10), Port: strconv.Itoa(a.Port)}, true
+	}
+	return SocketAddress{}, false
+}
+
+// URI returns the address as a migration URI (tcp:HOST:PORT, unix:PATH,
+// vsock:CID:PORT), or "" for a type without one.
+func (sa SocketAddress) URI() string {
+	switch sa.Type {
+	case "inet":
+		if strings.Contains(sa.Host, ":") {
+			return "tcp:[" + sa.Host + "]:" + sa.Port
+		}
+		return "tcp:" + sa.Host + ":" + sa.Port
+	case "unix":
+		return "unix:" + sa.Path
+	case "vsock":
+		return "vsock:" + sa.CID + ":" + sa.Port
+	}
+	return ""
+}

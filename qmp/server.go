@@ -1,0 +1,595 @@
+package qmp
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/migctl/migctl/machine"
+	"github.com/migctl/migctl/spec"
+)
+
+// Options tune a Server. The zero value is usable.
+type Options struct {
+	// Package is the greeting's version.package (default "migctl").
+	Package string
+	// MaxRequest bounds one request in bytes (default DefaultMaxRequest).
+	MaxRequest int
+	// MaxClients bounds the clients connected at once (default 256); one
+	// more is told so and disconnected.
+	MaxClients int
+	// QueueLen is each client's outgoing message queue (default 256). A
+	// client whose queue is full when an event arrives is dropped.
+	QueueLen int
+	// WriteTimeout bounds one write to a client (default 10 s); a client
+	// that does not read for that long is dropped.
+	WriteTimeout time.Duration
+	// Logger receives connection and error lines (default: discard).
+	Logger *slog.Logger
+}
+
+// Server serves QMP for one controller and host. Create it with NewServer,
+// add listeners with Listen (or hand it connections with ServeConn), and
+// Close it when done.
+type Server struct {
+	c    *machine.Controller
+	h    Host
+	opts Options
+	log  *slog.Logger
+	ctx  context.Context // cancelled by Close; commands run with it
+	stop context.CancelFunc
+	sub  *machine.Subscription
+
+	// mu guards the fields below; never held while calling the controller
+	// or the host, nor while writing to a connection.
+	mu        sync.Mutex
+	listeners []*listener
+	clients   map[*client]struct{}
+	closed    bool
+
+	quitOnce sync.Once
+	quit     chan struct{} // closed by the quit command
+	wg       sync.WaitGroup
+}
+
+// NewServer returns a server for c and h and starts turning the
+// controller's events into QMP events. It does not listen yet.
+func NewServer(c *machine.Controller, h Host, opts Options) *Server {
+	if opts.Package == "" {
+		opts.Package = "migctl"
+	}
+	if opts.MaxRequest <= 0 {
+		opts.MaxRequest = DefaultMaxRequest
+	}
+	if opts.MaxClients <= 0 {
+		opts.MaxClients = 256
+	}
+	if opts.QueueLen <= 0 {
+		opts.QueueLen = 256
+	}
+	if opts.WriteTimeout <= 0 {
+		opts.WriteTimeout = 10 * time.Second
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	s := &Server{c: c, h: h, opts: opts, log: opts.Logger, clients: map[*client]struct{}{}, quit: make(chan struct{})}
+	s.ctx, s.stop = context.WithCancel(context.Background())
+	// Read the starting point before subscribing: a change in between
+	// then shows up as an event rather than being lost.
+	last := map[string]string{}
+	for _, side := range spec.SideNames {
+		st, _ := c.State(side)
+		last[side] = MigrationStatus(side, st)
+	}
+	eventsOn := c.Config().Caps["events"]
+	s.sub = c.Subscribe(1024)
+	s.wg.Add(1)
+	go s.events(last, eventsOn)
+	return s
+}
+
+// Done is closed when a client sent quit. The owner then calls Close.
+func (s *Server) Done() <-chan struct{} { return s.quit }
+
+// listener is one socket the server accepts on.
+type listener struct {
+	ln     net.Listener
+	unix   *socketFile // nil for TCP
+	closed atomic.Bool
+}
+
+// Listen opens a listener and starts accepting on it. addr is
+// unix:PATH (the socket file is created with mode 0600; a stale file left
+// by a dead server is replaced; Close removes it) or tcp:HOST:PORT, where
+// HOST must be a loopback address since QMP has no authentication (port 0
+// picks a free port: see the returned address).
+func (s *Server) Listen(addr string) (net.Addr, error) {
+	scheme, rest, ok := strings.Cut(addr, ":")
+	if !ok {
+		return nil, fmt.Errorf("QMP address %q: want unix:PATH or tcp:HOST:PORT", addr)
+	}
+	l := &listener{}
+	switch scheme {
+	case "unix":
+		ln, f, err := listenUnix(rest)
+		if err != nil {
+			return nil, err
+		}
+		l.ln, l.unix = ln, f
+	case "tcp":
+		host, _, err := net.SplitHostPort(rest)
+		if err != nil {
+			return nil, fmt.Errorf("QMP address %q: %w", addr, err)
+		}
+		if !isLoopback(host) {
+			return nil, fmt.Errorf("QMP address %q: QMP has no authentication; listen on a loopback address (127.0.0.1, ::1 or localhost) and tunnel it if you need it elsewhere", addr)
+		}
+		ln, err := net.Listen("tcp", rest)
+		if err != nil {
+			return nil, err
+		}
+		l.ln = ln
+	default:
+		return nil, fmt.Errorf("QMP address %q: unknown scheme %q; want unix:PATH or tcp:HOST:PORT", addr, scheme)
+	}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		l.close()
+		return nil, ErrServerClosed
+	}
+	s.listeners = append(s.listeners, l)
+	s.wg.Add(1)
+	s.mu.Unlock()
+	go s.accept(l)
+	return l.ln.Addr(), nil
+}
+
+// ErrServerClosed is returned by Listen after Close.
+var ErrServerClosed = errors.New("qmp: server closed")
+
+// Addrs returns the addresses the server listens on.
+func (s *Server) Addrs() []net.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]net.Addr, len(s.listeners))
+	for i, l := range s.listeners {
+		out[i] = l.ln.Addr()
+	}
+	return out
+}
+
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+func (l *listener) close() {
+	if l.closed.Swap(true) {
+		return
+	}
+	l.ln.Close()
+	if l.unix != nil {
+		l.unix.remove()
+	}
+}
+
+func (s *Server) accept(l *listener) {
+	defer s.wg.Done()
+	backoff := 5 * time.Millisecond
+	for {
+		conn, err := l.ln.Accept()
+		if err != nil {
+			if l.closed.Load() || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			s.log.Warn("qmp accept", "err", err)
+			t := time.NewTimer(backoff)
+			select {
+			case <-t.C:
+			case <-s.ctx.Done():
+				t.Stop()
+				return
+			}
+			backoff = min(2*backoff, time.Second)
+			continue
+		}
+		backoff = 5 * time.Millisecond
+		s.ServeConn(conn)
+	}
+}
+
+// ServeConn serves one already connected client (for example one end of
+// a socketpair) until it disconnects or the server closes. It returns at
+// once; the server owns conn from here on.
+func (s *Server) ServeConn(conn net.Conn) {
+	cl := &client{s: s, conn: conn, out: make(chan []byte, s.opts.QueueLen), done: make(chan struct{})}
+	s.mu.Lock()
+	switch {
+	case s.closed:
+		s.mu.Unlock()
+		conn.Close()
+		return
+	case len(s.clients) >= s.opts.MaxClients:
+		s.mu.Unlock()
+		_ = conn.SetWriteDeadline(time.Now().Add(time.Second))
+		_, _ = conn.Write(encodeError(genericf("too many QMP clients (limit %d); close another connection and retry", s.opts.MaxClients), nil))
+		conn.Close()
+		return
+	}
+	s.clients[cl] = struct{}{}
+	s.wg.Add(2)
+	s.mu.Unlock()
+	go cl.writer()
+	go cl.reader()
+}
+
+// Close stops accepting, flushes what each client is owed (bounded by
+// WriteTimeout), disconnects every client, removes the unix socket files
+// and stops the event goroutine. It does not close the host or the
+// controller. It is idempotent.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	ls := s.listeners
+	cls := make([]*client, 0, len(s.clients))
+	for cl := range s.clients {
+		cls = append(cls, cl)
+	}
+	s.mu.Unlock()
+	for _, l := range ls {
+		l.close()
+	}
+	for _, cl := range cls {
+		cl.closeAfterFlush()
+	}
+	s.stop()
+	s.sub.Close()
+	s.wg.Wait()
+	return nil
+}
+
+func (s *Server) removeClient(cl *client) {
+	s.mu.Lock()
+	delete(s.clients, cl)
+	s.mu.Unlock()
+}
+
+// events turns controller events into QMP events for every negotiated
+// client. last holds each side's last reported MigrationStatus (the
+// destination's setup, listening and connected are one QMP status).
+func (s *Server) events(last map[string]string, eventsOn bool) {
+	defer s.wg.Done()
+	var dropped uint64
+	for ev := range s.sub.C() {
+		if d := s.sub.Dropped(); d != dropped {
+			s.log.Warn("qmp: controller events lost (the event goroutine fell behind)", "lost", d-dropped)
+			dropped = d
+		}
+		switch ev.Kind {
+		case machine.EventConfig:
+			eventsOn = s.c.Config().Caps["events"]
+		case machine.EventState:
+			st := MigrationStatus(ev.Side, ev.To)
+			if st == last[ev.Side] {
+				continue
+			}
+			last[ev.Side] = st
+			if eventsOn {
+				s.broadcast(EventMigration, map[string]string{"status": st}, ev.Time)
+			}
+		case machine.EventPass:
+			if eventsOn && ev.Side == spec.Outgoing {
+				s.broadcast(EventMigrationPass, map[string]uint64{"pass": ev.Pass}, ev.Time)
+			}
+		}
+	}
+}
+
+func (s *Server) broadcast(name string, data any, t time.Time) {
+	raw, _ := json.Marshal(data)
+	msg := encodeLine(&Event{Event: name, Data: raw, Timestamp: NewTimestamp(t)})
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for cl := range s.clients {
+		if cl.negotiated.Load() {
+			cl.sendEvent(msg)
+		}
+	}
+}
+
+// client is one connection. The reader goroutine owns the read side and
+// runs the client's commands in order; the writer goroutine owns the write
+// side and drains out.
+type client struct {
+	s    *Server
+	conn net.Conn
+	// out carries encoded messages to the writer; a nil message means
+	// "close after what came before". The reader blocks when it is full
+	// (its own replies); the event goroutine never does (it drops the
+	// client instead).
+	out        chan []byte
+	done       chan struct{} // closed by drop
+	dropOnce   sync.Once
+	closeOnce  sync.Once
+	negotiated atomic.Bool
+	oob        atomic.Bool
+}
+
+// drop disconnects the client at once.
+func (cl *client) drop(why string) {
+	cl.dropOnce.Do(func() {
+		if why != "" {
+			cl.s.log.Info("qmp client dropped", "remote", remoteName(cl.conn), "why", why)
+		}
+		close(cl.done)
+		cl.conn.Close()
+	})
+}
+
+func remoteName(c net.Conn) string {
+	if a := c.RemoteAddr(); a != nil {
+		return a.Network() + ":" + a.String()
+	}
+	return "?"
+}
+
+// closeAfterFlush asks the writer to close once the queued messages are
+// written; if the queue is full the client is dropped now.
+func (cl *client) closeAfterFlush() {
+	cl.closeOnce.Do(func() {
+		select {
+		case cl.out <- nil:
+		case <-cl.done:
+		default:
+			cl.drop("queue full at close")
+		}
+	})
+}
+
+// send queues a reply, waiting for room; false once the client is gone.
+func (cl *client) send(msg []byte) bool {
+	select {
+	case <-cl.done:
+		return false
+	default:
+	}
+	select {
+	case cl.out <- msg:
+		return true
+	case <-cl.done:
+		return false
+	}
+}
+
+// sendEvent queues an event without waiting; a client that lets its
+// queue fill up is dropped.
+func (cl *client) sendEvent(msg []byte) {
+	select {
+	case cl.out <- msg:
+	case <-cl.done:
+	default:
+		cl.drop("event queue full: the client does not read")
+	}
+}
+
+func (cl *client) writer() {
+	defer cl.s.wg.Done()
+	for {
+		select {
+		case msg := <-cl.out:
+			if msg == nil {
+				cl.drop("")
+				return
+			}
+			_ = cl.conn.SetWriteDeadline(time.Now().Add(cl.s.opts.WriteTimeout))
+			if _, err := cl.conn.Write(msg); err != nil {
+				cl.drop("write: " + err.Error())
+				return
+			}
+		case <-cl.done:
+			return
+		}
+	}
+}
+
+func (cl *client) reader() {
+	defer cl.s.wg.Done()
+	defer cl.s.removeClient(cl)
+	defer cl.drop("")
+	if !cl.send(encodeLine(newGreeting(cl.s.opts.Package))) {
+		return
+	}
+	err := cl.s.serveStream(cl.conn, cl, cl.send)
+	switch {
+	case errors.Is(err, errTooLarge), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+		// Deliver what the client is owed (it may only have closed its
+		// write side), then disconnect.
+		cl.closeAfterFlush()
+		<-cl.done
+	case err != nil && !errors.Is(err, net.ErrClosed):
+		cl.s.log.Debug("qmp client read", "err", err)
+	}
+}
+
+// serveStream reads requests from r and hands each reply to emit until r
+// ends, emit fails, or a request is too large (after its error reply).
+func (s *Server) serveStream(r io.Reader, cl *client, emit func([]byte) bool) error {
+	fr := newFramer(r, s.opts.MaxRequest)
+	for {
+		raw, err := fr.next()
+		var se *syntaxError
+		switch {
+		case errors.As(err, &se):
+			if !emit(encodeError(genericf("%s", se.msg), nil)) {
+				return net.ErrClosed
+			}
+			continue
+		case errors.Is(err, errTooLarge):
+			emit(encodeError(genericf("JSON parse error, request exceeds %d bytes: send smaller requests (the connection is closed)", s.opts.MaxRequest), nil))
+			return errTooLarge
+		case errors.Is(err, io.ErrUnexpectedEOF):
+			emit(encodeError(genericf("JSON parse error, premature end of input"), nil))
+			return err
+		case err != nil:
+			return err
+		}
+		msg, after, neg := s.dispatch(cl, raw)
+		if neg != nil {
+			if !s.emitNegotiated(cl, msg, neg, emit) {
+				return net.ErrClosed
+			}
+			continue
+		}
+		if !emit(msg) {
+			return net.ErrClosed
+		}
+		if after != nil {
+			after()
+		}
+	}
+}
+
+// emitNegotiated queues the qmp_capabilities reply and switches the client
+// to command mode in one step under s.mu, which broadcast also holds: an
+// event is either broadcast before (and not sent: it predates the reply)
+// or after (and queued behind the reply). So a client that has read the
+// reply misses no later event, and never sees one before the reply (which
+// go-qemu would lose). If the queue is full the reply is queued without
+// the lock, and an event broadcast in between may be missed.
+func (s *Server) emitNegotiated(cl *client, msg []byte, neg *negotiation, emit func([]byte) bool) bool {
+	s.mu.Lock()
+	select {
+	case cl.out <- msg:
+		cl.oob.Store(neg.oob)
+		cl.negotiated.Store(true)
+		s.mu.Unlock()
+		return true
+	default:
+	}
+	s.mu.Unlock()
+	if !emit(msg) {
+		return false
+	}
+	cl.oob.Store(neg.oob)
+	cl.negotiated.Store(true)
+	return true
+}
+
+// socketFile identifies a unix socket file the server created.
+type socketFile struct {
+	path     string
+	dev, ino uint64
+}
+
+// remove unlinks the socket file if it is still the one we created.
+func (f *socketFile) remove() {
+	var st unix.Stat_t
+	if err := unix.Lstat(f.path, &st); err != nil || st.Dev != f.dev || st.Ino != f.ino {
+		return
+	}
+	_ = os.Remove(f.path)
+}
+
+// listenUnix creates a unix socket at path with mode 0600 from the start
+// (fchmod before bind sets the mode of the file bind creates, so there is
+// no window in which others may connect), replacing a stale socket file
+// nobody listens on.
+func listenUnix(path string) (net.Listener, *socketFile, error) {
+	if path == "" {
+		return nil, nil, errors.New("QMP address unix:PATH: the path is empty")
+	}
+	ln, err := bindUnix(path)
+	if errors.Is(err, syscall.EADDRINUSE) {
+		if rerr := removeStale(path); rerr != nil {
+			return nil, nil, rerr
+		}
+		ln, err = bindUnix(path)
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("QMP socket %s: %w", path, err)
+	}
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		ln.Close()
+		return nil, nil, fmt.Errorf("QMP socket %s vanished right after bind: %w", path, err)
+	}
+	return ln, &socketFile{path: path, dev: st.Dev, ino: st.Ino}, nil
+}
+
+func bindUnix(path string) (net.Listener, error) {
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, os.NewSyscallError("socket", err)
+	}
+	if err := unix.Fchmod(fd, 0o600); err != nil {
+		unix.Close(fd)
+		return nil, os.NewSyscallError("fchmod", err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: path}); err != nil {
+		unix.Close(fd)
+		return nil, os.NewSyscallError("bind", err)
+	}
+	if err := unix.Listen(fd, 128); err != nil {
+		unix.Close(fd)
+		_ = os.Remove(path)
+		return nil, os.NewSyscallError("listen", err)
+	}
+	f := os.NewFile(uintptr(fd), path)
+	ln, err := net.FileListener(f)
+	f.Close()
+	if err != nil {
+		_ = os.Remove(path)
+		return nil, err
+	}
+	if ul, ok := ln.(*net.UnixListener); ok {
+		ul.SetUnlinkOnClose(false) // we remove it ourselves, only if still ours
+	}
+	return ln, nil
+}
+
+// removeStale removes the socket file at path if nothing listens on it.
+func removeStale(path string) error {
+	fi, err := os.Lstat(path)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return fmt.Errorf("QMP socket %s: the path exists and is not a socket: remove it or choose another path", path)
+	}
+	probe, err := net.DialTimeout("unix", path, time.Second)
+	if err == nil {
+		probe.Close()
+		return fmt.Errorf("QMP socket %s: another process is serving on it: stop it or choose another path", path)
+	}
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		return fmt.Errorf("QMP socket %s: cannot tell whether it is stale (%v): remove it by hand if no server uses it", path, err)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("QMP socket %s: remove the stale file: %w", path, err)
+	}
+	return nil
+}
