@@ -252,6 +252,7 @@ func (s *sender) migrate() error {
 			bm.Set(p)
 		}
 	}
+	s.stats.Remaining = s.dirtyBytes()
 	for pass := uint64(1); ; pass++ {
 		_ = m.c.PublishPass(spec.Outgoing, pass)
 		s.stats.DirtySyncCount = pass
@@ -319,6 +320,7 @@ func (s *sender) switchover(cfg guards.Config) error {
 	}
 	tStop := time.Now()
 	m.g.SyncDirty(s.dirty)
+	s.stats.Remaining = s.dirtyBytes()
 	b0 := s.enc.Stats().Bytes
 	if err := s.sendDirty(true); err != nil {
 		return err
@@ -540,6 +542,7 @@ func (s *sender) sendDirty(final bool) error {
 		ps := uint64(b.PageSize)
 		for p := bm.Next(0); p >= 0; p = bm.Next(p + 1) {
 			bm.Clear(p)
+			s.stats.Remaining -= min(s.stats.Remaining, ps)
 			page := b.Page(p)
 			var err error
 			if bytes.Equal(page, zero) {
@@ -666,9 +669,6 @@ func (s *sender) publish(force bool) {
 	if secs := s.stats.TotalTime.Seconds(); secs > 0 {
 		s.stats.Mbps = float64(s.stats.Transferred) * 8 / 1e6 / secs
 		s.stats.PagesPerSecond = uint64(float64(s.stats.Normal+s.stats.Duplicate) / secs)
-	}
-	if s.stats.Remaining == 0 && s.stats.DirtySyncCount <= 1 {
-		s.stats.Remaining = s.stats.Total - min(s.stats.Total, (s.stats.Normal+s.stats.Duplicate)*s.stats.PageSize)
 	}
 	_ = s.m.c.PublishStats(spec.Outgoing, s.stats)
 }
