@@ -3,7 +3,13 @@
 // default spec, embedded so the binary needs no files.
 package migctl
 
-import _ "embed"
+import (
+	_ "embed"
+	"sync"
+
+	"github.com/migctl/migctl/guards"
+	"github.com/migctl/migctl/spec"
+)
 
 //go:generate go run ./cmd/specdocs -o docs
 
@@ -15,3 +21,13 @@ import _ "embed"
 //
 //go:embed transitions.yaml
 var DefaultSpec []byte
+
+// defaultSpec is DefaultSpec loaded once; a Spec is read-only and safe to
+// share.
+var defaultSpec = sync.OnceValues(func() (*spec.Spec, error) {
+	return spec.Load("transitions.yaml", DefaultSpec, guards.Default().Names())
+})
+
+// Spec returns DefaultSpec loaded and validated against the default guard
+// registry (loaded once, shared by every caller).
+func Spec() (*spec.Spec, error) { return defaultSpec() }

@@ -109,7 +109,7 @@ func migrateOnce(b *testing.B, src *end, cfg guest.Config, listen string, waitPr
 	dst.g.Close()
 	// the source guest is left stopped in completed: reset it for the next run
 	src.c.Close()
-	c, err := machine.New(theSpec, machine.Options{})
+	c, err := machine.New(defaultSpec(b), machine.Options{})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -131,8 +131,7 @@ func newEndB(b *testing.B, dest bool, cfg guest.Config) *end {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defaultSpec(b)
-	c, err := machine.New(theSpec, machine.Options{})
+	c, err := machine.New(defaultSpec(b), machine.Options{})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -305,7 +304,7 @@ func BenchmarkQueryLatencyDuringLoad(b *testing.B) {
 			dst.g.Close()
 			// reset the source for the next mode
 			src.c.Close()
-			c, _ := machine.New(theSpec, machine.Options{})
+			c, _ := machine.New(defaultSpec(b), machine.Options{})
 			_ = c.SetParameters(ctx, map[string]any{"max-bandwidth": 0})
 			src.c = c
 		}

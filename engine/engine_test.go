@@ -7,7 +7,6 @@ import (
 	"net"
 
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -15,8 +14,8 @@ import (
 
 	"go.uber.org/goleak"
 
+	migctl "github.com/migctl/migctl"
 	"github.com/migctl/migctl/engine"
-	"github.com/migctl/migctl/guards"
 	"github.com/migctl/migctl/guest"
 	"github.com/migctl/migctl/loaders"
 	"github.com/migctl/migctl/machine"
@@ -26,22 +25,13 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-var (
-	specOnce sync.Once
-	theSpec  *spec.Spec
-	specErr  error
-)
-
 func defaultSpec(t testing.TB) *spec.Spec {
 	t.Helper()
-	specOnce.Do(func() {
-		_, file, _, _ := runtime.Caller(0)
-		theSpec, specErr = spec.LoadFile(filepath.Join(filepath.Dir(file), "..", "transitions.yaml"), guards.Default().Names())
-	})
-	if specErr != nil {
-		t.Fatal(specErr)
+	s, err := migctl.Spec()
+	if err != nil {
+		t.Fatalf("load default spec: %v", err)
 	}
-	return theSpec
+	return s
 }
 
 // end is one side of an in-process migration: a controller and a guest.

@@ -2,39 +2,22 @@ package guards_test
 
 import (
 	"errors"
-	"os"
-	"path/filepath"
-	"runtime"
 	"strings"
-	"sync"
 	"testing"
 
+	migctl "github.com/migctl/migctl"
 	"github.com/migctl/migctl/guards"
 	"github.com/migctl/migctl/spec"
 )
 
-var (
-	specOnce sync.Once
-	theSpec  *spec.Spec
-	specErr  error
-)
-
-// defaultSpec loads the repository's transitions.yaml.
+// defaultSpec returns the repository's transitions.yaml, loaded.
 func defaultSpec(t testing.TB) *spec.Spec {
 	t.Helper()
-	specOnce.Do(func() {
-		_, file, _, _ := runtime.Caller(0)
-		path := filepath.Join(filepath.Dir(file), "..", "transitions.yaml")
-		if _, err := os.Stat(path); err != nil {
-			specErr = err
-			return
-		}
-		theSpec, specErr = spec.LoadFile(path, guards.Default().Names())
-	})
-	if specErr != nil {
-		t.Fatalf("load default spec: %v", specErr)
+	s, err := migctl.Spec()
+	if err != nil {
+		t.Fatalf("load default spec: %v", err)
 	}
-	return theSpec
+	return s
 }
 
 // ruleCase describes one configuration and what transport-compatible must

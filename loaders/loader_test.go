@@ -6,15 +6,13 @@ import (
 	"errors"
 	"net"
 	"path/filepath"
-	"runtime"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"go.uber.org/goleak"
 
-	"github.com/migctl/migctl/guards"
+	migctl "github.com/migctl/migctl"
 	"github.com/migctl/migctl/guest"
 	"github.com/migctl/migctl/loaders"
 	"github.com/migctl/migctl/machine"
@@ -24,20 +22,11 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-var (
-	specOnce sync.Once
-	theSpec  *spec.Spec
-	specErr  error
-)
-
 func newDest(t *testing.T) (*machine.Controller, *guest.Builtin) {
 	t.Helper()
-	specOnce.Do(func() {
-		_, file, _, _ := runtime.Caller(0)
-		theSpec, specErr = spec.LoadFile(filepath.Join(filepath.Dir(file), "..", "transitions.yaml"), guards.Default().Names())
-	})
-	if specErr != nil {
-		t.Fatal(specErr)
+	theSpec, err := migctl.Spec()
+	if err != nil {
+		t.Fatal(err)
 	}
 	g, err := guest.NewDestination(guest.Config{Size: 4 << 20, Seed: 9, VRAM: -1})
 	if err != nil {

@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -14,27 +12,19 @@ import (
 
 	"github.com/cockroachdb/datadriven"
 
+	migctl "github.com/migctl/migctl"
 	"github.com/migctl/migctl/guards"
 	"github.com/migctl/migctl/machine"
 	"github.com/migctl/migctl/spec"
 )
 
-var (
-	specOnce sync.Once
-	theSpec  *spec.Spec
-	specErr  error
-)
-
 func defaultSpec(t testing.TB) *spec.Spec {
 	t.Helper()
-	specOnce.Do(func() {
-		_, file, _, _ := runtime.Caller(0)
-		theSpec, specErr = spec.LoadFile(filepath.Join(filepath.Dir(file), "..", "transitions.yaml"), guards.Default().Names())
-	})
-	if specErr != nil {
-		t.Fatalf("load default spec: %v", specErr)
+	s, err := migctl.Spec()
+	if err != nil {
+		t.Fatalf("load default spec: %v", err)
 	}
-	return theSpec
+	return s
 }
 
 // fakeClock advances one millisecond per reading, so histories are

@@ -291,6 +291,11 @@ func describe(v any) string {
 	return fmt.Sprintf("%T %v", v, v)
 }
 
+// ParseSize parses a byte count: a decimal or 0x-hex integer with an
+// optional K, M, G or T suffix (powers of 1024, optionally followed by
+// "iB" or "B"), e.g. 4096, 64M, 1GiB.
+func ParseSize(s string) (uint64, error) { return parseSize(s, true) }
+
 // parseSize parses a decimal or 0x-hex integer; with suffixes allowed, also
 // K, M, G, T (powers of 1024, optional "iB"/"B").
 func parseSize(s string, suffixes bool) (uint64, error) {

@@ -44,11 +44,11 @@ func (f *guestFlags) add(cmd *cobra.Command) {
 }
 
 func (f *guestFlags) config() (guest.Config, error) {
-	size, err := parseBytes(f.size)
+	size, err := spec.ParseSize(f.size)
 	if err != nil {
 		return guest.Config{}, fmt.Errorf("--size: %w", err)
 	}
-	rate, err := parseBytes(f.dirtyRate)
+	rate, err := spec.ParseSize(f.dirtyRate)
 	if err != nil {
 		return guest.Config{}, fmt.Errorf("--dirty-rate: %w", err)
 	}
@@ -62,33 +62,6 @@ func (f *guestFlags) args() []string {
 		a = append(a, "--random")
 	}
 	return a
-}
-
-// parseBytes parses 123, 64K, 64M, 1G, 1GiB.
-func parseBytes(s string) (uint64, error) {
-	u := strings.ToUpper(strings.TrimSpace(s))
-	u = strings.TrimSuffix(strings.TrimSuffix(u, "IB"), "B")
-	mult := uint64(1)
-	if n := len(u); n > 0 {
-		switch u[n-1] {
-		case 'K':
-			mult = 1 << 10
-		case 'M':
-			mult = 1 << 20
-		case 'G':
-			mult = 1 << 30
-		case 'T':
-			mult = 1 << 40
-		}
-		if mult > 1 {
-			u = u[:n-1]
-		}
-	}
-	v, err := strconv.ParseUint(u, 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("%q is not a size (examples: 64M, 1G)", s)
-	}
-	return v * mult, nil
 }
 
 // configFlags are --cap and --param, applied to a controller.

@@ -20,6 +20,7 @@ import (
 	"github.com/migctl/migctl/guest"
 	"github.com/migctl/migctl/machine"
 	"github.com/migctl/migctl/qmp"
+	"github.com/migctl/migctl/spec"
 )
 
 // addQMPCommands adds `migctl serve` (a QMP server hosting the built-in
@@ -154,11 +155,11 @@ func qmpParseGuest(s string) (guest.Config, error) {
 		switch k {
 		case "size":
 			var n uint64
-			n, err = qmpParseSize(v)
+			n, err = spec.ParseSize(v)
 			cfg.Size = int64(min(n, math.MaxInt64))
 		case "dirty-rate":
 			var n uint64
-			n, err = qmpParseSize(v)
+			n, err = spec.ParseSize(v)
 			cfg.DirtyRate = int64(min(n, math.MaxInt64))
 		case "seed":
 			cfg.Seed, err = strconv.ParseUint(v, 0, 64)
@@ -177,37 +178,6 @@ func qmpParseGuest(s string) (guest.Config, error) {
 		return cfg, errors.New("--guest: size is required (e.g. size=256M)")
 	}
 	return cfg, nil
-}
-
-// qmpParseSize parses a byte count with an optional K, M, G or T suffix
-// (powers of 1024, optional "iB"/"B").
-func qmpParseSize(s string) (uint64, error) {
-	t := strings.ToUpper(strings.TrimSpace(s))
-	t = strings.TrimSuffix(strings.TrimSuffix(t, "IB"), "B")
-	mult := uint64(1)
-	if n := len(t); n > 0 {
-		switch t[n-1] {
-		case 'K':
-			mult = 1 << 10
-		case 'M':
-			mult = 1 << 20
-		case 'G':
-			mult = 1 << 30
-		case 'T':
-			mult = 1 << 40
-		}
-		if mult > 1 {
-			t = t[:n-1]
-		}
-	}
-	n, err := strconv.ParseUint(t, 0, 64)
-	if err != nil {
-		return 0, fmt.Errorf("want a byte count such as 4096, 64M or 1G, got %q", s)
-	}
-	if n > math.MaxUint64/mult {
-		return 0, fmt.Errorf("%q is too large", s)
-	}
-	return n * mult, nil
 }
 
 // qmpSocketFlag adds -s/--socket to a client command.
@@ -505,7 +475,7 @@ func qmpTypedParams(ctx context.Context, cl *qmp.Client, kvs []string) (map[stri
 				return nil, fmt.Errorf("parameter %s: want on or off, got %q", name, val)
 			}
 		case kind >= '0' && kind <= '9':
-			n, err := qmpParseSize(val)
+			n, err := spec.ParseSize(val)
 			if err != nil {
 				return nil, fmt.Errorf("parameter %s: %v", name, err)
 			}
