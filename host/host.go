@@ -29,3 +29,23 @@ func Features() map[string]bool {
 	}
 	return f
 }
+
+// DataPlaneNice is the nice value LowerThreadPriority gives a data-plane
+// thread: the kernel then prefers the control plane's threads when the
+// cores are busy copying guest memory.
+const DataPlaneNice = 10
+
+// LowerThreadPriority pins the calling goroutine to its OS thread and
+// lowers that thread's CPU priority to DataPlaneNice. Call it at the top
+// of a data-plane goroutine (the engine's sender, the loader) and never
+// unlock: when the goroutine returns, the Go runtime ends the thread, so
+// the lowered priority never leaks to other goroutines. Failures (no
+// permission to change the priority) are ignored: the goroutine merely
+// keeps the normal priority.
+func LowerThreadPriority() {
+	if runtime.GOOS != "linux" {
+		return
+	}
+	runtime.LockOSThread()
+	_ = unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), DataPlaneNice)
+}

@@ -26,6 +26,7 @@ import (
 
 	"github.com/migctl/migctl/guards"
 	"github.com/migctl/migctl/guest"
+	"github.com/migctl/migctl/host"
 	"github.com/migctl/migctl/machine"
 	"github.com/migctl/migctl/spec"
 	"github.com/migctl/migctl/stream"
@@ -150,6 +151,7 @@ func (in *Incoming) Cancel(reason string) {
 
 func (in *Incoming) run() {
 	defer close(in.done)
+	host.LowerThreadPriority()
 	l := &loader{in: in, start: time.Now()}
 	err := l.load()
 	l.finish(err)
@@ -440,6 +442,7 @@ func (in *Incoming) startPrefault() {
 	in.pfCancel = cancel
 	go func() {
 		defer close(in.pfDone)
+		host.LowerThreadPriority()
 		for _, b := range in.g.Blocks() {
 			if err := in.opts.Populate(ctx, b); err != nil {
 				return // best effort: pages fault in as they land
