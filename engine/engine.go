@@ -371,22 +371,13 @@ func (s *sender) awaitConfirm(tStop time.Time) error {
 	for {
 		select {
 		case ev, ok := <-s.rp:
-			if !ok {
-				return errors.New("the destination closed the connection before confirming it runs the guest")
+			confirmed, err := s.onRP(ev, ok)
+			if err != nil {
+				return err
 			}
-			if ev.err != nil {
-				return ev.err
-			}
-			switch ev.msg.Type {
-			case stream.RPShut:
-				v, _ := ev.msg.Value()
-				if v != 0 {
-					return &failure{reason: fmt.Sprintf("the destination failed (status %d)", v)}
-				}
+			if confirmed {
 				s.stats.Downtime = time.Since(tStop)
 				return nil
-			case stream.RPFailReason:
-				return &failure{reason: "destination: " + string(ev.msg.Data)}
 			}
 		case <-s.m.ioCtx.Done():
 			return context.Cause(s.m.ioCtx)
@@ -410,21 +401,47 @@ func (s *sender) awaitAck(d time.Duration) error {
 		case <-s.m.ioCtx.Done():
 			return context.Cause(s.m.ioCtx)
 		case ev, ok := <-s.rp:
-			if !ok {
-				return errors.New("the destination closed the connection")
-			}
-			if ev.err != nil {
-				return ev.err
-			}
-			switch ev.msg.Type {
-			case stream.RPSwitchoverAck:
-				s.acked = true
-			case stream.RPFailReason:
-				return &failure{reason: "destination: " + string(ev.msg.Data)}
+			if err := s.beforeSwitchover(ev, ok); err != nil {
+				return err
 			}
 		}
 	}
 	return nil
+}
+
+// onRP interprets one return-path event (ok false: the reader ended):
+// confirmed reports SHUT(0); a failure reported by the destination, a
+// non-zero SHUT or a broken return path is an error; SWITCHOVER_ACK is
+// recorded.
+func (s *sender) onRP(ev rpEvent, ok bool) (confirmed bool, err error) {
+	if !ok {
+		return false, errors.New("the destination closed the connection")
+	}
+	if ev.err != nil {
+		return false, ev.err
+	}
+	switch ev.msg.Type {
+	case stream.RPFailReason:
+		return false, &failure{reason: "destination: " + string(ev.msg.Data)}
+	case stream.RPShut:
+		if v, _ := ev.msg.Value(); v != 0 {
+			return false, &failure{reason: fmt.Sprintf("the destination failed (status %d)", v)}
+		}
+		return true, nil
+	case stream.RPSwitchoverAck:
+		s.acked = true
+	}
+	return false, nil
+}
+
+// beforeSwitchover is onRP for messages that arrive while pages are still
+// being sent, when even SHUT(0) means the destination gave up.
+func (s *sender) beforeSwitchover(ev rpEvent, ok bool) error {
+	confirmed, err := s.onRP(ev, ok)
+	if err == nil && confirmed {
+		err = &failure{reason: "the destination ended the migration early"}
+	}
+	return err
 }
 
 // readRP reads return-path messages until the connection ends. A failure
@@ -500,19 +517,8 @@ func (s *sender) checkRP() error {
 	for s.rp != nil {
 		select {
 		case ev, ok := <-s.rp:
-			if !ok {
-				return errors.New("the destination closed the connection")
-			}
-			if ev.err != nil {
-				return ev.err
-			}
-			switch ev.msg.Type {
-			case stream.RPFailReason:
-				return &failure{reason: "destination: " + string(ev.msg.Data)}
-			case stream.RPShut:
-				return &failure{reason: "the destination ended the migration early"}
-			case stream.RPSwitchoverAck:
-				s.acked = true
+			if err := s.beforeSwitchover(ev, ok); err != nil {
+				return err
 			}
 		default:
 			return nil
