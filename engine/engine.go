@@ -118,7 +118,7 @@ func Start(ctx context.Context, c *machine.Controller, g guest.Guest, uri string
 // The migration ends in cancelled with the source guest running. Cancel in
 // a state that ignores it (already ending) is harmless.
 func (m *Migration) Cancel(ctx context.Context) error {
-	err := m.c.Fire(ctx, spec.Outgoing, "cancel", &machine.Args{Reason: "cancelled by the user"})
+	err := m.c.Fire(ctx, spec.Outgoing, "cancel", nil)
 	if err != nil {
 		return err
 	}

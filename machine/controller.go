@@ -151,6 +151,7 @@ type fireCtx struct {
 	refused  []int // edges whose guards refused, in evaluation order
 	elseTo   string
 	detail   string
+	moved    bool // the side changed state
 }
 
 type fireKey struct{}
@@ -306,6 +307,7 @@ func (c *Controller) transitioned(ctx context.Context, sd *side, from, to, trigg
 	detail := ""
 	if f != nil {
 		detail = f.detail
+		f.moved = true
 	}
 	if sd.graph.Mutable(from) && !sd.graph.Mutable(to) {
 		snap := c.config.Clone()
@@ -338,8 +340,9 @@ type Args struct {
 	Endpoint *guards.Endpoint
 	// Peer is the peer's announcement (connect).
 	Peer *guards.Peer
-	// Reason explains a failure or cancellation (fail, cancel); it becomes
-	// the side's error description on fail.
+	// Reason explains a failure; when the trigger moves the side it becomes
+	// the side's error description (query-migrate's error-desc) and the
+	// history's detail.
 	Reason string
 }
 
@@ -392,7 +395,7 @@ func (c *Controller) Fire(ctx context.Context, sideName, trigger string, a *Args
 			sd.errDesc = ge.Reason()
 			err = ge
 		}
-	} else if err == nil && a.Reason != "" && sd.graph.State(sd.state) != nil && trigger == "fail" {
+	} else if err == nil && a.Reason != "" && f.moved {
 		sd.errDesc = a.Reason
 	}
 	return err
