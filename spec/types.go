@@ -199,9 +199,11 @@ type Cond struct {
 	TransportLacks []string `yaml:"transport-lacks" validate:"unique,dive,oneof=multi-channel seekable return-path extra-fds streamable"`
 	// Features: the host has all these.
 	Features []string `yaml:"features" validate:"unique,dive,feature"`
-	// Side: the side judging is this one ("incoming"/"outgoing"). Every
-	// configuration change is judged by both sides, each in its own state
-	// with its own transport; an edge only by its own side.
+	// Side: the side judging is this one ("incoming"/"outgoing") and it is
+	// in use. Every configuration change is judged by both sides, each in
+	// its own state with its own transport, an edge only by its own side; a
+	// side still in its initial state with no transport is not in use, so
+	// its rules do not judge configuration changes (see guards.Evaluate).
 	Side string `yaml:"side" validate:"omitempty,oneof=incoming outgoing"`
 	// States: the side is in one of these states.
 	States []string `yaml:"states" validate:"unique,dive,statename"`
