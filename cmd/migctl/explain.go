@@ -8,6 +8,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/migctl/migctl/guards"
+	"github.com/migctl/migctl/host"
 	"github.com/migctl/migctl/spec"
 	"github.com/migctl/migctl/transport"
 )
@@ -37,7 +38,7 @@ func newExplain() *cobra.Command {
 			if sd.State(state) == nil {
 				return fmt.Errorf("--state %q: not a state of the %s side", state, side)
 			}
-			in := &guards.Input{Spec: s, Side: side, State: state, Trigger: "explain", Features: map[string]bool{}}
+			in := &guards.Input{Spec: s, Side: side, State: state, Trigger: "explain", Features: host.Features()}
 			cfg := guards.DefaultConfig(s)
 			for _, c := range caps {
 				name, val, hasVal := strings.Cut(c, "=")
@@ -110,7 +111,7 @@ func newExplain() *cobra.Command {
 	cmd.Flags().StringVar(&uri, "transport", "", "migration URI (tcp:HOST:PORT, unix:PATH, fd:N, file:PATH, exec:CMD, rdma:HOST:PORT)")
 	cmd.Flags().StringArrayVar(&caps, "cap", nil, "capability to set, NAME or NAME=on|off (repeatable)")
 	cmd.Flags().StringArrayVar(&params, "param", nil, "parameter to set, NAME=VALUE (repeatable)")
-	cmd.Flags().StringArrayVar(&features, "feature", nil, "host feature to assume present, e.g. userfaultfd (repeatable)")
+	cmd.Flags().StringArrayVar(&features, "feature", nil, "host feature to assume present besides the ones this host has, e.g. kvm-dirty-ring (repeatable)")
 	cmd.Flags().StringVar(&side, "side", spec.Outgoing, "side to judge: incoming or outgoing")
 	cmd.Flags().StringVar(&state, "state", "", "state to judge in (default: the side's initial state)")
 	return cmd
