@@ -172,6 +172,10 @@ var ruleCases = []ruleCase{
 	{name: "mapped-ram + compression", caps: []string{"mapped-ram", "multifd"}, params: map[string]string{"multifd-compression": "zlib"}, refuse: []string{"mapped-ram", "compression"}},
 	{name: "mapped-ram + TLS", caps: []string{"mapped-ram"}, params: map[string]string{"tls-creds": "tls0"}, refuse: []string{"mapped-ram", "TLS"}},
 	{name: "multifd + compression without mapped-ram", caps: []string{"multifd"}, params: map[string]string{"multifd-compression": "zlib"}, transport: "tcp"},
+	// migctl's own limits: judged when a migration starts, not on set.
+	{name: "multifd at migrate (not implemented)", caps: []string{"multifd"}, transport: "tcp", trigger: "migrate", refuse: []string{"multifd", "does not implement"}},
+	{name: "TLS at migrate-incoming (not implemented)", side: spec.Incoming, params: map[string]string{"tls-creds": "tls0"}, transport: "tcp", trigger: "incoming", refuse: []string{"TLS", "tls-creds"}},
+	{name: "events and return-path at migrate", caps: []string{"events", "return-path"}, transport: "tcp", trigger: "migrate"},
 	// The seed: a peer announcing mapped-ram to a destination listening on rdma.
 	{name: "peer announces mapped-ram on rdma", side: spec.Incoming, state: "listening", transport: "rdma",
 		peer: &guards.Peer{Caps: map[string]bool{"mapped-ram": true}}, refuse: []string{"mapped-ram", "rdma:0.0.0.0:4444", "source has it on", "destination has it off"}},

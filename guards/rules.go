@@ -40,7 +40,7 @@ func Evaluate(in *Input) []Verdict {
 			v.Applies = true
 			if r.Require == nil || !holds(r.Require, in, eff, true) {
 				v.OK = false
-				v.Reason = message(r, in)
+				v.Reason = message(r, in, eff)
 			}
 		}
 		out = append(out, v)
@@ -191,9 +191,21 @@ func paramHolds(s *spec.Spec, name string, pc spec.ParamCond, cfg Config) bool {
 	return true
 }
 
+// namedCaps lists the capabilities a rule's When names: its caps, and
+// those of its any-caps that are on.
+func namedCaps(r *spec.Rule, cfg Config) []string {
+	out := slices.Clone(r.When.Caps)
+	for _, c := range r.When.AnyCaps {
+		if cfg.Caps[c] {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
 // message fills a rule's placeholders and, when a transport is known and
 // the text does not name it, says where the migration runs.
-func message(r *spec.Rule, in *Input) string {
+func message(r *spec.Rule, in *Input, cfg Config) string {
 	uri, tname := "no transport yet", "no transport"
 	if in.Transport != nil {
 		uri, tname = in.Transport.URI, in.Transport.Transport
@@ -203,7 +215,7 @@ func message(r *spec.Rule, in *Input) string {
 		"{transport}", tname,
 		"{side}", in.Side,
 		"{state}", in.State,
-		"{caps}", strings.Join(r.When.Caps, ", "),
+		"{caps}", strings.Join(namedCaps(r, cfg), ", "),
 	).Replace(r.Message)
 	if in.Transport != nil && !strings.Contains(msg, in.Transport.URI) {
 		verb := "migrating to"
