@@ -170,6 +170,9 @@ func newDemo() *cobra.Command {
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			res, err := runDemo(cmd.Context(), &gf, &cf, transportName, cmd.ErrOrStderr(), asJSON)
+			if err != nil && res.Error == "" {
+				res.Error = err.Error()
+			}
 			if asJSON {
 				enc := json.NewEncoder(cmd.OutOrStdout())
 				enc.SetIndent("", "  ")
@@ -198,6 +201,9 @@ func newDemo() *cobra.Command {
 }
 
 func printSummary(w io.Writer, r demoResult) {
+	if r.SourceChecksum == "" && r.TotalTimeMS == 0 {
+		return // the migration never started; the error says why
+	}
 	fmt.Fprintf(w, "\nmigration %s over %s\n", r.Status, r.Transport)
 	fmt.Fprintf(w, "  guest          %s, dirtying %s/s\n", human(r.SizeBytes), human(r.DirtyRateBytes))
 	fmt.Fprintf(w, "  total time     %.0f ms\n", r.TotalTimeMS)
@@ -281,6 +287,9 @@ func (d *destProc) next(event string) (destLine, error) {
 	for l := range d.lines {
 		if l.Event == event {
 			return l, nil
+		}
+		if l.Event == "done" && l.State != "completed" {
+			return l, fmt.Errorf("the destination failed: %s", l.Error)
 		}
 	}
 	_ = d.cmd.Wait()
