@@ -638,11 +638,10 @@ func (s *sender) liveUint(name string) uint64 {
 }
 
 func (s *sender) liveDuration(name string, def time.Duration) time.Duration {
-	v, err := strconv.ParseUint(s.m.c.Param(name), 10, 64)
-	if err != nil {
+	if s.m.c.Param(name) == "" {
 		return def
 	}
-	return time.Duration(v) * time.Millisecond
+	return time.Duration(s.liveUint(name)) * time.Millisecond
 }
 
 // throttle raises the guest's throttle like QEMU's auto-converge.

@@ -157,7 +157,6 @@ func TestCapabilityMismatchAtConnect(t *testing.T) {
 		t.Fatal(err)
 	}
 	before := checksum(t, dst.g)
-	srcBefore := checksum(t, src.g)
 	sr, dr := migrate(t, src, dst, "tcp:127.0.0.1:0", engine.Options{})
 	if sr.State != "failed" || dr.State != "failed" {
 		t.Fatalf("source %s, destination %s", sr.State, dr.State)
@@ -173,7 +172,6 @@ func TestCapabilityMismatchAtConnect(t *testing.T) {
 	if !src.g.Running() {
 		t.Error("source guest is not running after the failure")
 	}
-	_ = srcBefore
 	st, _ := dst.c.Status(spec.Incoming, 0)
 	if !strings.Contains(st.Error, "return-path") {
 		t.Errorf("destination error-desc %q", st.Error)

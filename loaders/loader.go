@@ -171,6 +171,7 @@ type loader struct {
 	lastPub  time.Time
 	loaded   bool // a page or device was written into the guest
 	zero     []byte
+	zeroSum  uint32                  // guest.PageSum of a zero page, with Options.PageSums
 	devs     map[string]guest.Device // by name + "\x00" + instance
 	// ackSwitchover: capability switchover-ack is on (read once, from the
 	// frozen configuration, so no record handler ever takes the lock).
@@ -205,12 +206,12 @@ func (l *loader) load() error {
 		l.stats.PageSize = lim.PageSize
 	}
 	if in.opts.PageSums {
-		zs := guest.PageSum(make([]byte, lim.PageSize))
+		l.zeroSum = guest.PageSum(make([]byte, lim.PageSize))
 		l.pageSums = make([][]uint32, len(blocks))
 		for i, b := range blocks {
 			l.pageSums[i] = make([]uint32, b.Pages())
 			for p := range l.pageSums[i] {
-				l.pageSums[i][p] = zs
+				l.pageSums[i][p] = l.zeroSum
 			}
 		}
 	}
@@ -324,7 +325,7 @@ func (l *loader) apply(dec *stream.Decoder, rec stream.Record, locked bool) erro
 		}
 		l.stats.Duplicate++
 		if l.pageSums != nil {
-			l.pageSums[l.index[rec.Block]][rec.Offset/l.stats.PageSize] = guest.PageSum(l.zero)
+			l.pageSums[l.index[rec.Block]][rec.Offset/l.stats.PageSize] = l.zeroSum
 		}
 	case stream.KindDevice:
 		key := rec.Section.IDStr + "\x00" + strconv.FormatUint(uint64(rec.Section.Instance), 10)

@@ -26,6 +26,7 @@ package machine
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -249,7 +250,7 @@ func (c *Controller) edgeAllows(ctx context.Context, sd *side, idx int) bool {
 	for _, gn := range names {
 		if err := c.reg.Run(gn, f.in); err != nil {
 			var re *guards.RefusedError
-			if ok := asRefused(err, &re); ok {
+			if errors.As(err, &re) {
 				all = append(all, re.Refusals...)
 			} else {
 				all = append(all, guards.Refusal{Guard: gn, Reason: err.Error()})
@@ -263,14 +264,6 @@ func (c *Controller) edgeAllows(ctx context.Context, sd *side, idx int) bool {
 	}
 	f.verdicts[idx] = err
 	return err == nil
-}
-
-func asRefused(err error, re **guards.RefusedError) bool {
-	r, ok := err.(*guards.RefusedError)
-	if ok {
-		*re = r
-	}
-	return ok
 }
 
 func (c *Controller) guardError(sd *side, f *fireCtx, to string) *GuardError {
@@ -381,7 +374,7 @@ func (c *Controller) Fire(ctx context.Context, sideName, trigger string, a *Args
 	err = c.fire(ctx, sd, f, trigger)
 	if err != nil && a.Endpoint != nil {
 		var ge *GuardError
-		if !(asGuard(err, &ge) && ge.To != "") {
+		if !(errors.As(err, &ge) && ge.To != "") {
 			sd.endpoint = prevEndpoint
 		}
 	}
@@ -399,14 +392,6 @@ func (c *Controller) Fire(ctx context.Context, sideName, trigger string, a *Args
 		sd.errDesc = a.Reason
 	}
 	return err
-}
-
-func asGuard(err error, ge **GuardError) bool {
-	g, ok := err.(*GuardError)
-	if ok {
-		*ge = g
-	}
-	return ok
 }
 
 func (c *Controller) fire(ctx context.Context, sd *side, f *fireCtx, trigger string) (err error) {

@@ -117,14 +117,13 @@ func (f *configFlags) apply(ctx context.Context, c *machine.Controller) error {
 	return c.SetParameters(ctx, params)
 }
 
-func newController(g guest.Guest) (*machine.Controller, error) {
-	s, err := spec.Load("transitions.yaml (built in)", defaultSpecBytes(), guardNames())
-	if err != nil {
-		return nil, err
-	}
-	bs := g.Blocks()
+// newController builds the controller a migctl process runs with: the
+// spec, this host's features, and the guest's facts (page size, identity)
+// that the connect guard compares with the peer's. The demo and serve use
+// it alike.
+func newController(s *spec.Spec, g guest.Guest) (*machine.Controller, error) {
 	ps := "4096"
-	if len(bs) > 0 {
+	if bs := g.Blocks(); len(bs) > 0 {
 		ps = strconv.Itoa(bs[0].PageSize)
 	}
 	return machine.New(s, machine.Options{
@@ -169,7 +168,13 @@ func newDemo() *cobra.Command {
 			"verified. The demo lifts QEMU's default 128 MiB/s bandwidth limit unless --param max-bandwidth=… is given.",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			res, err := runDemo(cmd.Context(), &gf, &cf, transportName, cmd.ErrOrStderr(), asJSON)
+			s, err := loadSpec(cmd, nil)
+			if err != nil {
+				printSpecErrors(cmd.ErrOrStderr(), err)
+				return &exitError{code: 1}
+			}
+			specPath, _ := cmd.Flags().GetString("spec")
+			res, err := runDemo(cmd.Context(), s, specPath, &gf, &cf, transportName, cmd.ErrOrStderr())
 			if err != nil && res.Error == "" {
 				res.Error = err.Error()
 			}
@@ -298,7 +303,7 @@ func (d *destProc) next(event string) (destLine, error) {
 
 func (d *destProc) wait() { _ = d.cmd.Wait() }
 
-func runDemo(ctx context.Context, gf *guestFlags, cf *configFlags, transportName string, progress io.Writer, quiet bool) (demoResult, error) {
+func runDemo(ctx context.Context, s *spec.Spec, specPath string, gf *guestFlags, cf *configFlags, transportName string, progress io.Writer) (demoResult, error) {
 	res := demoResult{Status: "failed", Transport: transportName}
 	cfg, err := gf.config()
 	if err != nil {
@@ -314,7 +319,7 @@ func runDemo(ctx context.Context, gf *guestFlags, cf *configFlags, transportName
 	if err := g.Start(); err != nil {
 		return res, err
 	}
-	c, err := newController(g)
+	c, err := newController(s, g)
 	if err != nil {
 		return res, err
 	}
@@ -329,6 +334,9 @@ func runDemo(ctx context.Context, gf *guestFlags, cf *configFlags, transportName
 	}
 	defer os.RemoveAll(tmp)
 	destArgs := append(gf.args(), cf.args()...)
+	if specPath != "" {
+		destArgs = append(destArgs, "--spec", specPath) // both ends judge by the same rules
+	}
 	var dest *destProc
 	var srcURI string
 	var extra []*os.File
@@ -501,7 +509,12 @@ func newDemoDestination() *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			out := json.NewEncoder(cmd.OutOrStdout())
 			report := func(l destLine) { _ = out.Encode(l) }
-			err := demoDestination(cmd.Context(), &gf, &cf, listen, report)
+			s, err := loadSpec(cmd, nil)
+			if err != nil {
+				printSpecErrors(cmd.ErrOrStderr(), err)
+				return &exitError{code: 1}
+			}
+			err = demoDestination(cmd.Context(), s, &gf, &cf, listen, report)
 			if err != nil {
 				report(destLine{Event: "done", State: "failed", Error: err.Error()})
 				return &exitError{code: 1}
@@ -515,7 +528,7 @@ func newDemoDestination() *cobra.Command {
 	return cmd
 }
 
-func demoDestination(ctx context.Context, gf *guestFlags, cf *configFlags, listen string, report func(destLine)) error {
+func demoDestination(ctx context.Context, s *spec.Spec, gf *guestFlags, cf *configFlags, listen string, report func(destLine)) error {
 	cfg, err := gf.config()
 	if err != nil {
 		return err
@@ -525,7 +538,7 @@ func demoDestination(ctx context.Context, gf *guestFlags, cf *configFlags, liste
 		return err
 	}
 	defer g.Close()
-	c, err := newController(g)
+	c, err := newController(s, g)
 	if err != nil {
 		return err
 	}

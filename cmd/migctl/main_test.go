@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	migctl "github.com/migctl/migctl"
 	"github.com/migctl/migctl/engine"
 	"github.com/migctl/migctl/guest"
 	"github.com/migctl/migctl/machine"
@@ -148,7 +149,11 @@ func TestDestinationKilledMidStream(t *testing.T) {
 	}
 	defer g.Close()
 	g.Start()
-	c, err := newController(g)
+	s, err := migctl.Spec()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := newController(s, g)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,7 +18,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/migctl/migctl/guest"
-	"github.com/migctl/migctl/machine"
 	"github.com/migctl/migctl/qmp"
 	"github.com/migctl/migctl/spec"
 )
@@ -86,7 +85,7 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest bool
 	}
 	defer g.Close()
 	log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: slog.LevelWarn}))
-	c, err := machine.New(s, machine.Options{Facts: map[string]string{"page-size": strconv.Itoa(guest.PageSize), "guest": g.ID()}})
+	c, err := newController(s, g)
 	if err != nil {
 		return err
 	}

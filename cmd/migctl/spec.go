@@ -57,7 +57,3 @@ func printSpecErrors(w io.Writer, err error) {
 	}
 	fmt.Fprintln(w, err)
 }
-
-func defaultSpecBytes() []byte { return migctl.DefaultSpec }
-
-func guardNames() []string { return guards.Default().Names() }
