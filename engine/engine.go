@@ -27,6 +27,7 @@ import (
 
 	"github.com/migctl/migctl/guards"
 	"github.com/migctl/migctl/guest"
+	"github.com/migctl/migctl/internal/mutant"
 	"github.com/migctl/migctl/machine"
 	"github.com/migctl/migctl/spec"
 	"github.com/migctl/migctl/stream"
@@ -51,15 +52,19 @@ type Options struct {
 	// ConfirmTimeout bounds the wait for the destination's confirmation
 	// after the stream ends (default 60 s).
 	ConfirmTimeout time.Duration
+	// Channels lists the channel types the migration was given (QMP's
+	// channels argument); the rules judge them with the URI.
+	Channels []string
 }
 
 // Result is how a migration ended.
 type Result struct {
-	// State is the outgoing side's final state: completed, cancelled or
-	// failed.
-	State string
+	// State is the outgoing side's final state (the spec's completed, or
+	// the terminal state a failure or cancel led to).
+	State machine.State
 	Stats machine.Stats
-	// Err is the failure, if any.
+	// Err is the failure, nil when the migration completed. It wraps
+	// ErrCancelled when the migration was cancelled.
 	Err error
 }
 
@@ -105,7 +110,8 @@ func Start(ctx context.Context, c *machine.Controller, g guest.Guest, uri string
 	if opts.ConfirmTimeout <= 0 {
 		opts.ConfirmTimeout = 60 * time.Second
 	}
-	if err := c.Fire(ctx, spec.Outgoing, "migrate", &machine.Args{Endpoint: &guards.Endpoint{Transport: a.Scheme, URI: a.String()}}); err != nil {
+	ep := &guards.Endpoint{Transport: a.Scheme, URI: a.String(), Channels: opts.Channels}
+	if _, err := c.Fire(ctx, spec.Outgoing, machine.TriggerMigrate, &machine.Args{Endpoint: ep}); err != nil {
 		return nil, err
 	}
 	m := &Migration{c: c, g: g, addr: a, opts: opts, log: opts.Logger, cont: make(chan struct{}), done: make(chan struct{})}
@@ -118,11 +124,11 @@ func Start(ctx context.Context, c *machine.Controller, g guest.Guest, uri string
 // The migration ends in cancelled with the source guest running. Cancel in
 // a state that ignores it (already ending) is harmless.
 func (m *Migration) Cancel(ctx context.Context) error {
-	err := m.c.Fire(ctx, spec.Outgoing, "cancel", nil)
+	out, err := m.c.Fire(ctx, spec.Outgoing, machine.TriggerCancel, nil)
 	if err != nil {
 		return err
 	}
-	if st, _ := m.c.State(spec.Outgoing); st == "cancelling" {
+	if out.Moved {
 		m.cancelIO(ErrCancelled)
 	}
 	return nil
@@ -131,10 +137,13 @@ func (m *Migration) Cancel(ctx context.Context) error {
 // Continue releases a migration paused in pre-switchover (capability
 // pause-before-switchover) by firing continue.
 func (m *Migration) Continue(ctx context.Context) error {
-	if err := m.c.Fire(ctx, spec.Outgoing, "continue", nil); err != nil {
+	out, err := m.c.Fire(ctx, spec.Outgoing, machine.TriggerContinue, nil)
+	if err != nil {
 		return err
 	}
-	m.contOnce.Do(func() { close(m.cont) })
+	if out.Moved {
+		m.contOnce.Do(func() { close(m.cont) })
+	}
 	return nil
 }
 
@@ -164,19 +173,28 @@ func (m *Migration) run() {
 type sender struct {
 	m       *Migration
 	start   time.Time
+	cfg     guards.Config // the frozen configuration of this run
 	conn    transport.Conn
 	enc     *stream.Encoder
 	rp      chan rpEvent // messages from the destination
 	rpDone  chan struct{}
 	stopped bool // the engine stopped the guest (it was running)
-	stats   machine.Stats
-	dirty   [][]uint64
-	blocks  []*guest.Block
-	lastPub time.Time
+	// committed: the destination confirmed that its guest runs; from here
+	// on the source never restarts its own guest.
+	committed bool
+	final     machine.State // the state complete led to
+	stats     machine.Stats
+	dirty     [][]uint64
+	blocks    []*guest.Block
+	lastPub   time.Time
 	// bandwidth estimate, bytes per second
 	bw float64
 	// acked: the destination sent SWITCHOVER_ACK (capability switchover-ack)
 	acked bool
+	// auto-converge (QEMU's migration_trigger_throttle): the current
+	// period's dirtied and sent bytes, and how many periods in a row the
+	// dirtying outran the threshold.
+	period throttlePeriod
 }
 
 type rpEvent struct {
@@ -198,7 +216,7 @@ func (s *sender) migrate() error {
 	s.conn = conn
 	stopClose := context.AfterFunc(m.ioCtx, func() { conn.Close() })
 	defer stopClose()
-	if err := m.c.Fire(m.ioCtx, spec.Outgoing, "start", nil); err != nil {
+	if _, err := m.c.Fire(m.ioCtx, spec.Outgoing, machine.TriggerStart, nil); err != nil {
 		return err
 	}
 	s.stats.SetupTime = time.Since(s.start)
@@ -206,6 +224,7 @@ func (s *sender) migrate() error {
 	if !ok {
 		cfg = m.c.Config()
 	}
+	s.cfg = cfg
 	s.blocks = m.g.Blocks()
 	if len(s.blocks) == 0 {
 		return errors.New("the guest has no RAM blocks")
@@ -253,6 +272,7 @@ func (s *sender) migrate() error {
 		}
 	}
 	s.stats.Remaining = s.dirtyBytes()
+	s.period.start = time.Now()
 	for pass := uint64(1); ; pass++ {
 		_ = m.c.PublishPass(spec.Outgoing, pass)
 		s.stats.DirtySyncCount = pass
@@ -261,7 +281,8 @@ func (s *sender) migrate() error {
 			return err
 		}
 		elapsed := time.Since(t0)
-		if sent := s.enc.Stats().Bytes - b0; elapsed > 0 && sent > 0 {
+		sent := s.enc.Stats().Bytes - b0
+		if elapsed > 0 && sent > 0 {
 			s.bw = float64(sent) / elapsed.Seconds()
 		}
 		m.g.SyncDirty(s.dirty)
@@ -271,18 +292,25 @@ func (s *sender) migrate() error {
 			s.stats.DirtyPagesRate = uint64(float64(remaining/pageSize) / elapsed.Seconds())
 		}
 		limit := s.liveDuration("downtime-limit", 300*time.Millisecond)
+		bw := s.bw
+		if avail := s.liveUint("avail-switchover-bandwidth"); avail > 0 {
+			bw = float64(avail) // the operator's figure replaces the estimate (QEMU 8.2+)
+		}
 		expected := time.Duration(0)
-		if s.bw > 0 {
-			expected = time.Duration(float64(remaining) / s.bw * float64(time.Second))
+		if bw > 0 {
+			expected = time.Duration(float64(remaining) / bw * float64(time.Second))
 		}
 		s.stats.ExpectedDowntime = expected
+		if cfg.Caps["auto-converge"] {
+			s.autoConverge(sent, remaining)
+		}
 		s.publish(true)
-		m.log.Info("pass", "pass", pass, "remaining", remaining, "bandwidth", s.bw, "expected_downtime", expected)
+		m.log.Info("pass", "pass", pass, "remaining", remaining, "bandwidth", bw, "expected_downtime", expected, "throttle", s.stats.ThrottlePercent)
 		if err := s.checkRP(); err != nil {
 			return err
 		}
 		if expected <= limit {
-			if !cfg.Caps["switchover-ack"] || s.acked {
+			if !cfg.Caps["switchover-ack"] || s.acked || mutant.SkipSwitchoverAckWait {
 				break
 			}
 			// Converged, but the destination has not allowed switchover yet.
@@ -293,9 +321,6 @@ func (s *sender) migrate() error {
 				break
 			}
 		}
-		if pass >= 2 && cfg.Caps["auto-converge"] {
-			s.throttle(cfg, pass)
-		}
 	}
 	return s.switchover(cfg)
 }
@@ -304,17 +329,22 @@ func (s *sender) migrate() error {
 // for the destination to confirm.
 func (s *sender) switchover(cfg guards.Config) error {
 	m := s.m
-	if err := m.c.Fire(m.ioCtx, spec.Outgoing, "switchover", nil); err != nil {
+	out, err := m.c.Fire(m.ioCtx, spec.Outgoing, machine.TriggerSwitchover, nil)
+	if err != nil {
 		return err
 	}
-	if st, _ := m.c.State(spec.Outgoing); st == "pre-switchover" {
+	if out.To == machine.StatePreSwitchover {
 		select {
 		case <-m.cont:
 		case <-m.ioCtx.Done():
 			return context.Cause(m.ioCtx)
 		}
 	}
-	s.stopped = m.g.Running()
+	// The guest graph goes running → finish-migrate when the guest runs; a
+	// guest the operator paused stays paused (and is not restarted on
+	// failure). Stop is idempotent, so it is called either way.
+	gout, _ := m.c.Fire(m.ioCtx, spec.Guest, machine.TriggerSwitchover, nil)
+	s.stopped = gout.Moved
 	if err := m.g.Stop(); err != nil {
 		return fmt.Errorf("stop the guest: %w", err)
 	}
@@ -349,18 +379,36 @@ func (s *sender) switchover(cfg guards.Config) error {
 			return fmt.Errorf("close %s: %w", m.addr, err)
 		}
 	} else {
+		// QEMU's downtime ends when the source has written its last byte,
+		// or, with its return-path capability on, when the destination's
+		// SHUT arrived.
+		s.stats.Downtime = tSent.Sub(tStop)
 		_ = s.conn.CloseWrite()
 		if err := s.awaitConfirm(tStop); err != nil {
 			return err
 		}
+		if cfg.Caps["return-path"] {
+			s.stats.Downtime = s.stats.TrueDowntime
+		}
 	}
-	m.log.Info("switchover", "final_bytes", s.stats.DowntimeBytes, "sent_after", tSent.Sub(tStop), "downtime", s.stats.Downtime)
+	s.committed = true
+	m.log.Info("switchover", "final_bytes", s.stats.DowntimeBytes, "sent_after", tSent.Sub(tStop), "downtime", s.stats.Downtime, "true_downtime", s.stats.TrueDowntime)
 	if m.opts.Checksum != nil {
 		if sum, err := m.opts.Checksum(); err == nil {
 			s.stats.Checksum = sum
 		}
 	}
-	return m.c.Fire(context.Background(), spec.Outgoing, "complete", nil)
+	// The last statistics go out before the side turns terminal: from
+	// then on a new migration may start, and nothing of this run may
+	// overwrite its statistics.
+	s.publish(true)
+	out, err = m.c.Fire(context.Background(), spec.Outgoing, machine.TriggerComplete, nil)
+	if err != nil {
+		return err
+	}
+	s.final = out.To
+	_, _ = m.c.Fire(context.Background(), spec.Guest, machine.TriggerMigrated, nil)
+	return nil
 }
 
 // awaitConfirm waits for SHUT from the destination: status 0 means its
@@ -376,7 +424,10 @@ func (s *sender) awaitConfirm(tStop time.Time) error {
 				return err
 			}
 			if confirmed {
-				s.stats.Downtime = time.Since(tStop)
+				// An upper bound of the guest's true downtime (stop here →
+				// the destination's guest runs), by the SHUT's half round
+				// trip.
+				s.stats.TrueDowntime = time.Since(tStop)
 				return nil
 			}
 		case <-s.m.ioCtx.Done():
@@ -532,6 +583,9 @@ func (s *sender) checkRP() error {
 func (s *sender) sendDirty(final bool) error {
 	m := s.m
 	zero := make([]byte, s.stats.PageSize)
+	// zero-page-detection none sends zero pages whole; legacy and multifd
+	// (without multifd channels) find them here, as QEMU's save_zero_page.
+	detectZero := s.cfg.Params["zero-page-detection"] != "none"
 	begin := func() error {
 		if final {
 			return s.enc.BeginRAMEnd()
@@ -551,7 +605,7 @@ func (s *sender) sendDirty(final bool) error {
 			s.stats.Remaining -= min(s.stats.Remaining, ps)
 			page := b.Page(p)
 			var err error
-			if bytes.Equal(page, zero) {
+			if detectZero && bytes.Equal(page, zero) {
 				err = s.enc.PutZero(b.Name, uint64(p)*ps)
 				s.stats.Duplicate++
 				inSection += 9
@@ -593,9 +647,6 @@ func (s *sender) between(sent int, since time.Time) error {
 	}
 	if err := s.checkRP(); err != nil {
 		return err
-	}
-	if st, _ := m.c.State(spec.Outgoing); st != "active" {
-		return fmt.Errorf("outgoing side left active (now %s)", st)
 	}
 	// Pace to max-bandwidth, re-reading it at least every 100 ms so a
 	// change applies at once (it is a live parameter).
@@ -644,17 +695,32 @@ func (s *sender) liveDuration(name string, def time.Duration) time.Duration {
 	return time.Duration(s.liveUint(name)) * time.Millisecond
 }
 
-// throttle raises the guest's throttle like QEMU's auto-converge.
-func (s *sender) throttle(cfg guards.Config, pass uint64) {
+// autoConverge accounts one pass (bytes sent, bytes found dirty) and, once
+// a period of at least throttlePeriodLength has passed, applies QEMU's
+// auto-converge decision (decide.go) to the guest's throttle.
+func (s *sender) autoConverge(sent, dirtied uint64) {
 	t, ok := s.m.g.(guest.Throttler)
 	if !ok {
 		return
 	}
-	initial, _ := strconv.Atoi(cfg.Params["cpu-throttle-initial"])
-	inc, _ := strconv.Atoi(cfg.Params["cpu-throttle-increment"])
-	maxT, _ := strconv.Atoi(cfg.Params["max-cpu-throttle"])
-	pct := min(initial+inc*int(pass-2), maxT)
-	t.Throttle(pct)
+	s.period.sent += sent
+	s.period.dirtied += dirtied
+	if time.Since(s.period.start) < throttlePeriodLength {
+		return
+	}
+	p := throttleParams{
+		Threshold: s.liveUint("throttle-trigger-threshold"),
+		Initial:   s.liveUint("cpu-throttle-initial"),
+		Increment: s.liveUint("cpu-throttle-increment"),
+		Max:       s.liveUint("max-cpu-throttle"),
+		Tailslow:  s.m.c.Param("cpu-throttle-tailslow") == "true",
+	}
+	next, high := throttleStep(p, uint64(s.stats.ThrottlePercent), s.period.high, s.period.dirtied, s.period.sent)
+	s.period = throttlePeriod{start: time.Now(), high: high}
+	if int(next) != s.stats.ThrottlePercent {
+		s.stats.ThrottlePercent = int(next)
+		t.Throttle(int(next))
+	}
 }
 
 // publish sends statistics to the controller at most every StatsInterval
@@ -693,32 +759,42 @@ func (s *sender) finish(err error) {
 		<-s.rpDone
 	}
 	if err == nil {
-		s.publish(true)
-		st, _ := m.c.State(spec.Outgoing)
-		m.result = Result{State: st, Stats: s.stats}
+		m.result = Result{State: s.final, Stats: s.stats}
 		m.log.Info("migration completed", "downtime", s.stats.Downtime, "total", s.stats.TotalTime)
 		return
 	}
-	if s.stopped {
+	ctx := context.Background()
+	if s.stats.ThrottlePercent > 0 {
+		if t, ok := m.g.(guest.Throttler); ok {
+			t.Throttle(0) // QEMU stops throttling when the migration ends
+		}
+	}
+	switch {
+	case s.committed:
+		// The destination runs the guest: never run it here as well.
+		m.log.Error("the migration failed after the destination took over the guest; the guest stays stopped here", "err", err)
+	case s.stopped:
 		if rerr := m.g.Start(); rerr != nil {
 			m.log.Error("restart the source guest", "err", rerr)
 		}
+		_, _ = m.c.Fire(ctx, spec.Guest, machine.TriggerRestart, nil)
 	}
-	ctx := context.Background()
-	st, _ := m.c.State(spec.Outgoing)
-	if st != "cancelling" {
-		if ferr := m.c.Fire(ctx, spec.Outgoing, "fail", &machine.Args{Reason: err.Error()}); ferr != nil {
-			m.log.Error("fire fail", "err", ferr)
-		}
+	cancelled := errors.Is(context.Cause(m.ioCtx), ErrCancelled)
+	s.publish(true) // before the side turns terminal (see switchover)
+	// From cancelling the spec ignores fail; otherwise fail leads to
+	// failing. Either way cleanup ends the run.
+	if _, ferr := m.c.Fire(ctx, spec.Outgoing, machine.TriggerFail, &machine.Args{Reason: err.Error()}); ferr != nil {
+		m.log.Error("fire fail", "err", ferr)
 	}
-	_ = m.c.Fire(ctx, spec.Outgoing, "cleanup", nil)
-	s.publish(true)
-	st, _ = m.c.State(spec.Outgoing)
-	if st == "cancelled" {
+	out, cerr := m.c.Fire(ctx, spec.Outgoing, machine.TriggerCleanup, nil)
+	if cerr != nil {
+		m.log.Error("fire cleanup", "err", cerr)
+	}
+	if cancelled && !errors.Is(err, ErrCancelled) {
 		err = fmt.Errorf("%w: %v", ErrCancelled, err)
 	}
-	m.result = Result{State: st, Stats: s.stats, Err: err}
-	m.log.Info("migration ended", "state", st, "err", err)
+	m.result = Result{State: out.To, Stats: s.stats, Err: err}
+	m.log.Info("migration ended", "state", out.To, "err", err)
 }
 
 // handshake builds what the source announces: every must-match capability

@@ -54,21 +54,31 @@ func newEnd(t *testing.T, dest bool, cfg guest.Config) *end {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := machine.New(defaultSpec(t), machine.Options{Facts: map[string]string{"page-size": "4096", "guest": g.ID()}})
+	c, err := machine.New(defaultSpec(t), machine.Options{Facts: map[string]string{"page-size": "4096", "guest": g.ID()}, Incoming: dest})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close(); g.Close() })
-	if !dest {
-		if err := g.Start(); err != nil {
-			t.Fatal(err)
-		}
+	if dest {
+		stayPaused(t, c)
+	} else if err := g.Start(); err != nil {
+		t.Fatal(err)
 	}
 	// Unlimited bandwidth, as the tests measure correctness not pacing.
 	if err := c.SetParameters(context.Background(), map[string]any{"max-bandwidth": 0}); err != nil {
 		t.Fatal(err)
 	}
 	return &end{c: c, g: g}
+}
+
+// stayPaused fires QMP's stop on a destination still waiting for its
+// migration (QEMU's way of asking for a paused guest on arrival), so the
+// tests can compare its memory with the source's while no writer runs.
+func stayPaused(t testing.TB, c *machine.Controller) {
+	t.Helper()
+	if _, err := c.Fire(context.Background(), spec.Guest, machine.TriggerStop, nil); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func guestCfg() guest.Config {
@@ -95,13 +105,13 @@ func migrate(t *testing.T, src, dst *end, listenURI string, opts engine.Options)
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	in, err := loaders.Listen(ctx, dst.c, dst.g, listenURI, loaders.Options{PageSums: true, NoStart: true})
+	in, err := loaders.Listen(ctx, dst.c, dst.g, listenURI, loaders.Options{PageSums: true})
 	if err != nil {
 		t.Fatalf("listen: %v", err)
 	}
 	m, err := engine.Start(ctx, src.c, src.g, in.Addr().String(), opts)
 	if err != nil {
-		in.Cancel("source refused")
+		in.Abort("source refused")
 		in.Wait(ctx)
 		t.Fatalf("migrate: %v", err)
 	}
@@ -182,8 +192,8 @@ func TestCapabilityMismatchAtConnect(t *testing.T) {
 // cancelled with its guest running and its memory intact; a second
 // migration afterwards succeeds.
 func TestCancel(t *testing.T) {
-	for _, when := range []string{"setup", "active", "pre-switchover"} {
-		t.Run(when, func(t *testing.T) {
+	for _, when := range []machine.State{"setup", "active", "pre-switchover"} {
+		t.Run(string(when), func(t *testing.T) {
 			src := newEnd(t, false, guestCfg())
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
@@ -210,7 +220,7 @@ func TestCancel(t *testing.T) {
 				}
 			}
 			dst := newEnd(t, true, guestCfg())
-			in, err := loaders.Listen(ctx, dst.c, dst.g, "tcp:127.0.0.1:0", loaders.Options{NoStart: true})
+			in, err := loaders.Listen(ctx, dst.c, dst.g, "tcp:127.0.0.1:0", loaders.Options{})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -236,7 +246,7 @@ func TestCancel(t *testing.T) {
 			}
 			src.g.Start()
 			if when == "setup" {
-				in.Cancel("test over")
+				in.Abort("test over")
 			}
 			dr, _ := in.Wait(ctx)
 			if dr.State != "failed" && dr.State != "cancelled" {
@@ -261,7 +271,7 @@ func TestCancel(t *testing.T) {
 	}
 }
 
-func waitState(t *testing.T, sub *machine.Subscription, state string) {
+func waitState(t *testing.T, sub *machine.Subscription, state machine.State) {
 	t.Helper()
 	timeout := time.After(20 * time.Second)
 	for {
@@ -313,7 +323,7 @@ func TestConnectionCut(t *testing.T) {
 	dst := newEnd(t, true, guestCfg())
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	in, err := loaders.Listen(ctx, dst.c, dst.g, "tcp:127.0.0.1:0", loaders.Options{NoStart: true})
+	in, err := loaders.Listen(ctx, dst.c, dst.g, "tcp:127.0.0.1:0", loaders.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -337,9 +347,11 @@ func TestConnectionCut(t *testing.T) {
 	t.Logf("source: %v\ndestination: %v", sr.Err, st.Error)
 }
 
-// With switchover-ack on both sides the destination allows switchover over
-// the return path and the migration completes (the source's wait for the
-// ack is in engine.awaitAck).
+// With switchover-ack on both sides the source must not switch over
+// before the destination allowed it: while the destination holds its
+// SWITCHOVER_ACK back (a device not ready), the source keeps iterating in
+// active although it converged; once the destination allows it, the
+// migration completes.
 func TestSwitchoverAck(t *testing.T) {
 	src := newEnd(t, false, guestCfg())
 	dst := newEnd(t, true, guestCfg())
@@ -348,8 +360,45 @@ func TestSwitchoverAck(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	sr, dr := migrate(t, src, dst, "tcp:127.0.0.1:0", engine.Options{})
-	if sr.State != "completed" || dr.State != "completed" {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	ready := make(chan struct{})
+	in, err := loaders.Listen(ctx, dst.c, dst.g, "tcp:127.0.0.1:0", loaders.Options{SwitchoverReady: ready})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sub := src.c.Subscribe(1024)
+	defer sub.Close()
+	m, err := engine.Start(ctx, src.c, src.g, in.Addr().String(), engine.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Converged (a 16 MiB guest fits 300 ms after pass 1), yet held: the
+	// source must still be in active after several more passes.
+	const heldPasses = 5
+	for passes := 0; passes < heldPasses; {
+		select {
+		case ev := <-sub.C():
+			switch {
+			case ev.Kind == machine.EventPass:
+				passes++
+			case ev.Kind == machine.EventState && ev.Side == spec.Outgoing && ev.From == "active":
+				t.Fatalf("the source went %s → %s while the destination held its switchover ack", ev.From, ev.To)
+			}
+		case <-ctx.Done():
+			t.Fatal("the source stopped iterating while held")
+		}
+	}
+	close(ready)
+	sr, err := m.Wait(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dr, err := in.Wait(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sr.Err != nil || dr.Err != nil {
 		t.Fatalf("source %s (%v), destination %s (%v)", sr.State, sr.Err, dr.State, dr.Err)
 	}
 	if checksum(t, src.g) != checksum(t, dst.g) {

@@ -74,6 +74,9 @@ type Endpoint struct {
 	Transport string
 	// URI is what the user gave (or the bound address), for messages.
 	URI string
+	// Channels lists the channel types the migration was given (QMP's
+	// channels argument, e.g. main and cpr); empty for a plain uri.
+	Channels []string
 }
 
 // Peer is what the other side announced in its handshake.
@@ -109,6 +112,9 @@ type Input struct {
 	Facts map[string]string
 	// Features are the host features present.
 	Features map[string]bool
+	// GuestState is the guest graph's current state ("" when the spec has
+	// no guest graph).
+	GuestState string
 }
 
 // Refusal is one reason a guard refused.

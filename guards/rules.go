@@ -133,6 +133,14 @@ func holds(c *spec.Cond, in *Input, cfg Config, unknownTransport bool) bool {
 	if len(c.Triggers) > 0 && !slices.Contains(c.Triggers, in.Trigger) {
 		return false
 	}
+	if len(c.GuestStates) > 0 && !slices.Contains(c.GuestStates, in.GuestState) {
+		return false
+	}
+	for _, ch := range c.Channels {
+		if in.Transport == nil || !slices.Contains(in.Transport.Channels, ch) {
+			return false
+		}
+	}
 	if len(c.States) > 0 && !slices.Contains(c.States, in.State) {
 		return false
 	}
@@ -229,10 +237,11 @@ func message(r *spec.Rule, in *Input, cfg Config) string {
 
 // sideInUse reports whether the input is judged for side: the side judging
 // is that side, and it is in use — the trigger is one of its own edges, or
-// it has left its initial state. Both sides judge every configuration
-// change (there is one configuration per process), so without the second
-// half a destination-only rule would refuse a change on a process that is
-// only ever a source.
+// a migration of that side runs (it is neither in its initial state nor in
+// a terminal one, where a migration has ended). Both sides judge every
+// configuration change (there is one configuration per process), so
+// without the second half a destination-only rule would refuse a change on
+// a process that is only ever a source, or that was a destination once.
 func sideInUse(side string, in *Input) bool {
 	if in.Side != side {
 		return false
@@ -241,5 +250,5 @@ func sideInUse(side string, in *Input) bool {
 		return true
 	}
 	sd := in.Spec.Side(side)
-	return sd == nil || in.State != sd.Initial || in.Transport != nil
+	return sd == nil || (in.State != sd.Initial && !sd.Terminal(in.State)) || in.Transport != nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -42,6 +43,7 @@ type Builtin struct {
 	starts    uint64
 	startedAt time.Time
 	ran       time.Duration // running time in this process, before startedAt
+	runLog    []Interval    // the last maxRunLog run intervals
 
 	running atomic.Bool // written under mu, read anywhere
 
@@ -184,6 +186,10 @@ func (g *Builtin) Start() error {
 	g.starts++
 	now := time.Now()
 	g.startedAt = now
+	if len(g.runLog) == maxRunLog {
+		g.runLog = append(g.runLog[:0], g.runLog[1:]...)
+	}
+	g.runLog = append(g.runLog, Interval{Start: now})
 	g.timer.resume(now)
 	g.stop = make(chan struct{})
 	g.running.Store(true)
@@ -211,12 +217,34 @@ func (g *Builtin) stopLocked() {
 	if !g.running.Load() {
 		return
 	}
+	g.runLog[len(g.runLog)-1].Stop = time.Now() // no write begins after this
 	close(g.stop)
 	g.wg.Wait()
 	now := time.Now()
 	g.timer.pause(now)
 	g.ran += now.Sub(g.startedAt)
 	g.running.Store(false)
+}
+
+// Interval is one period during which a guest ran, on this process's
+// monotonic clock: from Start (the writers were released) to Stop (no
+// writer begins a page after it). Stop is zero while the guest runs.
+type Interval struct {
+	Start, Stop time.Time
+}
+
+// maxRunLog bounds the intervals RunLog keeps.
+const maxRunLog = 1024
+
+// RunLog returns the guest's run intervals in this process, oldest first
+// (the last 1024). Tests and benchmarks compare them across guests: two
+// guests of one migration must never run at once, and the gap between the
+// source's last Stop and the destination's first Start is the guest's
+// true downtime.
+func (g *Builtin) RunLog() []Interval {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return slices.Clone(g.runLog)
 }
 
 // Throttle makes the writers do (100-percent)% of their work; percent is

@@ -39,6 +39,9 @@ type Options struct {
 	Logger *slog.Logger
 	// StatsInterval is how often statistics are published (default 100 ms).
 	StatsInterval time.Duration
+	// Channels lists the channel types migrate-incoming was given (QMP's
+	// channels argument); the rules judge them with the URI.
+	Channels []string
 	// NoPrefault disables pre-faulting guest RAM. By default the loader
 	// pre-faults it (MADV_POPULATE_WRITE) from the moment it listens, in
 	// parallel with waiting for the source and with receiving.
@@ -52,8 +55,12 @@ type Options struct {
 	// BeforeStart runs after the last byte loaded, with the guest still
 	// stopped; an error fails the migration.
 	BeforeStart func(pageSums [][]uint32) error
-	// NoStart leaves the guest stopped after loading (QEMU's -S).
-	NoStart bool
+	// SwitchoverReady, with capability switchover-ack, is closed when the
+	// destination's devices are ready for the source to switch over (in
+	// QEMU, a device such as VFIO that needs time holds the ack back);
+	// only then does the destination send SWITCHOVER_ACK. Nil means ready
+	// at once.
+	SwitchoverReady <-chan struct{}
 	// LockedBatch, for measurement only, makes the loader hold the
 	// controller lock while it reads and applies batches of this many
 	// records — what QEMU's destination did before its loader thread — so
@@ -64,10 +71,13 @@ type Options struct {
 
 // Result is how an incoming migration ended.
 type Result struct {
-	// State is the incoming side's final state: completed or failed.
-	State string
+	// State is the incoming side's final state (the spec's completed, or
+	// the terminal state a failure or cancel led to).
+	State machine.State
 	Stats machine.Stats
-	Err   error
+	// Err is the failure, nil when the migration completed. It wraps
+	// ErrCancelled when the migration was cancelled.
+	Err error
 	// PageSums holds the per-page CRC-32C when Options.PageSums was set.
 	PageSums [][]uint32
 }
@@ -88,10 +98,16 @@ type Incoming struct {
 	result   Result
 }
 
+// ErrCancelled is wrapped by the error of an incoming migration that was
+// cancelled (Incoming.Cancel).
+var ErrCancelled = errors.New("incoming migration cancelled")
+
 // Listen fires incoming on the controller's incoming side (the guards judge
 // the URI's transport against the configuration), opens the listener,
 // records the bound address (a tcp port 0 becomes the real port), fires
 // listen, and starts the loader goroutine, which waits for the source.
+// When the listener cannot be opened the side returns to where it was
+// (listen-failed) and a later Listen may try again, as QEMU allows.
 func Listen(ctx context.Context, c *machine.Controller, g guest.Guest, uri string, opts Options) (*Incoming, error) {
 	a, err := transport.Parse(uri)
 	if err != nil {
@@ -106,18 +122,23 @@ func Listen(ctx context.Context, c *machine.Controller, g guest.Guest, uri strin
 	if opts.Populate == nil {
 		opts.Populate = guest.Populate
 	}
-	if err := c.Fire(ctx, spec.Incoming, "incoming", &machine.Args{Endpoint: &guards.Endpoint{Transport: a.Scheme, URI: a.String()}}); err != nil {
+	ep := &guards.Endpoint{Transport: a.Scheme, URI: a.String(), Channels: opts.Channels}
+	if _, err := c.Fire(ctx, spec.Incoming, machine.TriggerIncoming, &machine.Args{Endpoint: ep}); err != nil {
 		return nil, err
 	}
 	ln, err := transport.Listen(ctx, a)
 	if err != nil {
-		_ = c.Fire(context.Background(), spec.Incoming, "fail", &machine.Args{Reason: err.Error()})
+		_, _ = c.Fire(context.Background(), spec.Incoming, machine.TriggerListenFailed, &machine.Args{Reason: err.Error()})
 		return nil, err
 	}
 	_ = c.SetEndpoint(spec.Incoming, ln.Addr().String())
-	if err := c.Fire(ctx, spec.Incoming, "listen", nil); err != nil {
+	if _, err := c.Fire(ctx, spec.Incoming, machine.TriggerListen, nil); err != nil {
+		// Cancelled while the transport was opened (or ctx ended).
 		ln.Close()
-		_ = c.Fire(context.Background(), spec.Incoming, "fail", &machine.Args{Reason: err.Error()})
+		if _, ferr := c.Fire(context.Background(), spec.Incoming, machine.TriggerFail, &machine.Args{Reason: err.Error()}); ferr != nil {
+			return nil, errors.Join(err, ferr)
+		}
+		_, _ = c.Fire(context.Background(), spec.Incoming, machine.TriggerCleanup, nil)
 		return nil, err
 	}
 	in := &Incoming{c: c, g: g, opts: opts, log: opts.Logger, ln: ln, done: make(chan struct{})}
@@ -143,9 +164,27 @@ func (in *Incoming) Wait(ctx context.Context) (Result, error) {
 	}
 }
 
-// Cancel aborts the incoming migration: the side fails (or, still
-// listening, is cancelled) and the listener and channel close.
-func (in *Incoming) Cancel(reason string) {
+// Cancel fires cancel on the incoming side (migrate_cancel). In a state
+// that accepts it (before the guest runs here) the side goes to cancelling,
+// the listener and channel close at once, what was loaded is discarded, and
+// the migration ends cancelled; the guest never runs. In a state that
+// ignores it (already ended) it does nothing; in one that refuses it
+// (postcopy) it returns the refusal.
+func (in *Incoming) Cancel(ctx context.Context, reason string) error {
+	out, err := in.c.Fire(ctx, spec.Incoming, machine.TriggerCancel, &machine.Args{Reason: reason})
+	if err != nil {
+		return err
+	}
+	if out.Moved {
+		in.cancelIO(fmt.Errorf("%w: %s", ErrCancelled, reason))
+	}
+	return nil
+}
+
+// Abort tears the incoming migration down without asking the state
+// machine (the process is shutting down): the loader fails with reason
+// unless the migration already ended.
+func (in *Incoming) Abort(reason string) {
 	in.cancelIO(errors.New(reason))
 }
 
@@ -176,6 +215,9 @@ type loader struct {
 	// ackSwitchover: capability switchover-ack is on (read once, from the
 	// frozen configuration, so no record handler ever takes the lock).
 	ackSwitchover bool
+	// final is the state the last Fire led to.
+	final machine.State
+	wg    sync.WaitGroup // goroutines of this run (the delayed switchover ack)
 }
 
 func (l *loader) load() error {
@@ -232,10 +274,10 @@ func (l *loader) load() error {
 		"page-size": strconv.FormatUint(hs.PageSize, 10),
 		"guest":     hs.GuestID,
 	}}
-	if err := in.c.Fire(in.ioCtx, spec.Incoming, "connect", &machine.Args{Peer: peer}); err != nil {
+	if _, err := in.c.Fire(in.ioCtx, spec.Incoming, machine.TriggerConnect, &machine.Args{Peer: peer}); err != nil {
 		return err
 	}
-	if err := in.c.Fire(in.ioCtx, spec.Incoming, "load", nil); err != nil {
+	if _, err := in.c.Fire(in.ioCtx, spec.Incoming, machine.TriggerLoad, nil); err != nil {
 		return err
 	}
 	if cfg, ok := in.c.Frozen(spec.Incoming); ok {
@@ -354,7 +396,19 @@ func (l *loader) apply(dec *stream.Decoder, rec stream.Record, locked bool) erro
 			// switchover, so the destination allows it at once, as QEMU does
 			// when no device asks to delay it.
 			if l.rp && l.ackSwitchover {
-				if err := l.sendRP(stream.NewSwitchoverAck()); err != nil {
+				if ready := l.in.opts.SwitchoverReady; ready != nil {
+					l.wg.Add(1)
+					go func() {
+						defer l.wg.Done()
+						select {
+						case <-ready:
+							if err := l.sendRP(stream.NewSwitchoverAck()); err != nil {
+								l.in.log.Warn("send SWITCHOVER_ACK", "err", err)
+							}
+						case <-l.in.ioCtx.Done():
+						}
+					}()
+				} else if err := l.sendRP(stream.NewSwitchoverAck()); err != nil {
 					return err
 				}
 			}
@@ -381,7 +435,11 @@ func (l *loader) page(rec stream.Record) ([]byte, error) {
 	return b.Mem[rec.Offset : rec.Offset+ps], nil
 }
 
-// complete starts the guest, confirms to the source and fires complete.
+// complete fires complete, then arrive on the guest graph, starts the
+// guest when arrive leads to running (not when the operator asked it to
+// stay paused), and confirms to the source. The state machine decides
+// first: a cancel that won the race leaves complete refused and the guest
+// never starts.
 func (l *loader) complete() error {
 	in := l.in
 	l.stopPrefault()
@@ -390,8 +448,19 @@ func (l *loader) complete() error {
 			return err
 		}
 	}
-	if !in.opts.NoStart {
+	l.publish(true, nil) // the last statistics, before the side turns terminal
+	out, err := in.c.Fire(context.Background(), spec.Incoming, machine.TriggerComplete, nil)
+	if err != nil {
+		return err
+	}
+	l.final = out.To
+	arrived, err := in.c.Fire(context.Background(), spec.Guest, machine.TriggerArrive, nil)
+	if err != nil {
+		in.log.Error("the guest graph refused arrive", "err", err)
+	}
+	if arrived.To == machine.GuestRunning {
 		if err := in.g.Start(); err != nil {
+			in.log.Error("start the guest", "err", err)
 			return fmt.Errorf("start the guest: %w", err)
 		}
 	}
@@ -400,7 +469,7 @@ func (l *loader) complete() error {
 			in.log.Warn("confirm to the source", "err", err)
 		}
 	}
-	return in.c.Fire(context.Background(), spec.Incoming, "complete", nil)
+	return nil
 }
 
 // tellSource sends the failure reason and SHUT(1), half-closes, and reads
@@ -486,28 +555,35 @@ func (l *loader) finish(err error) {
 	in := l.in
 	l.stopPrefault()
 	if err != nil {
+		if cause := context.Cause(in.ioCtx); errors.Is(cause, ErrCancelled) {
+			err = cause // what the loader saw is only the consequence
+		}
 		reason := err.Error()
 		if l.conn != nil && l.conn.ReturnPath() {
 			l.tellSource(reason)
 		}
-		st, _ := in.c.State(spec.Incoming)
+		bg := context.Background()
+		l.publish(true, nil) // the last statistics, before the side turns terminal
 		var ge *machine.GuardError
-		switch {
-		case errors.As(err, &ge) && ge.To != "":
-			// the connect guard already moved the side
-		case st == "listening" && context.Cause(in.ioCtx) != nil && l.conn == nil:
-			_ = in.c.Fire(context.Background(), spec.Incoming, "cancel", &machine.Args{Reason: reason})
-		default:
-			_ = in.c.Fire(context.Background(), spec.Incoming, "fail", &machine.Args{Reason: reason})
+		if errors.As(err, &ge) && ge.To != "" {
+			l.final = ge.To // the connect guard already moved the side
+		} else {
+			// From cancelling the spec ignores fail; cleanup then ends it.
+			out, ferr := in.c.Fire(bg, spec.Incoming, machine.TriggerFail, &machine.Args{Reason: reason})
+			l.final = out.To
+			if ferr == nil && out.Ignored {
+				if out, cerr := in.c.Fire(bg, spec.Incoming, machine.TriggerCleanup, nil); cerr == nil {
+					l.final = out.To
+				}
+			}
 		}
-		in.log.Info("incoming migration failed", "err", err, "pages_loaded", l.loaded)
+		in.log.Info("incoming migration ended", "state", l.final, "err", err, "pages_loaded", l.loaded)
 	}
 	in.cancelIO(err)
 	if l.conn != nil {
 		l.conn.Close()
 	}
 	in.ln.Close()
-	l.publish(true, nil)
-	st, _ := in.c.State(spec.Incoming)
-	in.result = Result{State: st, Stats: l.stats, Err: err, PageSums: l.pageSums}
+	l.wg.Wait()
+	in.result = Result{State: l.final, Stats: l.stats, Err: err, PageSums: l.pageSums}
 }

@@ -32,7 +32,7 @@ func newDest(t *testing.T) (*machine.Controller, *guest.Builtin) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := machine.New(theSpec, machine.Options{Facts: map[string]string{"page-size": "4096", "guest": g.ID()}})
+	c, err := machine.New(theSpec, machine.Options{Facts: map[string]string{"page-size": "4096", "guest": g.ID()}, Incoming: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -146,7 +146,7 @@ func TestHostileStreams(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
 			sock := filepath.Join(t.TempDir(), "in.sock")
-			in, err := loaders.Listen(ctx, c, g, "unix:"+sock, loaders.Options{NoStart: true})
+			in, err := loaders.Listen(ctx, c, g, "unix:"+sock, loaders.Options{})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -190,7 +190,7 @@ func TestQueriesWhileLoaderBlocked(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	sock := filepath.Join(t.TempDir(), "in.sock")
-	in, err := loaders.Listen(ctx, c, g, "unix:"+sock, loaders.Options{NoStart: true})
+	in, err := loaders.Listen(ctx, c, g, "unix:"+sock, loaders.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -235,5 +235,86 @@ func TestQueriesWhileLoaderBlocked(t *testing.T) {
 	r, _ := in.Wait(ctx)
 	if r.State != "failed" {
 		t.Fatalf("destination ended %s", r.State)
+	}
+}
+
+// migrate_cancel aborts a destination at once in every state before its
+// guest runs: waiting for a source, with a source connected that sent
+// nothing, and in the middle of a page. It ends cancelled (not failed),
+// its guest never ran, and nothing waits for the stalled source.
+func TestCancelBeforeTheGuestRuns(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		send  func(t *testing.T, g *guest.Builtin) []byte // nil: do not connect
+		state string                                      // the state to cancel in
+	}{
+		{"listening", nil, "listening"},
+		{"connected, nothing sent", func(*testing.T, *guest.Builtin) []byte { return nil }, "listening"},
+		{"half a page", func(t *testing.T, g *guest.Builtin) []byte {
+			enc, buf := header(t, g, nil)
+			enc.BeginRAMPart()
+			enc.PutPage("pc.ram", 0, page(7))
+			enc.Flush()
+			return buf.Bytes()[:buf.Len()-2048]
+		}, "active"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, g := newDest(t)
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			sub := c.Subscribe(64)
+			defer sub.Close()
+			sock := filepath.Join(t.TempDir(), "in.sock")
+			in, err := loaders.Listen(ctx, c, g, "unix:"+sock, loaders.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.send != nil {
+				conn, err := net.Dial("unix", sock)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer conn.Close()
+				if data := tc.send(t, g); len(data) > 0 {
+					if _, err := conn.Write(data); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			waitIncoming(t, ctx, c, sub, tc.state)
+			if err := in.Cancel(ctx, "operator"); err != nil {
+				t.Fatal(err)
+			}
+			r, err := in.Wait(ctx)
+			if err != nil {
+				t.Fatalf("the loader did not end after cancel: %v", err)
+			}
+			if r.State != "cancelled" || !errors.Is(r.Err, loaders.ErrCancelled) {
+				t.Fatalf("destination ended %s (%v), want cancelled", r.State, r.Err)
+			}
+			if g.Running() || len(g.RunLog()) != 0 {
+				t.Fatal("a cancelled destination ran its guest")
+			}
+			if err := in.Cancel(ctx, "again"); err != nil {
+				t.Fatalf("a second cancel: %v", err)
+			}
+		})
+	}
+}
+
+// waitIncoming waits for the incoming side to reach state (it may already
+// be there).
+func waitIncoming(t *testing.T, ctx context.Context, c *machine.Controller, sub *machine.Subscription, state string) {
+	t.Helper()
+	st, _ := c.State(spec.Incoming)
+	for string(st) != state {
+		select {
+		case ev := <-sub.C():
+			if ev.Side == spec.Incoming && ev.Kind == machine.EventState {
+				st = ev.To
+			}
+		case <-ctx.Done():
+			t.Fatalf("the incoming side never reached %s (at %s)", state, st)
+		}
 	}
 }

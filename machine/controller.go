@@ -22,6 +22,21 @@
 // by each side's configure guards from the spec (config-mutable,
 // transport-compatible). It is applied only when both sides allow it, all at
 // once or not at all.
+//
+// # The guest graph
+//
+// Besides the two migration sides, the spec's guest graph tracks the
+// guest's run state as QEMU's RunState does (running, paused, inmigrate,
+// finish-migrate, postmigrate, ...). Whoever starts or stops the guest
+// fires the matching trigger, and rules can look at the run state
+// (Cond.GuestStates): "Guest is waiting for an incoming migration" is a
+// rule of the spec, not a check in Go.
+//
+// # The contract with the spec
+//
+// Go code names states and triggers only through this package's State and
+// Trigger constants; Contract lists them, and New refuses a spec that does
+// not declare one (with the spec's file:line:col and the name).
 package machine
 
 import (
@@ -38,14 +53,8 @@ import (
 	"github.com/qmuntal/stateless"
 
 	"github.com/migctl/migctl/guards"
+	"github.com/migctl/migctl/internal/mutant"
 	"github.com/migctl/migctl/spec"
-)
-
-// Configuration triggers, added to every state of both sides. The spec may
-// not use these names for its own edges.
-const (
-	TriggerSetCapabilities = "set-capabilities"
-	TriggerSetParameters   = "set-parameters"
 )
 
 // Options tune a Controller. The zero value is usable.
@@ -58,6 +67,10 @@ type Options struct {
 	// Facts are this end's facts (page-size, guest) the connect guard
 	// compares with the peer's.
 	Facts map[string]string
+	// Incoming: this process waits for an incoming migration (QEMU's
+	// -incoming): New fires await-incoming on the guest graph. Otherwise
+	// it fires boot: the caller runs the guest.
+	Incoming bool
 	// HistoryLimit bounds the transition history kept per side (default 512).
 	HistoryLimit int
 	// Now returns the current time (default time.Now).
@@ -74,18 +87,23 @@ type Controller struct {
 
 	mu     sync.Mutex // the controller lock; see the package doc
 	config guards.Config
-	sides  map[string]*side
+	sides  map[string]*side // every graph of the spec, by name
 	subs   map[*Subscription]struct{}
 	closed bool
 }
 
-// side is one state machine and what belongs to it. All fields are guarded
-// by Controller.mu.
+// side is one state machine (a migration side or the guest graph) and
+// what belongs to it. All fields are guarded by Controller.mu.
 type side struct {
-	name     string
-	graph    *spec.Side
-	sm       *stateless.StateMachine
-	state    string
+	name      string
+	graph     *spec.Side
+	migration bool // a migration side (not the guest graph)
+	sm        *stateless.StateMachine
+	state     string
+	// endpoint is the transport of the migration in progress: set by the
+	// trigger that starts one (incoming, migrate, recover, resume) in the
+	// same step as the guards judged it, cleared when the side reaches a
+	// terminal state (the next migration is judged against its own).
 	endpoint *guards.Endpoint
 	frozen   *guards.Config // configuration snapshot taken when it froze
 	errDesc  string
@@ -99,17 +117,22 @@ type side struct {
 type Record struct {
 	Time    time.Time
 	Side    string
-	From    string
-	To      string
-	Trigger string
+	From    State
+	To      State
+	Trigger Trigger
 	// Detail says what changed or why (a configuration change, a reason).
 	Detail string
 }
 
-// New builds a controller from a validated spec. It checks that every guard
-// the spec names is in the registry and that the spec does not use the
-// configuration triggers for its own edges.
+// New builds a controller from a validated spec. It checks that the spec
+// meets the contract (Check), that every guard the spec names is in the
+// registry, and that the spec does not use the configuration triggers for
+// its own edges; then it starts the guest graph (boot, or await-incoming
+// with Options.Incoming).
 func New(s *spec.Spec, opts Options) (*Controller, error) {
+	if err := Check(s); err != nil {
+		return nil, fmt.Errorf("machine: the spec does not declare what the Go code uses:\n%w", err)
+	}
 	if opts.Guards == nil {
 		opts.Guards = guards.Default()
 	}
@@ -130,12 +153,23 @@ func New(s *spec.Spec, opts Options) (*Controller, error) {
 		sides:  map[string]*side{},
 		subs:   map[*Subscription]struct{}{},
 	}
-	for _, name := range spec.SideNames {
-		sd, err := c.build(name, s.Side(name))
+	for _, name := range spec.GraphNames {
+		g := s.Side(name)
+		if g == nil {
+			continue // Check made sure the contract's graphs exist
+		}
+		sd, err := c.build(name, g)
 		if err != nil {
 			return nil, err
 		}
 		c.sides[name] = sd
+	}
+	first := TriggerBoot
+	if opts.Incoming {
+		first = TriggerAwaitIncoming
+	}
+	if _, err := c.Fire(context.Background(), spec.Guest, first, nil); err != nil {
+		return nil, fmt.Errorf("machine: start the guest graph: %w", err)
 	}
 	return c, nil
 }
@@ -153,6 +187,7 @@ type fireCtx struct {
 	elseTo   string
 	detail   string
 	moved    bool // the side changed state
+	ignored  bool // a kind: ignore edge accepted the trigger
 }
 
 type fireKey struct{}
@@ -163,12 +198,12 @@ func fctx(ctx context.Context) *fireCtx {
 }
 
 func (c *Controller) build(name string, g *spec.Side) (*side, error) {
-	sd := &side{name: name, graph: g, state: g.Initial}
+	sd := &side{name: name, graph: g, state: g.Initial, migration: name != spec.Guest}
 	sd.sm = stateless.NewStateMachineWithExternalStorage(
 		func(context.Context) (stateless.State, error) { return sd.state, nil },
 		func(_ context.Context, st stateless.State) error { sd.state = st.(string); return nil },
 		stateless.FiringImmediate)
-	for _, n := range []string{TriggerSetCapabilities, TriggerSetParameters} {
+	for _, n := range spec.ConfigTriggers {
 		if slices.Contains(g.Triggers(), n) {
 			return nil, fmt.Errorf("machine: %s side: trigger %q is reserved for configuration changes", name, n)
 		}
@@ -185,7 +220,15 @@ func (c *Controller) build(name string, g *spec.Side) (*side, error) {
 		guard := func(ctx context.Context, _ ...any) bool { return c.edgeAllows(ctx, sd, idx) }
 		switch {
 		case t.Kind == spec.KindIgnore:
-			cfg.Ignore(t.On)
+			on := t.On
+			cfg.InternalTransition(on, func(ctx context.Context, _ ...any) error {
+				if f := fctx(ctx); f != nil {
+					f.ignored = true
+				}
+				return nil
+			})
+		case t.Kind == spec.KindRefuse:
+			// Fire answers these before stateless sees them.
 		case len(t.Guards) == 0:
 			cfg.Permit(t.On, t.To)
 		default:
@@ -214,17 +257,19 @@ func (c *Controller) build(name string, g *spec.Side) (*side, error) {
 	}
 	confGuard := func(ctx context.Context, _ ...any) bool { return c.edgeAllows(ctx, sd, -1) }
 	apply := func(ctx context.Context, _ ...any) error { return nil } // applied by configure once both sides allow
-	for _, st := range g.States {
-		cfg := sd.sm.Configure(st.Name)
-		cfg.InternalTransition(TriggerSetCapabilities, apply, confGuard)
-		cfg.InternalTransition(TriggerSetParameters, apply, confGuard)
+	if sd.migration {
+		for _, st := range g.States {
+			cfg := sd.sm.Configure(st.Name)
+			cfg.InternalTransition(spec.TriggerSetCapabilities, apply, confGuard)
+			cfg.InternalTransition(spec.TriggerSetParameters, apply, confGuard)
+		}
 	}
 	sd.sm.OnUnhandledTrigger(func(ctx context.Context, st stateless.State, tr stateless.Trigger, _ []string) error {
 		f := fctx(ctx)
 		if f != nil && len(f.refused) > 0 {
 			return c.guardError(sd, f, "")
 		}
-		return &NotPermittedError{Side: name, State: st.(string), Trigger: tr.(string), Permitted: permitted(g, st.(string))}
+		return &NotPermittedError{Side: name, State: State(st.(string)), Trigger: Trigger(tr.(string)), Permitted: permitted(g, st.(string))}
 	})
 	sd.sm.OnTransitioned(func(ctx context.Context, tr stateless.Transition) {
 		c.transitioned(ctx, sd, tr.Source.(string), tr.Destination.(string), tr.Trigger.(string))
@@ -267,7 +312,7 @@ func (c *Controller) edgeAllows(ctx context.Context, sd *side, idx int) bool {
 }
 
 func (c *Controller) guardError(sd *side, f *fireCtx, to string) *GuardError {
-	e := &GuardError{Side: sd.name, State: f.in.State, Trigger: f.in.Trigger, To: to}
+	e := &GuardError{Side: sd.name, State: State(f.in.State), Trigger: Trigger(f.in.Trigger), To: State(to)}
 	for _, idx := range f.refused {
 		re := f.verdicts[idx].(*guards.RefusedError)
 		for _, r := range re.Refusals {
@@ -280,16 +325,17 @@ func (c *Controller) guardError(sd *side, f *fireCtx, to string) *GuardError {
 	return e
 }
 
-// permitted lists the triggers with an edge from state, sorted (the
-// configuration triggers are always accepted and not listed).
-func permitted(g *spec.Side, state string) []string {
-	var out []string
+// permitted lists the triggers with an edge from state that moves the
+// side, sorted (the configuration triggers are always accepted and not
+// listed; ignored and refused triggers are not listed).
+func permitted(g *spec.Side, state string) []Trigger {
+	var out []Trigger
 	for _, t := range g.Transitions {
-		if t.From == state && t.Kind != spec.KindIgnore && !slices.Contains(out, t.On) {
-			out = append(out, t.On)
+		if t.From == state && (t.Kind == "" || t.Kind == spec.KindPermit) && !slices.Contains(out, Trigger(t.On)) {
+			out = append(out, Trigger(t.On))
 		}
 	}
-	sort.Strings(out)
+	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
 	return out
 }
 
@@ -302,21 +348,29 @@ func (c *Controller) transitioned(ctx context.Context, sd *side, from, to, trigg
 		detail = f.detail
 		f.moved = true
 	}
-	if sd.graph.Mutable(from) && !sd.graph.Mutable(to) {
-		snap := c.config.Clone()
-		sd.frozen = &snap
+	if sd.migration {
+		if sd.graph.Mutable(from) && !sd.graph.Mutable(to) {
+			snap := c.config.Clone()
+			sd.frozen = &snap
+		}
+		if sd.graph.Mutable(to) {
+			sd.frozen = nil
+		}
+		if st := sd.graph.State(from); st != nil && (st.Terminal || from == sd.graph.Initial) {
+			sd.started = now
+			sd.errDesc = ""
+			sd.stats = Stats{}
+		}
+		if (sd.graph.Terminal(to) || to == sd.graph.Initial) && !mutant.KeepEndpoint {
+			// The migration ended: the next one is judged against its own
+			// transport, never this one's.
+			sd.endpoint = nil
+		}
 	}
-	if sd.graph.Mutable(to) {
-		sd.frozen = nil
-	}
-	if st := sd.graph.State(from); st != nil && (st.Terminal || from == sd.graph.Initial) {
-		sd.started = now
-		sd.errDesc = ""
-		sd.stats = Stats{}
-	}
-	c.record(sd, Record{Time: now, Side: sd.name, From: from, To: to, Trigger: trigger, Detail: detail})
+	r := Record{Time: now, Side: sd.name, From: State(from), To: State(to), Trigger: Trigger(trigger), Detail: detail}
+	c.record(sd, r)
 	c.opts.Logger.Info("transition", "side", sd.name, "from", from, "to", to, "trigger", trigger, "detail", detail)
-	c.publish(Event{Kind: EventState, Time: now, Side: sd.name, From: from, To: to, Trigger: trigger, Detail: detail})
+	c.publish(Event{Kind: EventState, Time: now, Side: sd.name, From: r.From, To: r.To, Trigger: r.Trigger, Detail: detail})
 }
 
 func (c *Controller) record(sd *side, r Record) {
@@ -329,7 +383,8 @@ func (c *Controller) record(sd *side, r Record) {
 // Args carries what a trigger brings with it.
 type Args struct {
 	// Endpoint is the transport a side starts to use (incoming, migrate,
-	// recover).
+	// recover, resume). The guards judge it, and Fire commits it to the
+	// side in the same step when the side moves.
 	Endpoint *guards.Endpoint
 	// Peer is the peer's announcement (connect).
 	Peer *guards.Peer
@@ -339,13 +394,35 @@ type Args struct {
 	Reason string
 }
 
-// Fire fires a trigger on a side. It returns nil when the side took an edge
-// (or the state ignores the trigger), *NotPermittedError when the state has
-// no such edge, and *GuardError when a guard refused (if the refused edge
-// has an else target the side has moved there: see GuardError.To).
-func (c *Controller) Fire(ctx context.Context, sideName, trigger string, a *Args) error {
+// Outcome is what a Fire did. Callers act on it rather than reading the
+// state again: between two calls another goroutine may move the side.
+type Outcome struct {
+	// Side is the graph the trigger was fired on.
+	Side string
+	// From is the state the side was in; To the state it is in after the
+	// Fire (equal to From unless Moved).
+	From, To State
+	// Moved: the side took an edge (to To).
+	Moved bool
+	// Ignored: the state accepted the trigger and stayed (kind: ignore).
+	Ignored bool
+	// Refused: the edge's guards refused and the side took the edge's else
+	// target instead (To). Into a terminal state Fire also returns a
+	// *GuardError; otherwise it is the alternative route.
+	Refused bool
+}
+
+// Fire fires a trigger on a side (a migration side or the guest graph). It
+// reports what happened in the Outcome, and returns nil when the side took
+// an edge or ignored the trigger, *NotPermittedError when the state has no
+// edge for it (or refuses it with a message: kind refuse), and *GuardError
+// when a guard refused (when the refused edge has an else target the side
+// has moved there: see Outcome.Refused). The endpoint in a is committed to
+// the side in the same step, only when the side moves.
+func (c *Controller) Fire(ctx context.Context, sideName string, trigger Trigger, a *Args) (Outcome, error) {
+	out := Outcome{Side: sideName}
 	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("machine: %s %s: %w", sideName, trigger, err)
+		return out, fmt.Errorf("machine: %s %s: %w", sideName, trigger, err)
 	}
 	if a == nil {
 		a = &Args{}
@@ -354,12 +431,17 @@ func (c *Controller) Fire(ctx context.Context, sideName, trigger string, a *Args
 	defer c.mu.Unlock()
 	sd, err := c.side(sideName)
 	if err != nil {
-		return err
+		return out, err
 	}
-	in := c.input(sd, trigger)
+	out.From = State(sd.state)
+	out.To = out.From
+	if t := sd.graph.Edge(sd.state, string(trigger)); t != nil && t.Kind == spec.KindRefuse {
+		return out, &NotPermittedError{Side: sideName, State: out.From, Trigger: trigger, Permitted: permitted(sd.graph, sd.state), Reason: t.Message}
+	}
+	in := c.input(sd, string(trigger))
 	if a.Endpoint != nil {
-		ep := *a.Endpoint
-		in.Transport = &ep
+		ep := cloneEndpoint(a.Endpoint)
+		in.Transport = ep
 	}
 	in.Peer = a.Peer
 	f := &fireCtx{in: in, verdicts: map[int]error{}, detail: a.Reason}
@@ -368,30 +450,34 @@ func (c *Controller) Fire(ctx context.Context, sideName, trigger string, a *Args
 	}
 	prevEndpoint := sd.endpoint
 	if a.Endpoint != nil {
-		ep := *a.Endpoint
-		sd.endpoint = &ep // visible to the transition hook; restored below on refusal
+		sd.endpoint = cloneEndpoint(a.Endpoint) // visible to the transition hook; restored below unless the side moved
 	}
-	err = c.fire(ctx, sd, f, trigger)
-	if err != nil && a.Endpoint != nil {
-		var ge *GuardError
-		if !(errors.As(err, &ge) && ge.To != "") {
-			sd.endpoint = prevEndpoint
-		}
+	err = c.fire(ctx, sd, f, string(trigger))
+	if a.Endpoint != nil && !f.moved {
+		sd.endpoint = prevEndpoint
 	}
+	out.To, out.Moved, out.Ignored = State(sd.state), f.moved, f.ignored
 	if err == nil && f.elseTo != "" {
 		// The guards refused and the edge's else target was taken. Into a
 		// terminal state that is a failure the caller must see; otherwise
 		// it is the alternative route (e.g. switchover without a pause),
 		// recorded in the history with its reason.
+		out.Refused = true
 		ge := c.guardError(sd, f, f.elseTo)
-		if st := sd.graph.State(f.elseTo); st != nil && st.Terminal {
+		if sd.graph.Terminal(f.elseTo) {
 			sd.errDesc = ge.Reason()
 			err = ge
 		}
 	} else if err == nil && a.Reason != "" && f.moved {
 		sd.errDesc = a.Reason
 	}
-	return err
+	return out, err
+}
+
+func cloneEndpoint(e *guards.Endpoint) *guards.Endpoint {
+	ep := *e
+	ep.Channels = slices.Clone(e.Channels)
+	return &ep
 }
 
 func (c *Controller) fire(ctx context.Context, sd *side, f *fireCtx, trigger string) (err error) {
@@ -409,13 +495,13 @@ func (c *Controller) side(name string) (*side, error) {
 	}
 	sd, ok := c.sides[name]
 	if !ok {
-		return nil, fmt.Errorf("machine: side %q: %w (want incoming or outgoing)", name, ErrUnknownName)
+		return nil, fmt.Errorf("machine: side %q: %w (want incoming, outgoing or guest)", name, ErrUnknownName)
 	}
 	return sd, nil
 }
 
 func (c *Controller) input(sd *side, trigger string) *guards.Input {
-	return &guards.Input{
+	in := &guards.Input{
 		Spec:      c.spec,
 		Side:      sd.name,
 		State:     sd.state,
@@ -426,6 +512,42 @@ func (c *Controller) input(sd *side, trigger string) *guards.Input {
 		Facts:     c.opts.Facts,
 		Features:  c.opts.Features,
 	}
+	if g := c.sides[spec.Guest]; g != nil {
+		in.GuestState = g.state
+	}
+	return in
+}
+
+// Judge returns every rule's verdict on firing trigger on a side in its
+// current state with the configuration cfg and the arguments a — the same
+// input Fire would hand the guards, with cfg in place of the live
+// configuration. It changes nothing. It returns *NotPermittedError when
+// the state has no edge for the trigger (a refusal no rule makes). migctl
+// explain is built on it, so that its verdict is the machine's own.
+func (c *Controller) Judge(sideName string, trigger Trigger, a *Args, cfg guards.Config) ([]guards.Verdict, error) {
+	if a == nil {
+		a = &Args{}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	sd, err := c.side(sideName)
+	if err != nil {
+		return nil, err
+	}
+	t := sd.graph.Edge(sd.state, string(trigger))
+	switch {
+	case t == nil && !slices.Contains(spec.ConfigTriggers, string(trigger)):
+		return nil, &NotPermittedError{Side: sideName, State: State(sd.state), Trigger: trigger, Permitted: permitted(sd.graph, sd.state)}
+	case t != nil && t.Kind == spec.KindRefuse:
+		return nil, &NotPermittedError{Side: sideName, State: State(sd.state), Trigger: trigger, Permitted: permitted(sd.graph, sd.state), Reason: t.Message}
+	}
+	in := c.input(sd, string(trigger))
+	in.Config, in.Previous = cfg.Clone(), cfg.Clone()
+	if a.Endpoint != nil {
+		in.Transport = cloneEndpoint(a.Endpoint)
+	}
+	in.Peer = a.Peer
+	return guards.Evaluate(in), nil
 }
 
 // SetCapabilities switches capabilities on or off, all or nothing: the
@@ -437,7 +559,7 @@ func (c *Controller) SetCapabilities(ctx context.Context, caps map[string]bool) 
 			return fmt.Errorf("machine: capability %q: %w", name, ErrUnknownName)
 		}
 	}
-	return c.configure(ctx, TriggerSetCapabilities, &guards.Change{Caps: maps.Clone(caps)})
+	return c.configure(ctx, spec.TriggerSetCapabilities, &guards.Change{Caps: maps.Clone(caps)})
 }
 
 // SetParameters sets parameters, all or nothing. Values may be strings,
@@ -456,7 +578,7 @@ func (c *Controller) SetParameters(ctx context.Context, params map[string]any) e
 		}
 		ch.Params[name] = v
 	}
-	return c.configure(ctx, TriggerSetParameters, ch)
+	return c.configure(ctx, spec.TriggerSetParameters, ch)
 }
 
 func (c *Controller) configure(ctx context.Context, trigger string, ch *guards.Change) error {
@@ -483,9 +605,9 @@ func (c *Controller) configure(ctx context.Context, trigger string, ch *guards.C
 	detail := describeChange(ch)
 	for _, name := range spec.SideNames {
 		sd := c.sides[name]
-		c.record(sd, Record{Time: now, Side: name, From: sd.state, To: sd.state, Trigger: trigger, Detail: detail})
+		c.record(sd, Record{Time: now, Side: name, From: State(sd.state), To: State(sd.state), Trigger: Trigger(trigger), Detail: detail})
 	}
-	c.publish(Event{Kind: EventConfig, Time: now, Trigger: trigger, Detail: detail})
+	c.publish(Event{Kind: EventConfig, Time: now, Trigger: Trigger(trigger), Detail: detail})
 	return nil
 }
 
@@ -504,15 +626,16 @@ func describeChange(ch *guards.Change) string {
 	return fmt.Sprint(parts)
 }
 
-// State returns a side's current state.
-func (c *Controller) State(sideName string) (string, error) {
+// State returns a side's current state. Use it to show the state; to act
+// on what a trigger did, use the Outcome of its Fire.
+func (c *Controller) State(sideName string) (State, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	sd, err := c.side(sideName)
 	if err != nil {
 		return "", err
 	}
-	return sd.state, nil
+	return State(sd.state), nil
 }
 
 // Config returns a copy of the live configuration.
@@ -543,18 +666,25 @@ func (c *Controller) Frozen(sideName string) (cfg guards.Config, ok bool) {
 	return sd.frozen.Clone(), true
 }
 
-// Status is a snapshot of one side.
+// Status is a snapshot of one side (or of the guest graph).
 type Status struct {
 	Side  string
-	State string
+	State State
+	// QMPStatus is the state's QMP name (spec: status), e.g. setup for the
+	// destination's listening; Report is what query-migrate shows of it
+	// (spec: report).
+	QMPStatus, Report string
 	// Mutable: capabilities may change in this state.
 	Mutable bool
 	// Terminal: the state ends a migration.
 	Terminal bool
+	// Initial: the side's initial state (no migration ever ran).
+	Initial bool
 	// Permitted lists the triggers the state accepts (besides the
 	// configuration triggers), sorted.
-	Permitted []string
-	// Endpoint is the transport in use, if any.
+	Permitted []Trigger
+	// Endpoint is the transport of the migration in progress, if any
+	// (none in the initial and terminal states).
 	Endpoint *guards.Endpoint
 	// Error describes why the side failed, if it did.
 	Error string
@@ -575,8 +705,9 @@ func (c *Controller) Status(sideName string, history int) (Status, error) {
 	}
 	st := Status{
 		Side:      sd.name,
-		State:     sd.state,
+		State:     State(sd.state),
 		Mutable:   sd.graph.Mutable(sd.state),
+		Initial:   sd.state == sd.graph.Initial,
 		Permitted: permitted(sd.graph, sd.state),
 		Error:     sd.errDesc,
 		Started:   sd.started,
@@ -584,10 +715,10 @@ func (c *Controller) Status(sideName string, history int) (Status, error) {
 	}
 	if s := sd.graph.State(sd.state); s != nil {
 		st.Terminal = s.Terminal
+		st.QMPStatus, st.Report = s.QMPStatus(), s.Reports()
 	}
 	if sd.endpoint != nil {
-		ep := *sd.endpoint
-		st.Endpoint = &ep
+		st.Endpoint = cloneEndpoint(sd.endpoint)
 	}
 	h := sd.history
 	if history >= 0 && len(h) > history {

@@ -8,17 +8,31 @@ import (
 	"github.com/migctl/migctl/guards"
 )
 
-// NotPermittedError: the trigger has no edge from the side's current state.
+// NotPermittedError: the trigger has no edge from the side's current state,
+// or the state refuses it with a message (a kind: refuse edge).
 type NotPermittedError struct {
-	Side, State, Trigger string
+	Side    string
+	State   State
+	Trigger Trigger
 	// Permitted lists the triggers the state does accept, sorted.
-	Permitted []string
+	Permitted []Trigger
+	// Reason is the spec's message when a kind: refuse edge refused the
+	// trigger (QEMU's wording, e.g. "Postcopy migration in progress,
+	// cannot cancel."); empty when the state has no edge for it.
+	Reason string
 }
 
 func (e *NotPermittedError) Error() string {
+	if e.Reason != "" {
+		return fmt.Sprintf("%s: %s refused in state %s: %s", e.Side, e.Trigger, e.State, e.Reason)
+	}
 	p := "none"
 	if len(e.Permitted) > 0 {
-		p = strings.Join(e.Permitted, ", ")
+		ps := make([]string, len(e.Permitted))
+		for i, t := range e.Permitted {
+			ps[i] = string(t)
+		}
+		p = strings.Join(ps, ", ")
 	}
 	return fmt.Sprintf("%s: trigger %q is not permitted in state %s (permitted: %s)", e.Side, e.Trigger, e.State, p)
 }
@@ -27,13 +41,15 @@ func (e *NotPermittedError) Error() string {
 // an else target, the side has moved there (To); otherwise the state is
 // unchanged (To is empty).
 type GuardError struct {
-	Side, State, Trigger string
+	Side    string
+	State   State
+	Trigger Trigger
 	// Guards names the guards that refused, in spec order.
 	Guards []string
 	// Refusals holds every reason.
 	Refusals []guards.Refusal
 	// To is the state the refusal moved the side to, or "".
-	To string
+	To State
 }
 
 func (e *GuardError) Error() string {

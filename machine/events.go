@@ -1,8 +1,12 @@
 package machine
 
 import (
+	"errors"
+	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/migctl/migctl/internal/mutant"
 )
 
 // Event kinds.
@@ -18,9 +22,9 @@ type Event struct {
 	Kind    string
 	Time    time.Time
 	Side    string // empty for configuration events
-	From    string
-	To      string
-	Trigger string
+	From    State
+	To      State
+	Trigger Trigger
 	Detail  string
 	// Pass is the dirty-sync count for EventPass.
 	Pass uint64
@@ -28,65 +32,169 @@ type Event struct {
 	Stats *Stats
 }
 
-// Subscription delivers events on a bounded channel. A subscriber that
-// does not keep up loses events (counted by Dropped); it never slows the
-// controller.
+// MaxQueued bounds the events a subscription holds for a subscriber that
+// does not read: beyond it the subscription is closed with ErrOverflow
+// rather than lose a state event. State changes are rare (tens per
+// migration), so only a subscriber that stopped reading for good gets
+// there.
+const MaxQueued = 1 << 16
+
+// ErrOverflow is a subscription's Err when it was closed because its
+// subscriber stopped reading (MaxQueued events were waiting).
+var ErrOverflow = errors.New("machine: subscription closed: its subscriber stopped reading")
+
+// Subscription delivers events on a channel, in order. State, configuration
+// and pass events are never lost: the controller queues them for the
+// subscriber without blocking (a slow subscriber never slows the
+// controller) and a goroutine of the subscription hands them over. Only
+// statistics are lossy: when buf events are already waiting, a new
+// statistics event replaces the latest waiting one of the same side, or is
+// dropped if there is none (either way one is counted by Dropped).
 type Subscription struct {
-	c       *Controller
-	ch      chan Event
-	closed  bool // guarded by Controller.mu
-	dropped atomic.Uint64
+	c     *Controller
+	ch    chan Event
+	buf   int
+	ready chan struct{} // capacity 1: pokes the pump
+	stop  chan struct{} // closed by Close: the pump returns at once
+	pdone chan struct{} // closed when the pump has returned
+
+	mu      sync.Mutex // guards the fields below; taken after Controller.mu when both are held
+	queue   []Event
+	closing bool // no more events: the pump closes ch once the queue is delivered
+	err     error
+
+	dropped  atomic.Uint64
+	stopOnce sync.Once
 }
 
-// Subscribe returns a subscription with room for buf undelivered events
-// (at least 1).
+// Subscribe returns a subscription whose channel has room for buf events
+// (at least 1); see Subscription. Call Close when done with it.
 func (c *Controller) Subscribe(buf int) *Subscription {
 	if buf < 1 {
 		buf = 1
 	}
-	s := &Subscription{c: c, ch: make(chan Event, buf)}
+	s := &Subscription{c: c, ch: make(chan Event, buf), buf: buf, ready: make(chan struct{}, 1), stop: make(chan struct{}), pdone: make(chan struct{})}
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	if c.closed {
-		s.closed = true
-		close(s.ch)
-		return s
+		s.closing = true
+	} else {
+		c.subs[s] = struct{}{}
 	}
-	c.subs[s] = struct{}{}
+	c.mu.Unlock()
+	go s.pump()
 	return s
 }
 
-// C returns the event channel; it is closed by Close (or the controller's
-// Close).
+// C returns the event channel. It is closed after Close, or after the
+// controller's Close once every queued event was delivered.
 func (s *Subscription) C() <-chan Event { return s.ch }
 
-// Dropped returns how many events were lost because the channel was full.
+// Dropped returns how many statistics events were dropped because the
+// subscriber was behind. State, configuration and pass events are never
+// dropped.
 func (s *Subscription) Dropped() uint64 { return s.dropped.Load() }
 
-// Close ends the subscription and closes its channel.
-func (s *Subscription) Close() {
-	s.c.mu.Lock()
-	defer s.c.mu.Unlock()
-	delete(s.c.subs, s)
-	s.closeLocked()
+// Err returns ErrOverflow if the subscription was closed because its
+// subscriber stopped reading, and nil otherwise.
+func (s *Subscription) Err() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.err
 }
 
+// Close ends the subscription: events not yet delivered are discarded and
+// the channel is closed. It waits for the subscription's goroutine.
+func (s *Subscription) Close() {
+	s.c.mu.Lock()
+	delete(s.c.subs, s)
+	s.c.mu.Unlock()
+	s.stopOnce.Do(func() { close(s.stop) })
+	<-s.pdone
+}
+
+// closeLocked stops new events; the pump delivers the queue, then closes
+// the channel. The caller holds Controller.mu.
 func (s *Subscription) closeLocked() {
-	if !s.closed {
-		s.closed = true
-		close(s.ch)
+	s.mu.Lock()
+	s.closing = true
+	s.mu.Unlock()
+	s.poke()
+}
+
+func (s *Subscription) poke() {
+	select {
+	case s.ready <- struct{}{}:
+	default:
 	}
 }
 
-// publish delivers ev to every subscriber without blocking; the caller
+// push queues ev; the caller holds Controller.mu.
+func (s *Subscription) push(ev Event) {
+	s.mu.Lock()
+	switch {
+	case s.closing:
+		s.mu.Unlock()
+		return
+	case mutant.LossyEvents && len(s.queue) >= s.buf:
+		s.dropped.Add(1)
+	case ev.Kind == EventStats && len(s.queue) >= s.buf:
+		// One statistics event is lost either way: the waiting one it
+		// replaces, or this one.
+		s.dropped.Add(1)
+		for i := len(s.queue) - 1; i >= 0; i-- {
+			if q := &s.queue[i]; q.Kind == EventStats && q.Side == ev.Side {
+				*q = ev
+				break
+			}
+		}
+	case len(s.queue) >= MaxQueued:
+		s.err = ErrOverflow
+		s.closing = true
+		s.queue = nil
+		delete(s.c.subs, s)
+	default:
+		s.queue = append(s.queue, ev)
+	}
+	s.mu.Unlock()
+	s.poke()
+}
+
+// pump hands queued events to the channel in order. It owns the sending
+// side of ch.
+func (s *Subscription) pump() {
+	defer close(s.pdone)
+	defer close(s.ch)
+	for {
+		s.mu.Lock()
+		batch, closing := s.queue, s.closing
+		s.queue = nil
+		s.mu.Unlock()
+		for _, ev := range batch {
+			select {
+			case s.ch <- ev:
+			case <-s.stop:
+				return
+			}
+		}
+		if len(batch) > 0 {
+			continue
+		}
+		if closing {
+			return
+		}
+		select {
+		case <-s.ready:
+		case <-s.stop:
+			return
+		}
+	}
+}
+
+// publish queues ev for every subscriber without blocking; the caller
 // holds c.mu.
 func (c *Controller) publish(ev Event) {
 	for s := range c.subs {
-		select {
-		case s.ch <- ev:
-		default:
-			s.dropped.Add(1)
-		}
+		s.push(ev)
 	}
 }
 
@@ -108,7 +216,18 @@ type Stats struct {
 	PrecopyBytes     uint64
 	DowntimeBytes    uint64
 	ExpectedDowntime time.Duration
-	Downtime         time.Duration // measured; set on completion
+	// Downtime is QEMU's downtime: from the source stopping its guest to
+	// the source's last byte written (with QEMU's return-path capability
+	// on, to the destination's SHUT), set on completion.
+	Downtime time.Duration
+	// TrueDowntime is the guest's downtime as measured by the source: from
+	// stopping its guest to the destination's confirmation that its guest
+	// runs (an upper bound by the confirmation's half round trip); 0 when
+	// the transport has no back channel (file, exec).
+	TrueDowntime time.Duration
+	// ThrottlePercent is auto-converge's current throttle of the source's
+	// guest (query-migrate's cpu-throttle-percentage); 0 when inactive.
+	ThrottlePercent int
 	SetupTime        time.Duration
 	TotalTime        time.Duration
 	// Checksum is the guest digest at switchover (source) or after load

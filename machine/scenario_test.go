@@ -41,7 +41,10 @@ func (c *fakeClock) now() time.Time {
 	return c.t
 }
 
-func newController(t testing.TB, features ...string) *machine.Controller {
+// newController builds a controller of the default spec with a fake
+// clock: a source process (its guest boots), or with incoming a
+// destination (its guest waits for an incoming migration).
+func newController(t testing.TB, incoming bool, features ...string) *machine.Controller {
 	t.Helper()
 	clk := &fakeClock{t: time.Date(2026, 1, 8, 0, 0, 0, 0, time.UTC)}
 	fs := map[string]bool{}
@@ -52,6 +55,7 @@ func newController(t testing.TB, features ...string) *machine.Controller {
 		Now:      clk.now,
 		Features: fs,
 		Facts:    map[string]string{"page-size": "4096", "guest": "builtin-64M"},
+		Incoming: incoming,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -78,7 +82,7 @@ func describeErr(err error) string {
 	case errors.As(err, &ge):
 		out := fmt.Sprintf("refused by %s", strings.Join(ge.Guards, ", "))
 		if ge.To != "" {
-			out += ", moved to " + ge.To
+			out += ", moved to " + string(ge.To)
 		}
 		for _, r := range ge.Refusals {
 			out += "\n  " + r.String()
@@ -91,19 +95,26 @@ func describeErr(err error) string {
 }
 
 // TestScenarios runs the stories under testdata/: each command drives the
-// controller and prints its answer (see the files for the commands).
+// controller and prints its answer. Commands: reset [role=source|destination]
+// [features=...] (a fresh controller; a file starts with a source),
+// fire side=S on=T [uri=U] [reason=R] (peer announcement lines as input),
+// set-caps, set-params, status side=S, config, history side=S.
 func TestScenarios(t *testing.T) {
 	datadriven.Walk(t, "testdata", func(t *testing.T, path string) {
 		var c *machine.Controller
 		datadriven.RunTest(t, path, func(t *testing.T, td *datadriven.TestData) string {
 			if c == nil || td.Cmd == "reset" {
 				var feats []string
+				incoming := false
 				for _, a := range td.CmdArgs {
-					if a.Key == "features" {
+					switch a.Key {
+					case "features":
 						feats = a.Vals
+					case "role":
+						incoming = len(a.Vals) > 0 && a.Vals[0] == "destination"
 					}
 				}
-				c = newController(t, feats...)
+				c = newController(t, incoming, feats...)
 				if td.Cmd == "reset" {
 					return "ok"
 				}
@@ -138,9 +149,15 @@ func TestScenarios(t *testing.T) {
 						}
 					}
 				}
-				err := c.Fire(ctx, arg("side"), arg("on"), a)
-				st, _ := c.State(arg("side"))
-				return describeErr(err) + "\nstate: " + st
+				out, err := c.Fire(ctx, arg("side"), machine.Trigger(arg("on")), a)
+				res := describeErr(err)
+				switch {
+				case out.Ignored:
+					res += " (ignored)"
+				case out.Refused && err == nil:
+					res += " (guards refused: took the else edge)"
+				}
+				return res + "\nstate: " + string(out.To)
 			case "set-caps":
 				caps := map[string]bool{}
 				for _, f := range strings.Fields(td.Input) {
@@ -164,7 +181,11 @@ func TestScenarios(t *testing.T) {
 				if st.Mutable {
 					mut = "mutable"
 				}
-				out := fmt.Sprintf("state: %s (config %s)\npermitted: %s", st.State, mut, strings.Join(st.Permitted, " "))
+				var perm []string
+				for _, p := range st.Permitted {
+					perm = append(perm, string(p))
+				}
+				out := fmt.Sprintf("state: %s (status %s, config %s)\npermitted: %s", st.State, st.QMPStatus, mut, strings.Join(perm, " "))
 				if st.Endpoint != nil {
 					out += "\nendpoint: " + st.Endpoint.URI
 				}

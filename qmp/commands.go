@@ -48,6 +48,8 @@ func init() {
 		"migrate_cancel":             {run: cmdCancel},
 		"migrate-cancel":             {run: cmdCancel}, // the spelling ARCHITECTURE.md uses; QEMU's is migrate_cancel
 		"migrate-continue":           {run: cmdContinue},
+		"stop":                       {run: cmdStop},
+		"cont":                       {run: cmdCont},
 		"migrate-start-postcopy":     {run: cmdPostcopy("migrate-start-postcopy")},
 		"migrate-pause":              {run: cmdPostcopy("migrate-pause"), oob: true},
 		"migrate-recover":            {run: cmdRecover, oob: true},
@@ -110,6 +112,9 @@ func (s *Server) qmpError(err error) *Error {
 	}
 	var np *machine.NotPermittedError
 	if errors.As(err, &np) {
+		if np.Reason != "" {
+			return genericf("%s", np.Reason)
+		}
 		return genericf("%s", notPermittedText(s.c.Spec(), np))
 	}
 	var ge *machine.GuardError
@@ -125,15 +130,16 @@ func (s *Server) qmpError(err error) *Error {
 	return genericf("%s", err.Error())
 }
 
-// notPermittedText words a trigger refused for want of an edge.
+// notPermittedText words a trigger refused for want of an edge, in QEMU's
+// words where QEMU has them.
 func notPermittedText(sp *spec.Spec, np *machine.NotPermittedError) string {
-	from := statesAccepting(sp.Side(np.Side), np.Trigger)
+	sd := sp.Side(np.Side)
+	from := statesAccepting(sd, string(np.Trigger))
 	detail := fmt.Sprintf("the %s side is in state %s; %s is accepted only in %s", np.Side, np.State, np.Trigger, strings.Join(from, ", "))
-	st := sp.Side(np.Side).State(np.State)
 	switch {
-	case np.Side == spec.Outgoing && np.Trigger == "migrate" && st != nil && !st.Terminal && np.State != "none":
+	case np.Side == spec.Outgoing && np.Trigger == machine.TriggerMigrate && !sd.Terminal(string(np.State)):
 		return "There's a migration process in progress (" + detail + ")"
-	case np.Side == spec.Incoming && np.Trigger == "incoming":
+	case np.Side == spec.Incoming && np.Trigger == machine.TriggerIncoming:
 		return "The incoming migration has already been started (" + detail + ")"
 	}
 	return fmt.Sprintf("%s is not possible now: %s", np.Trigger, detail)
@@ -142,7 +148,7 @@ func notPermittedText(sp *spec.Spec, np *machine.NotPermittedError) string {
 func statesAccepting(sd *spec.Side, trigger string) []string {
 	var out []string
 	for _, t := range sd.Transitions {
-		if t.On == trigger && t.Kind != spec.KindIgnore && !slices.Contains(out, t.From) {
+		if t.On == trigger && (t.Kind == "" || t.Kind == spec.KindPermit) && !slices.Contains(out, t.From) {
 			out = append(out, t.From)
 		}
 	}
@@ -207,11 +213,37 @@ func cmdQueryCommands(_ *Server, _ *client, a *args) (any, func(), error) {
 	return out, nil, nil
 }
 
+// RunState is query-status's result (QEMU's StatusInfo).
+type RunState struct {
+	// Status is the guest graph's QMP status: QEMU's RunState (running,
+	// paused, inmigrate, finish-migrate, postmigrate, prelaunch).
+	Status  string `json:"status"`
+	Running bool   `json:"running"`
+}
+
 func cmdQueryStatus(s *Server, _ *client, a *args) (any, func(), error) {
 	if e := a.done(); e != nil {
 		return nil, nil, e
 	}
-	return s.h.RunState(), nil, nil
+	st, err := s.c.Status(spec.Guest, 0)
+	if err != nil {
+		return nil, nil, err
+	}
+	return RunState{Status: st.QMPStatus, Running: st.State == machine.GuestRunning}, nil, nil
+}
+
+func cmdStop(s *Server, _ *client, a *args) (any, func(), error) {
+	if e := a.done(); e != nil {
+		return nil, nil, e
+	}
+	return struct{}{}, nil, s.h.Stop(s.ctx)
+}
+
+func cmdCont(s *Server, _ *client, a *args) (any, func(), error) {
+	if e := a.done(); e != nil {
+		return nil, nil, e
+	}
+	return struct{}{}, nil, s.h.Cont(s.ctx)
 }
 
 func cmdQuit(s *Server, _ *client, a *args) (any, func(), error) {
@@ -222,47 +254,63 @@ func cmdQuit(s *Server, _ *client, a *args) (any, func(), error) {
 }
 
 // migrationURI reads the uri xor channels arguments of migrate and
-// migrate-incoming and returns the URI to use.
-func migrationURI(cmd string, a *args) (string, *Error) {
+// migrate-incoming and returns the URI of the main channel and the channel
+// types given (nil for a plain uri). Whether a channel type may be used is
+// the spec's rules' call (migctl/no-cpr-channel), not this parser's.
+func migrationURI(cmd string, a *args) (string, []string, *Error) {
 	uri, hasURI := a.str("uri", false)
 	rawCh, hasCh := a.get("channels")
 	if a.err != nil {
-		return "", a.err
+		return "", nil, a.err
 	}
 	switch {
 	case hasURI && hasCh:
-		return "", genericf("'uri' and 'channels' arguments are mutually exclusive; exactly one of the two should be present in '%s' qmp command", cmd)
+		return "", nil, genericf("'uri' and 'channels' arguments are mutually exclusive; exactly one of the two should be present in '%s' qmp command", cmd)
 	case !hasURI && !hasCh:
-		return "", genericf("One of 'uri' or 'channels' arguments should be present in '%s' qmp command", cmd)
+		return "", nil, genericf("One of 'uri' or 'channels' arguments should be present in '%s' qmp command", cmd)
 	case hasURI:
 		if _, err := transport.Parse(uri); err != nil {
-			return "", genericf("%s", err.Error())
+			return "", nil, genericf("%s", err.Error())
 		}
-		return uri, nil
+		return uri, nil, nil
 	}
 	list, e := decodeArray("channels", rawCh)
 	if e != nil {
-		return "", e
+		return "", nil, e
 	}
-	switch {
-	case len(list) == 0:
-		return "", genericf("Channel list is empty: give one channel of type main")
-	case len(list) > 1:
-		return "", genericf("Channel list has more than one entries: migctl takes one channel of type main")
+	if len(list) == 0 {
+		return "", nil, genericf("Channel list is empty: give one channel of type main")
 	}
-	addr, e := decodeChannel("channels[0]", list[0])
-	if e != nil {
-		return "", e
+	if cmd == "migrate-incoming" && len(list) > 1 {
+		return "", nil, genericf("Channel list must have only one entry, for type 'main'")
 	}
-	return addr.String(), nil
+	var types []string
+	main := ""
+	for i, el := range list {
+		typ, addr, e := decodeChannel(fmt.Sprintf("channels[%d]", i), el)
+		if e != nil {
+			return "", nil, e
+		}
+		if slices.Contains(types, typ) {
+			return "", nil, genericf("Channel list has more than one %s entry", typ)
+		}
+		types = append(types, typ)
+		if typ == "main" || len(list) == 1 {
+			main = addr.String()
+		}
+	}
+	if main == "" {
+		return "", nil, genericf("Channel list has no main entry")
+	}
+	return main, types, nil
 }
 
 // decodeChannel decodes a MigrationChannel strictly, naming the member at
-// fault.
-func decodeChannel(name string, raw json.RawMessage) (transport.Addr, *Error) {
+// fault, and returns its type and address.
+func decodeChannel(name string, raw json.RawMessage) (string, transport.Addr, *Error) {
 	m, e := decodeObject(name, raw)
 	if e != nil {
-		return transport.Addr{}, e
+		return "", transport.Addr{}, e
 	}
 	ca := newArgs(m)
 	typ, _ := ca.str("channel-type", true)
@@ -271,25 +319,24 @@ func decodeChannel(name string, raw json.RawMessage) (transport.Addr, *Error) {
 		ca.fail(missing("addr"))
 	}
 	if e := ca.done(); e != nil {
-		return transport.Addr{}, prefixed(name, e)
+		return "", transport.Addr{}, prefixed(name, e)
 	}
-	switch typ {
-	case "main":
-	case "cpr":
-		return transport.Addr{}, genericf("Parameter '%s.channel-type': cpr channels need mode cpr-transfer, which migctl does not implement; give one channel of type main", name)
-	default:
-		return transport.Addr{}, genericf("Parameter '%s.channel-type' does not accept value '%s' (want main)", name, typ)
+	if !slices.Contains(channelTypes, typ) {
+		return "", transport.Addr{}, genericf("Parameter '%s.channel-type' does not accept value '%s' (want %s)", name, typ, strings.Join(channelTypes, " or "))
 	}
 	ma, e := decodeAddress(name+".addr", rawAddr)
 	if e != nil {
-		return transport.Addr{}, e
+		return "", transport.Addr{}, e
 	}
 	addr, err := transport.FromChannel(ma)
 	if err != nil {
-		return transport.Addr{}, genericf("%s", err.Error())
+		return "", transport.Addr{}, genericf("%s", err.Error())
 	}
-	return addr, nil
+	return typ, addr, nil
 }
+
+// channelTypes is QEMU's MigrationChannelType.
+var channelTypes = []string{"main", "cpr"}
 
 // prefixed rewrites an args error about member X into one about
 // PREFIX.X, as QEMU names nested members.
@@ -358,7 +405,7 @@ func jsonKind(t reflect.Type) string {
 }
 
 func cmdMigrate(s *Server, _ *client, a *args) (any, func(), error) {
-	uri, e := migrationURI("migrate", a)
+	uri, channels, e := migrationURI("migrate", a)
 	a.boolean("detach", false) // accepted and ignored, as in QEMU
 	resume := a.boolean("resume", false)
 	if e == nil {
@@ -370,11 +417,11 @@ func cmdMigrate(s *Server, _ *client, a *args) (any, func(), error) {
 	if resume {
 		return nil, nil, genericf("migrate with resume is not supported yet: postcopy lands in a later release")
 	}
-	return struct{}{}, nil, s.h.Migrate(s.ctx, uri)
+	return struct{}{}, nil, s.h.Migrate(s.ctx, uri, channels)
 }
 
 func cmdMigrateIncoming(s *Server, _ *client, a *args) (any, func(), error) {
-	uri, e := migrationURI("migrate-incoming", a)
+	uri, channels, e := migrationURI("migrate-incoming", a)
 	exitOnError := a.boolean("exit-on-error", true)
 	if e == nil {
 		e = a.done()
@@ -382,7 +429,7 @@ func cmdMigrateIncoming(s *Server, _ *client, a *args) (any, func(), error) {
 	if e != nil {
 		return nil, nil, e
 	}
-	return struct{}{}, nil, s.h.Incoming(s.ctx, uri, exitOnError)
+	return struct{}{}, nil, s.h.Incoming(s.ctx, uri, channels, exitOnError)
 }
 
 func cmdSetCapabilities(s *Server, _ *client, a *args) (any, func(), error) {
@@ -706,19 +753,22 @@ func cmdQueryMachine(s *Server, _ *client, a *args) (any, func(), error) {
 			return nil, nil, err
 		}
 		si := SideInfo{
-			State:         st.State,
-			Status:        MigrationStatus(side, st.State),
-			Permitted:     append([]string{}, st.Permitted...),
+			State:         string(st.State),
+			Status:        st.QMPStatus,
+			Permitted:     []string{},
 			ConfigMutable: st.Mutable,
 			Terminal:      st.Terminal,
 			ErrorDesc:     st.Error,
 			History:       []Transition{},
 		}
+		for _, t := range st.Permitted {
+			si.Permitted = append(si.Permitted, string(t))
+		}
 		if st.Endpoint != nil {
 			si.Transport, si.URI = st.Endpoint.Transport, st.Endpoint.URI
 		}
 		for _, r := range st.History {
-			si.History = append(si.History, Transition{Time: r.Time.Format(time.RFC3339Nano), From: r.From, To: r.To, Trigger: r.Trigger, Detail: truncate(r.Detail, 256)})
+			si.History = append(si.History, Transition{Time: r.Time.Format(time.RFC3339Nano), From: string(r.From), To: string(r.To), Trigger: string(r.Trigger), Detail: truncate(r.Detail, 256)})
 		}
 		if side == spec.Incoming {
 			out.Incoming = si

@@ -21,6 +21,9 @@ type MigrationInfo struct {
 	Downtime         *int64          `json:"downtime,omitempty"`
 	SetupTime        *int64          `json:"setup-time,omitempty"`
 	ErrorDesc        string          `json:"error-desc,omitempty"`
+	// CPUThrottlePercentage is auto-converge's throttle, present while it
+	// throttles (QEMU's cpu-throttle-percentage).
+	CPUThrottlePercentage *int `json:"cpu-throttle-percentage,omitempty"`
 	// SocketAddress lists the addresses a destination listens on (with the
 	// real port of a tcp:…:0 listener).
 	SocketAddress []SocketAddress `json:"socket-address,omitempty"`
@@ -57,16 +60,6 @@ type SocketAddress struct {
 	Str  string `json:"str,omitempty"`
 }
 
-// MigrationStatus returns QEMU's MigrationStatus for a side's machine
-// state. The destination's listening and connected (migctl's finer steps
-// of QEMU's setup) are both "setup"; every other state has QEMU's name.
-func MigrationStatus(side, state string) string {
-	if side == spec.Incoming && (state == "listening" || state == "connected") {
-		return "setup"
-	}
-	return state
-}
-
 func ms(d time.Duration) *int64 {
 	v := d.Milliseconds()
 	return &v
@@ -93,6 +86,7 @@ func ramInfo(st machine.Stats) *MigrationStats {
 // migrationInfo builds query-migrate's answer from both sides' status the
 // way QEMU's qmp_query_migrate does: the destination is filled first, then
 // the source overrides it unless the source never started a migration.
+// What each state shows is the spec's (status: and report:).
 func migrationInfo(in, out machine.Status, now time.Time) *MigrationInfo {
 	info := &MigrationInfo{}
 	// Destination (fill_destination_migration_info).
@@ -101,33 +95,32 @@ func migrationInfo(in, out machine.Status, now time.Time) *MigrationInfo {
 			info.SocketAddress = []SocketAddress{sa}
 		}
 	}
-	if in.State != "none" {
-		info.Status = MigrationStatus(spec.Incoming, in.State)
+	if in.Report != spec.ReportNone {
+		info.Status = in.QMPStatus
 		info.ErrorDesc = in.Error
 	}
 	// Source (fill_source_migration_info).
-	switch out.State {
-	case "none":
+	switch out.Report {
+	case spec.ReportNone:
 		return info
-	case "setup", "failed", "failing", "cancelled":
-		// status (and the error) only
-	default: // active, pre-switchover, device, cancelling, postcopy-*, completed
+	case spec.ReportProgress, spec.ReportPostcopy, spec.ReportFinal:
 		info.SetupTime = ms(out.Stats.SetupTime)
-		if out.State == "completed" {
+		if out.Report == spec.ReportFinal || out.Started.IsZero() {
 			info.TotalTime = ms(out.Stats.TotalTime)
-		} else if !out.Started.IsZero() {
+		} else {
 			info.TotalTime = ms(now.Sub(out.Started))
-		} else {
-			info.TotalTime = ms(out.Stats.TotalTime)
 		}
-		if out.State == "completed" || strings.HasPrefix(out.State, "postcopy-") {
-			info.Downtime = ms(out.Stats.Downtime)
-		} else {
+		if out.Report == spec.ReportProgress {
 			info.ExpectedDowntime = ms(out.Stats.ExpectedDowntime)
+		} else {
+			info.Downtime = ms(out.Stats.Downtime)
 		}
 		info.RAM = ramInfo(out.Stats)
+		if t := out.Stats.ThrottlePercent; t > 0 {
+			info.CPUThrottlePercentage = &t
+		}
 	}
-	info.Status = MigrationStatus(spec.Outgoing, out.State)
+	info.Status = out.QMPStatus
 	if out.Error != "" {
 		info.ErrorDesc = out.Error
 	}

@@ -35,7 +35,7 @@ func probe(b *testing.B, n *node, side string, cl *Client, stop <-chan struct{})
 			b.Error(err)
 			return out
 		}
-		out = append(out, sample{st, time.Since(t0)})
+		out = append(out, sample{string(st), time.Since(t0)})
 	}
 }
 

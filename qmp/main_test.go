@@ -12,21 +12,17 @@ import (
 	"go.uber.org/goleak"
 
 	migctl "github.com/migctl/migctl"
-	"github.com/migctl/migctl/guards"
 	"github.com/migctl/migctl/guest"
 	"github.com/migctl/migctl/machine"
 	"github.com/migctl/migctl/spec"
+	"github.com/migctl/migctl/vmm"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-var loadSpec = sync.OnceValues(func() (*spec.Spec, error) {
-	return spec.Load("transitions.yaml", migctl.DefaultSpec, guards.Default().Names())
-})
-
 func testSpec(t testing.TB) *spec.Spec {
 	t.Helper()
-	s, err := loadSpec()
+	s, err := migctl.Spec()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -44,7 +40,7 @@ func testGuest() guest.Config {
 type node struct {
 	c    *machine.Controller
 	g    *guest.Builtin
-	h    *GuestHost
+	h    *vmm.VMM
 	s    *Server
 	sock string
 	exit chan error // Exit calls (exit-on-error)
@@ -55,7 +51,7 @@ type node struct {
 
 type nodeOpts struct {
 	dest   bool
-	host   HostOptions
+	host   vmm.Options
 	server Options
 	guest  *guest.Config
 }
@@ -76,7 +72,7 @@ func newNode(t testing.TB, o nodeOpts) *node {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := machine.New(testSpec(t), machine.Options{Facts: map[string]string{"page-size": "4096", "guest": g.ID()}})
+	c, err := machine.New(testSpec(t), machine.Options{Facts: map[string]string{"page-size": "4096", "guest": g.ID()}, Incoming: o.dest})
 	if err != nil {
 		g.Close()
 		t.Fatal(err)
@@ -87,11 +83,10 @@ func newNode(t testing.TB, o nodeOpts) *node {
 		}
 	}
 	n := &node{c: c, g: g, exit: make(chan error, 1)}
-	o.host.Destination = o.dest
 	if o.host.Exit == nil {
 		o.host.Exit = func(err error) { n.exit <- err }
 	}
-	n.h = NewGuestHost(c, g, o.host)
+	n.h = vmm.New(c, g, o.host)
 	n.s = NewServer(c, n.h, o.server)
 	dir, err := os.MkdirTemp("", "qmp")
 	if err != nil {

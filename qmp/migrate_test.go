@@ -13,6 +13,7 @@ import (
 
 	"github.com/migctl/migctl/engine"
 	"github.com/migctl/migctl/transport"
+	"github.com/migctl/migctl/vmm"
 )
 
 // monitor wraps go-qemu's SocketMonitor for the tests: it drains the
@@ -242,7 +243,7 @@ func TestCancelMatrix(t *testing.T) {
 			if state != "setup" {
 				g.open()
 			}
-			src := newNode(t, nodeOpts{host: HostOptions{Engine: engine.Options{Dial: g.dial}}})
+			src := newNode(t, nodeOpts{host: vmm.Options{Engine: engine.Options{Dial: g.dial}}})
 			cs := src.client(t)
 			run(t, cs, "migrate-set-capabilities", caps("events", true))
 			switch state {
@@ -298,10 +299,14 @@ func TestCancelMatrix(t *testing.T) {
 				if info := queryMigrate(t, cs); info.Status != "completed" {
 					t.Fatalf("cancel after completion: %+v", info)
 				}
-				// The source cannot migrate again (its guest is gone);
-				// the guest carries on from the destination.
-				if e := fails(t, cs, "migrate", map[string]any{"uri": "tcp:127.0.0.1:1"}); !strings.Contains(e.Desc, "completed") {
+				// The source cannot migrate again while its guest is in
+				// postmigrate (QEMU's refusal, a spec rule); the guest
+				// carries on from the destination.
+				if e := fails(t, cs, "migrate", map[string]any{"uri": "tcp:127.0.0.1:1"}); !strings.Contains(e.Desc, "Can't migrate the vm that was paused due to previous migration") {
 					t.Fatalf("migrate after completion: %v", e)
+				}
+				if rs := queryStatus(t, cs); rs != (RunState{Status: "postmigrate"}) {
+					t.Fatalf("source query-status after completion: %+v", rs)
 				}
 				migrateFully(t, cd)
 				return

@@ -72,6 +72,8 @@ type Event struct {
 const (
 	EventMigration     = "MIGRATION"      // data {"status": MigrationStatus}
 	EventMigrationPass = "MIGRATION_PASS" // data {"pass": N}
+	EventStop          = "STOP"           // the guest stopped (no data)
+	EventResume        = "RESUME"         // the guest runs (no data)
 )
 
 // Version is the shape of QEMU's query-version result.

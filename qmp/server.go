@@ -91,8 +91,8 @@ func NewServer(c *machine.Controller, h Host, opts Options) *Server {
 	// then shows up as an event rather than being lost.
 	last := map[string]string{}
 	for _, side := range spec.SideNames {
-		st, _ := c.State(side)
-		last[side] = MigrationStatus(side, st)
+		st, _ := c.Status(side, 0)
+		last[side] = st.QMPStatus
 	}
 	eventsOn := c.Config().Caps["events"]
 	s.sub = c.Subscribe(1024)
@@ -276,21 +276,32 @@ func (s *Server) removeClient(cl *client) {
 }
 
 // events turns controller events into QMP events for every negotiated
-// client. last holds each side's last reported MigrationStatus (the
-// destination's setup, listening and connected are one QMP status).
+// client. last holds each side's last reported QMP status (the
+// destination's setup, listening and connected are one QMP status). The
+// controller delivers every state event (statistics alone may be
+// dropped), so no MIGRATION event is ever lost here.
 func (s *Server) events(last map[string]string, eventsOn bool) {
 	defer s.wg.Done()
-	var dropped uint64
+	sp := s.c.Spec()
 	for ev := range s.sub.C() {
-		if d := s.sub.Dropped(); d != dropped {
-			s.log.Warn("qmp: controller events lost (the event goroutine fell behind)", "lost", d-dropped)
-			dropped = d
-		}
 		switch ev.Kind {
 		case machine.EventConfig:
 			eventsOn = s.c.Config().Caps["events"]
 		case machine.EventState:
-			st := MigrationStatus(ev.Side, ev.To)
+			if ev.Side == spec.Guest {
+				// QEMU's STOP and RESUME follow the guest's run state.
+				switch {
+				case ev.To == machine.GuestRunning:
+					s.broadcast(EventResume, nil, ev.Time)
+				case ev.From == machine.GuestRunning:
+					s.broadcast(EventStop, nil, ev.Time)
+				}
+				continue
+			}
+			st := string(ev.To)
+			if state := sp.Side(ev.Side).State(st); state != nil {
+				st = state.QMPStatus()
+			}
 			if st == last[ev.Side] {
 				continue
 			}
@@ -307,7 +318,10 @@ func (s *Server) events(last map[string]string, eventsOn bool) {
 }
 
 func (s *Server) broadcast(name string, data any, t time.Time) {
-	raw, _ := json.Marshal(data)
+	var raw json.RawMessage
+	if data != nil {
+		raw, _ = json.Marshal(data)
+	}
 	msg := encodeLine(&Event{Event: name, Data: raw, Timestamp: NewTimestamp(t)})
 	s.mu.Lock()
 	defer s.mu.Unlock()

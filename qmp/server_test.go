@@ -488,6 +488,8 @@ func TestParameters(t *testing.T) {
 	}
 }
 
+var mainChannel = map[string]any{"channel-type": "main", "addr": map[string]any{"transport": "socket", "type": "inet", "host": "127.0.0.1", "port": "1"}}
+
 func TestCommandErrors(t *testing.T) {
 	src := newNode(t, nodeOpts{})
 	dst := newNode(t, nodeOpts{dest: true})
@@ -513,8 +515,10 @@ func TestCommandErrors(t *testing.T) {
 		{cs, "migrate", map[string]any{"uri": "tcp:127.0.0.1:1", "channels": []any{}}, "mutually exclusive", false},
 		{cs, "migrate", map[string]any{"uri": "tcp:127.0.0.1:1", "resume": true}, "not supported yet", false},
 		{cs, "migrate", map[string]any{"uri": "bogus:x"}, "unknown migration protocol", false},
-		{cs, "migrate", map[string]any{"channels": []any{map[string]any{"channel-type": "cpr", "addr": map[string]any{"transport": "socket"}}}}, "cpr", false},
-		{cs, "migrate", map[string]any{"channels": []any{1, 2}}, "more than one", false},
+		{cs, "migrate", map[string]any{"channels": []any{mainChannel, map[string]any{"channel-type": "cpr", "addr": map[string]any{"transport": "socket", "type": "unix", "path": "/tmp/cpr.sock"}}}}, "a channel of type cpr needs parameter mode cpr-transfer", false},
+		{cs, "migrate", map[string]any{"channels": []any{mainChannel, mainChannel}}, "Channel list has more than one main entry", false},
+		{cs, "migrate", map[string]any{"channels": []any{1}}, "Invalid parameter type for 'channels[0]', expected: object", false},
+		{cd, "migrate-incoming", map[string]any{"channels": []any{mainChannel, mainChannel}}, "Channel list must have only one entry, for type 'main'", false},
 		{cs, "migrate-incoming", map[string]any{"uri": "tcp:127.0.0.1:0"}, "'-incoming' was not specified", false},
 		{cd, "migrate", map[string]any{"uri": "tcp:127.0.0.1:1"}, "waiting for an incoming migration", false},
 		{cs, "migrate-continue", map[string]any{"state": "pre-switchover"}, "Migration not in expected state: none", false},

@@ -173,11 +173,12 @@ func asQMP(err error, qe **Error) bool {
 // noopHost answers every Host call without doing anything.
 type noopHost struct{}
 
-func (noopHost) Migrate(context.Context, string) error        { return nil }
-func (noopHost) Incoming(context.Context, string, bool) error { return nil }
-func (noopHost) Cancel(context.Context) error                 { return nil }
-func (noopHost) Continue(context.Context, string) error       { return nil }
-func (noopHost) RunState() RunState                           { return RunState{Status: "running", Running: true} }
+func (noopHost) Migrate(context.Context, string, []string) error        { return nil }
+func (noopHost) Incoming(context.Context, string, []string, bool) error { return nil }
+func (noopHost) Cancel(context.Context) error                           { return nil }
+func (noopHost) Continue(context.Context, string) error                 { return nil }
+func (noopHost) Stop(context.Context) error                             { return nil }
+func (noopHost) Cont(context.Context) error                             { return nil }
 
 // FuzzRequest feeds arbitrary bytes to the request decoder and the command
 // dispatcher (with a real controller and a host that does nothing): no

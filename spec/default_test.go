@@ -183,6 +183,9 @@ func edgeString(t Transition) string {
 	if t.Kind == KindIgnore {
 		return t.From + " --" + t.On + "--> (ignore)"
 	}
+	if t.Kind == KindRefuse {
+		return t.From + " --" + t.On + "--> (refuse: " + t.Message + ")"
+	}
 	g := ""
 	if len(t.Guards) > 0 {
 		g = " [" + strings.Join(t.Guards, ",") + "]"
@@ -197,12 +200,17 @@ func edgeString(t Transition) string {
 func TestDefaultGraphs(t *testing.T) {
 	s := loadDefault(t)
 	tc := "[transport-compatible]"
+	const noCancel = "Postcopy migration in progress, cannot cancel." // QEMU's migrate_cancel in postcopy
 	want := map[string][]string{
 		Incoming: {
 			"none --incoming " + tc + "--> setup",
-			"setup --listen--> listening", "setup --fail--> failed",
+			"setup --listen--> listening", "setup --listen-failed--> none",
 			"listening --connect " + tc + " else failed--> connected",
-			"listening --cancel--> cancelled", "listening --fail--> failed",
+			"listening --fail--> failed",
+			"setup --cancel--> cancelling", "listening --cancel--> cancelling", "connected --cancel--> cancelling", "active --cancel--> cancelling",
+			"cancelling --cleanup--> cancelled", "cancelling --fail--> (ignore)", "cancelling --cancel--> (ignore)",
+			"postcopy-active --cancel--> (refuse: " + noCancel + ")", "postcopy-paused --cancel--> (refuse: " + noCancel + ")",
+			"postcopy-recover --cancel--> (refuse: " + noCancel + ")",
 			"connected --load--> active", "connected --fail--> failed",
 			"active --complete--> completed", "active --fail--> failed", "active --postcopy--> postcopy-active",
 			"postcopy-active --complete--> completed", "postcopy-active --pause--> postcopy-paused", "postcopy-active --fail--> failed",
@@ -212,6 +220,10 @@ func TestDefaultGraphs(t *testing.T) {
 		},
 		Outgoing: {
 			"none --migrate " + tc + "--> setup", "failed --migrate " + tc + "--> setup", "cancelled --migrate " + tc + "--> setup",
+			"completed --migrate " + tc + "--> setup",
+			"cancelling --fail--> (ignore)",
+			"postcopy-active --cancel--> (refuse: " + noCancel + ")", "postcopy-paused --cancel--> (refuse: " + noCancel + ")",
+			"postcopy-recover-setup --cancel--> (refuse: " + noCancel + ")", "postcopy-recover --cancel--> (refuse: " + noCancel + ")",
 			"setup --start--> active",
 			"active --switchover [pause-before-switchover] else device--> pre-switchover",
 			"pre-switchover --continue--> device",
@@ -230,7 +242,7 @@ func TestDefaultGraphs(t *testing.T) {
 	}
 	wantStates := map[string]string{
 		Incoming: "none:mutable setup:mutable listening:mutable connected:frozen active:frozen postcopy-active:frozen " +
-			"postcopy-paused:frozen postcopy-recover:frozen completed:frozen:end failed:frozen:end cancelled:frozen:end",
+			"postcopy-paused:frozen postcopy-recover:frozen cancelling:frozen completed:mutable:end failed:mutable:end cancelled:mutable:end",
 		Outgoing: "none:mutable setup:frozen active:frozen pre-switchover:frozen device:frozen postcopy-active:frozen " +
 			"postcopy-paused:frozen postcopy-recover-setup:frozen postcopy-recover:frozen completed:mutable:end " +
 			"cancelling:frozen cancelled:mutable:end failing:frozen failed:mutable:end",

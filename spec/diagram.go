@@ -15,10 +15,10 @@ import (
 //   - The refusal edge of a guarded edge (its else:) is labelled with the
 //     negated guards, "connect ¬[transport-compatible]"; DOT also draws it
 //     dashed and red.
-//   - kind: ignore edges are not drawn: they do not move the machine. DOT
-//     lists them in the state's box ("ignores cancel"); the Markdown
-//     tables list them for Mermaid, whose state boxes cannot hold them
-//     reliably.
+//   - kind: ignore and kind: refuse edges are not drawn: they do not move
+//     the machine. DOT lists them in the state's box ("ignores cancel",
+//     "refuses cancel"); the Markdown tables list them for Mermaid, whose
+//     state boxes cannot hold them reliably.
 
 // edgeLabel is "trigger [g1, g2]" or, for the refusal edge, "trigger ¬[g1, g2]".
 func edgeLabel(t *Transition, refusal bool) string {
@@ -33,10 +33,16 @@ func edgeLabel(t *Transition, refusal bool) string {
 }
 
 // ignoredTriggers maps each state to the triggers it ignores, in spec order.
-func (sd *Side) ignoredTriggers() map[string][]string {
+func (sd *Side) ignoredTriggers() map[string][]string { return sd.triggersOfKind(KindIgnore) }
+
+// refusedTriggers maps each state to the triggers it refuses with a
+// message (kind: refuse), in spec order.
+func (sd *Side) refusedTriggers() map[string][]string { return sd.triggersOfKind(KindRefuse) }
+
+func (sd *Side) triggersOfKind(kind string) map[string][]string {
 	out := map[string][]string{}
 	for _, t := range sd.Transitions {
-		if t.Kind == KindIgnore {
+		if t.Kind == kind {
 			out[t.From] = append(out[t.From], t.On)
 		}
 	}
@@ -113,7 +119,7 @@ func Mermaid(s *Spec, side string) string {
 	fmt.Fprintf(&b, "    [*] --> %s\n", id(sd.Initial))
 	for i := range sd.Transitions {
 		t := &sd.Transitions[i]
-		if t.Kind == KindIgnore {
+		if !t.isPermit() {
 			continue
 		}
 		fmt.Fprintf(&b, "    %s --> %s : %s\n", id(t.From), id(t.To), mermaidText(edgeLabel(t, false)))
@@ -159,11 +165,14 @@ func DOT(s *Spec, side string) string {
 	b.WriteString("\tnode [shape=box, style=rounded, fontname=\"Helvetica\"];\n")
 	b.WriteString("\tedge [fontname=\"Helvetica\", fontsize=10];\n")
 	b.WriteString("\t\"__start\" [shape=point, label=\"\", width=0.15];\n")
-	ignored := sd.ignoredTriggers()
+	ignored, refused := sd.ignoredTriggers(), sd.refusedTriggers()
 	for _, st := range sd.States {
 		label := st.Name
 		if ig := ignored[st.Name]; len(ig) > 0 {
 			label += "\nignores " + strings.Join(ig, ", ")
+		}
+		if rf := refused[st.Name]; len(rf) > 0 {
+			label += "\nrefuses " + strings.Join(rf, ", ")
 		}
 		attrs := []string{"label=" + dotQuote(label)}
 		if st.Config == ConfigFrozen {
@@ -177,7 +186,7 @@ func DOT(s *Spec, side string) string {
 	fmt.Fprintf(&b, "\t\"__start\" -> %s;\n", dotQuote(sd.Initial))
 	for i := range sd.Transitions {
 		t := &sd.Transitions[i]
-		if t.Kind == KindIgnore {
+		if !t.isPermit() {
 			continue
 		}
 		fmt.Fprintf(&b, "\t%s -> %s [label=%s];\n", dotQuote(t.From), dotQuote(t.To), dotQuote(edgeLabel(t, false)))

@@ -23,18 +23,79 @@ func (l *loader) lint(s *Spec, guards []string) {
 		}
 	}
 	for _, name := range SideNames {
-		l.lintSide(name, s.Side(name))
+		l.lintSide(name, s.Side(name), true)
+	}
+	if s.HasGuest() {
+		l.lintSide(Guest, s.Guest, false)
 	}
 	for i := range s.Parameters {
 		l.lintParameter(fmt.Sprintf("parameters[%d]", i), &s.Parameters[i])
 	}
 	l.lintRules(s)
+	l.lintEffects(s)
+}
+
+// lintEffects checks each setting's declared effect: a refused one must be
+// named by a declared rule's when (a rule refuses it), a vacuous one must
+// say why.
+func (l *loader) lintEffects(s *Spec) {
+	namedCap, namedParam := map[string]bool{}, map[string]bool{}
+	for _, r := range s.RuleList {
+		for _, c := range append(slices.Clone(r.When.Caps), r.When.AnyCaps...) {
+			namedCap[c] = true
+		}
+		for p := range r.When.Params {
+			namedParam[p] = true
+		}
+	}
+	check := func(path, kind, name, effect, why string, named bool) {
+		switch effect {
+		case EffectRefused:
+			if !named {
+				l.at(path+".effect", "%s %s is declared refused, but no rule's when names it; add it to the rule that refuses it (e.g. migctl/not-implemented) or change the effect", kind, name)
+			}
+		case EffectVacuous:
+			if strings.TrimSpace(why) == "" {
+				l.atKey(path+".effect", "%s %s is declared vacuous without a why: say what the guest lacks that it would apply to", kind, name)
+			}
+		}
+	}
+	for i, c := range s.Capabilities {
+		check(fmt.Sprintf("capabilities[%d]", i), "capability", c.Name, c.Effect, c.Why, namedCap[c.Name])
+	}
+	for i, p := range s.Parameters {
+		check(fmt.Sprintf("parameters[%d]", i), "parameter", p.Name, p.Effect, p.Why, namedParam[p.Name])
+	}
 }
 
 // isPermit reports whether t moves the machine (kind permit, the default).
 func (t *Transition) isPermit() bool { return t.Kind == "" || t.Kind == KindPermit }
 
-func (l *loader) lintSide(name string, sd *Side) {
+// lintSide checks one graph. A migration side (migration true) needs a
+// configuration on every state, terminal states, and a path to one from
+// every state; the guest graph has neither configuration nor an end.
+func (l *loader) lintSide(name string, sd *Side, migration bool) {
+	for i, st := range sd.States {
+		p := fmt.Sprintf("%s.states[%d]", name, i)
+		switch {
+		case migration && st.Config == "":
+			l.atKey(p+".name", "%s.config is required: mutable or frozen", p)
+		case !migration && st.Config != "":
+			l.at(p+".config", "the guest graph's states have no configuration of their own; drop config:")
+		case !migration && st.Terminal:
+			l.at(p+".terminal", "the guest graph has no terminal state (a guest lives on); drop terminal:")
+		case !migration && st.Report != "":
+			l.at(p+".report", "report: is what query-migrate shows of a migration state; the guest graph has none")
+		}
+	}
+	if !migration && len(sd.Configure) > 0 {
+		l.atKey(name+".configure", "the guest graph takes no configuration changes; drop configure:")
+	}
+	for i, t := range sd.Transitions {
+		if slices.Contains(ConfigTriggers, t.On) {
+			l.at(fmt.Sprintf("%s.transitions[%d].on", name, i), "trigger %q is reserved for configuration changes (set-capabilities, set-parameters); name the edge's trigger otherwise", t.On)
+		}
+	}
 	stateNames := names(sd.States, func(st State) string { return st.Name })
 	stateSet := setOf(stateNames)
 	isState := func(n string) bool { return stateSet[n] }
@@ -94,6 +155,9 @@ func (l *loader) lintSide(name string, sd *Side) {
 		if st.Name != "" && !reached[st.Name] {
 			l.at(fmt.Sprintf("%s.states[%d].name", name, i), "state %q cannot be reached from the initial state %q", st.Name, sd.Initial)
 		}
+	}
+	if !migration {
+		return
 	}
 	var terminals []string
 	for _, st := range sd.States {
@@ -199,13 +263,19 @@ func (l *loader) lintRules(s *Spec) {
 	all := &sideNames{}
 	for _, n := range SideNames {
 		sd := s.Side(n)
-		sn := &sideNames{states: names(sd.States, func(st State) string { return st.Name }), triggers: sd.Triggers()}
+		sn := &sideNames{states: names(sd.States, func(st State) string { return st.Name }), triggers: append(sd.Triggers(), ConfigTriggers...)}
 		sn.stateSet, sn.triggerSet = setOf(sn.states), setOf(sn.triggers)
 		sides[n] = sn
 		all.states = append(all.states, sn.states...)
 		all.triggers = append(all.triggers, sn.triggers...)
 	}
 	all.stateSet, all.triggerSet = setOf(all.states), setOf(all.triggers)
+	guest := &sideNames{}
+	if s.HasGuest() {
+		guest.states = names(s.Guest.States, func(st State) string { return st.Name })
+	}
+	guest.stateSet = setOf(guest.states)
+	sides[Guest] = guest
 	params := map[string]*Parameter{}
 	for i := range s.Parameters {
 		params[s.Parameters[i].Name] = &s.Parameters[i]
@@ -245,7 +315,17 @@ func (l *loader) lintCond(s *Spec, sides map[string]*sideNames, path string, c *
 	}
 	for j, tr := range c.Triggers {
 		if tr != "" && !sn.triggerSet[tr] {
-			l.at(fmt.Sprintf("%s.triggers[%d]", path, j), "trigger %q is on no edge of %s%s", tr, where, didYouMean(tr, sn.triggers))
+			l.at(fmt.Sprintf("%s.triggers[%d]", path, j), "trigger %q is on no edge of %s and is not a configuration trigger%s", tr, where, didYouMean(tr, sn.triggers))
+		}
+	}
+	gs := sides[Guest]
+	for j, st := range c.GuestStates {
+		switch {
+		case st == "":
+		case len(gs.states) == 0:
+			l.at(fmt.Sprintf("%s.guest-states[%d]", path, j), "guest-states needs the guest graph (guest:), which this spec does not declare")
+		case !gs.stateSet[st]:
+			l.at(fmt.Sprintf("%s.guest-states[%d]", path, j), "state %q is not declared in guest%s", st, didYouMean(st, gs.states))
 		}
 	}
 	for _, name := range slices.Sorted(maps.Keys(c.Params)) {

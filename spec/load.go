@@ -68,6 +68,7 @@ func Load(file string, data []byte, guards []string) (*Spec, error) {
 	}
 	s.File = file
 	s.rules = s.buildRules()
+	s.ix = l.ix
 	return s, nil
 }
 

@@ -12,25 +12,46 @@ import (
 	"github.com/go-playground/validator/v10"
 )
 
-// Side names.
+// Graph names: the two sides of a migration and the guest's run state.
 const (
 	Incoming = "incoming"
 	Outgoing = "outgoing"
+	Guest    = "guest"
 )
 
-// SideNames lists the sides in display order.
+// SideNames lists the migration sides in display order.
 var SideNames = []string{Incoming, Outgoing}
 
-// Side returns the graph of the named side, or nil.
+// GraphNames lists every graph: the migration sides, then the guest.
+var GraphNames = []string{Incoming, Outgoing, Guest}
+
+// The configuration triggers: every configuration change is one of these
+// internal transitions, fired on both migration sides and judged by each
+// side's configure guards. A spec may not use them for its own edges; a
+// rule may name them in triggers:.
+const (
+	TriggerSetCapabilities = "set-capabilities"
+	TriggerSetParameters   = "set-parameters"
+)
+
+// ConfigTriggers lists the configuration triggers.
+var ConfigTriggers = []string{TriggerSetCapabilities, TriggerSetParameters}
+
+// Side returns the named graph (Incoming, Outgoing or Guest), or nil.
 func (s *Spec) Side(name string) *Side {
 	switch name {
 	case Incoming:
 		return &s.Incoming
 	case Outgoing:
 		return &s.Outgoing
+	case Guest:
+		return s.Guest
 	}
 	return nil
 }
+
+// HasGuest reports whether the spec declares the guest graph.
+func (s *Spec) HasGuest() bool { return s.Guest != nil }
 
 // Capability returns the named capability, or nil.
 func (s *Spec) Capability(name string) *Capability {
@@ -145,6 +166,22 @@ func (sd *Side) State(name string) *State {
 func (sd *Side) Mutable(state string) bool {
 	st := sd.State(state)
 	return st != nil && st.Config == ConfigMutable
+}
+
+// Terminal reports whether the named state ends a migration.
+func (sd *Side) Terminal(state string) bool {
+	st := sd.State(state)
+	return st != nil && st.Terminal
+}
+
+// Edge returns the edge for trigger on in state from, or nil.
+func (sd *Side) Edge(from, on string) *Transition {
+	for i := range sd.Transitions {
+		if t := &sd.Transitions[i]; t.From == from && t.On == on {
+			return t
+		}
+	}
+	return nil
 }
 
 // Triggers returns every trigger name the side's transitions use, sorted by

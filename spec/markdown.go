@@ -62,6 +62,8 @@ func (c Cond) String() string {
 	}
 	list("in state", c.States)
 	list("on trigger", c.Triggers)
+	list("guest", c.GuestStates)
+	list("channels", c.Channels)
 	if len(parts) == 0 {
 		return "always"
 	}
@@ -106,7 +108,7 @@ func table(b *strings.Builder, head []string, rows [][]string) {
 	b.WriteString("\n")
 }
 
-var sideTitles = map[string]string{Incoming: "Incoming (destination)", Outgoing: "Outgoing (source)"}
+var sideTitles = map[string]string{Incoming: "Incoming (destination)", Outgoing: "Outgoing (source)", Guest: "Guest (run state)"}
 
 // StatesMarkdown renders docs/states.md: a legend, then for each side its
 // Mermaid diagram, its states and its edges. The output is deterministic.
@@ -124,25 +126,53 @@ func StatesMarkdown(s *Spec) string {
 		"If a guard refuses and the edge has no refusal edge, the trigger fails with the guards' reasons and the state does not change.\n")
 	b.WriteString("- `trigger ¬[guard, …]`: the refusal edge (`else:`): where the machine goes when a guard refuses. " +
 		"(Mermaid cannot style single transitions; `spec.DOT` draws these dashed and red.)\n")
-	b.WriteString("- Ignored triggers (`kind: ignore`: accepted, no state change) are not drawn; the state tables list them.\n\n")
-	for _, name := range SideNames {
+	b.WriteString("- Ignored triggers (`kind: ignore`: accepted, no state change) and refused ones (`kind: refuse`: " +
+		"answered with a fixed message, no state change) are not drawn; the state tables list them.\n")
+	b.WriteString("- *QMP status* is what `query-migrate` (migration sides) or `query-status` (the guest) shows for the state; " +
+		"*reports* is what else `query-migrate` shows of an outgoing state.\n\n")
+	for _, name := range GraphNames {
 		sd := s.Side(name)
+		if sd == nil {
+			continue
+		}
 		fmt.Fprintf(&b, "## %s\n\n", sideTitles[name])
 		b.WriteString("```mermaid\n" + Mermaid(s, name) + "```\n\n")
 		configure := "Configuration changes pass no guards on this side."
 		if len(sd.Configure) > 0 {
 			configure = "Every configuration change passes the guards " + codeList(sd.Configure) + "."
 		}
+		if name == Guest {
+			configure = "The guest's run state (QEMU's RunState): rules may look at it with `guest-states`."
+		}
 		fmt.Fprintf(&b, "Initial state `%s`. %s\n\n", sd.Initial, configure)
 		var rows [][]string
-		ignored := sd.ignoredTriggers()
+		ignored, refused := sd.ignoredTriggers(), sd.refusedTriggers()
 		for _, st := range sd.States {
-			rows = append(rows, []string{"`" + st.Name + "`", st.Config, yes(st.Terminal), codeList(ignored[st.Name]), st.Doc})
+			row := []string{"`" + st.Name + "`", "`" + st.QMPStatus() + "`"}
+			if name != Guest {
+				row = append(row, st.Config, yes(st.Terminal))
+				if name == Outgoing {
+					row = append(row, st.Reports())
+				}
+			}
+			row = append(row, codeList(ignored[st.Name]), codeList(refused[st.Name]), st.Doc)
+			rows = append(rows, row)
 		}
-		table(&b, []string{"state", "configuration", "terminal", "ignores", "meaning"}, rows)
+		head := []string{"state", "QMP status"}
+		if name != Guest {
+			head = append(head, "configuration", "terminal")
+			if name == Outgoing {
+				head = append(head, "reports")
+			}
+		}
+		table(&b, append(head, "ignores", "refuses", "meaning"), rows)
 		rows = nil
 		for _, t := range sd.Transitions {
 			if t.Kind == KindIgnore {
+				continue
+			}
+			if t.Kind == KindRefuse {
+				rows = append(rows, []string{"`" + t.From + "`", "`" + t.On + "`", "", "(refused)", "", t.Message + " " + t.Doc})
 				continue
 			}
 			rows = append(rows, []string{"`" + t.From + "`", "`" + t.On + "`", codeList(t.Guards), "`" + t.To + "`", codeList(nonEmpty(t.Else)), t.Doc})
@@ -150,6 +180,17 @@ func StatesMarkdown(s *Spec) string {
 		table(&b, []string{"from", "trigger", "guards", "to", "else", "meaning"}, rows)
 	}
 	return b.String()
+}
+
+// effect renders a setting's effect and its reason for a table cell.
+func effect(e, why string) string {
+	if e == "" {
+		return ""
+	}
+	if why == "" {
+		return "**" + e + "**"
+	}
+	return "**" + e + "**: " + why
 }
 
 func nonEmpty(s string) []string {
@@ -193,7 +234,9 @@ func RulesMarkdown(s *Spec) string {
 
 	b.WriteString("## Capabilities\n\n")
 	b.WriteString("All capabilities are off by default. *Needs* lists transport properties and host features " +
-		"(with the side that needs them); *must match* means source and destination must agree.\n\n")
+		"(with the side that needs them); *must match* means source and destination must agree. " +
+		"*In migctl* is what migctl does with the capability when it is on (with a parameter: when it is set): " +
+		"**honoured** by the data plane, **refused** by a rule, or **vacuous** (accepted: the guest has nothing it applies to).\n\n")
 	rows = nil
 	for _, c := range s.Capabilities {
 		var needs []string
@@ -208,9 +251,9 @@ func RulesMarkdown(s *Spec) string {
 			needs = append(needs, "host: `"+f+"`"+on)
 		}
 		rows = append(rows, []string{"`" + c.Name + "`", c.Since, c.Doc, codeList(c.Conflicts), codeList(c.Requires),
-			codeList(c.Transports), strings.Join(needs, ", "), yes(c.MustMatchPeer)})
+			codeList(c.Transports), strings.Join(needs, ", "), yes(c.MustMatchPeer), effect(c.Effect, c.Why)})
 	}
-	table(&b, []string{"capability", "since", "meaning", "conflicts", "requires", "transports", "needs", "must match"}, rows)
+	table(&b, []string{"capability", "since", "meaning", "conflicts", "requires", "transports", "needs", "must match", "in migctl"}, rows)
 
 	b.WriteString("## Parameters\n\n")
 	b.WriteString("*Live* parameters may change in any state; the others only where the configuration is mutable.\n\n")
@@ -221,9 +264,9 @@ func RulesMarkdown(s *Spec) string {
 		if p.Default == "" {
 			def = "(empty)"
 		}
-		rows = append(rows, []string{"`" + p.Name + "`", p.Type, p.Unit, def, p.Range(), yes(p.Live), yes(p.MustMatchPeer), p.Doc})
+		rows = append(rows, []string{"`" + p.Name + "`", p.Type, p.Unit, def, p.Range(), yes(p.Live), yes(p.MustMatchPeer), p.Doc, effect(p.Effect, p.Why)})
 	}
-	table(&b, []string{"parameter", "type", "unit", "default", "range", "live", "must match", "meaning"}, rows)
+	table(&b, []string{"parameter", "type", "unit", "default", "range", "live", "must match", "meaning", "in migctl"}, rows)
 
 	b.WriteString("## Transports\n\n")
 	rows = nil

@@ -34,11 +34,17 @@ type Spec struct {
 	Incoming Side `yaml:"incoming" validate:"required"`
 	// Outgoing is the source's state graph.
 	Outgoing Side `yaml:"outgoing" validate:"required"`
+	// Guest is the guest's run-state graph (QEMU's RunState): whether it
+	// runs, is paused, waits for an incoming migration or has migrated
+	// away. Rules may look at it (Cond.GuestStates). It is optional for
+	// the spec alone; the controller needs it (see package machine).
+	Guest *Side `yaml:"guest" validate:"omitempty"`
 
 	// File is the name errors and diagrams refer to (set by Load).
 	File string `yaml:"-"`
 
 	rules []Rule // RuleList plus the expanded shorthands (set by Load)
+	ix    *index // positions of the text Load read, for Check; nil when built by hand
 }
 
 // Guard declares a guard name.
@@ -84,7 +90,27 @@ type Capability struct {
 	// MustMatchPeer: source and destination must agree on it; the source
 	// announces it and the connect guard compares.
 	MustMatchPeer bool `yaml:"must-match-peer"`
+	// Effect says what migctl does with the capability when it is on:
+	// honoured by the data plane, refused by a rule, or vacuous (accepted,
+	// with nothing to apply it to). See the Effect constants.
+	Effect string `yaml:"effect" validate:"omitempty,oneof=honoured refused vacuous"`
+	// Why explains the effect; required for vacuous.
+	Why string `yaml:"why"`
 }
+
+// Effects: what migctl does with a capability that is on or a parameter
+// that is set. A setting is never accepted and then silently ignored.
+const (
+	// EffectHonoured: the data plane applies it.
+	EffectHonoured = "honoured"
+	// EffectRefused: a rule refuses it (the lint checks one names it).
+	EffectRefused = "refused"
+	// EffectVacuous: accepted, because the guest has nothing it applies
+	// to (no NIC for announce-*, no disk for late-block-activate); Why
+	// says so. Orchestrators such as libvirt switch some of these on
+	// whenever QEMU offers them, so refusing them would break them.
+	EffectVacuous = "vacuous"
+)
 
 // Parameter types.
 const (
@@ -118,6 +144,9 @@ type Parameter struct {
 	Live bool `yaml:"live"`
 	// MustMatchPeer: source and destination must agree on it.
 	MustMatchPeer bool `yaml:"must-match-peer"`
+	// Effect and Why: as Capability's, for a value other than the default.
+	Effect string `yaml:"effect" validate:"omitempty,oneof=honoured refused vacuous"`
+	Why    string `yaml:"why"`
 }
 
 // Transport properties a capability or rule may test.
@@ -208,11 +237,18 @@ type Cond struct {
 	// States: the side is in one of these states.
 	States []string `yaml:"states" validate:"unique,dive,statename"`
 	// Triggers: the judgement is for firing one of these triggers (an
-	// edge's on:, e.g. migrate or resume). A configuration change never
-	// matches. This is how a rule that QEMU checks only when a command
-	// runs (migrate_prepare's "cpr-exec mode requires cpr-exec-command")
-	// is kept from refusing the configuration changes that lead up to it.
+	// edge's on:, e.g. migrate or resume, or one of the configuration
+	// triggers set-capabilities and set-parameters). This is how a rule
+	// that QEMU checks only when a command runs (migrate_prepare's
+	// "cpr-exec mode requires cpr-exec-command") is kept from refusing the
+	// configuration changes that lead up to it.
 	Triggers []string `yaml:"triggers" validate:"unique,dive,ident"`
+	// GuestStates: the guest graph is in one of these states (QEMU's
+	// runstate checks, e.g. "Guest is waiting for an incoming migration").
+	GuestStates []string `yaml:"guest-states" validate:"unique,dive,statename"`
+	// Channels: the migration was given every one of these channel types
+	// (QMP's channels argument: main, cpr).
+	Channels []string `yaml:"channels" validate:"unique,dive,oneof=main cpr"`
 }
 
 // ParamCond compares one parameter. Values are in textual form and parsed
@@ -245,21 +281,66 @@ type Side struct {
 	Transitions []Transition `yaml:"transitions" validate:"required,min=1,dive"`
 }
 
+// What query-migrate reports of an outgoing state (State.Report), after
+// QEMU's fill_source_migration_info.
+const (
+	// ReportNone: nothing; query-migrate shows the destination's status
+	// (the source never started).
+	ReportNone = "none"
+	// ReportStatus: the status and any error, no statistics.
+	ReportStatus = "status"
+	// ReportProgress: times so far, expected downtime and RAM statistics.
+	ReportProgress = "progress"
+	// ReportPostcopy: times so far, the measured downtime and RAM
+	// statistics.
+	ReportPostcopy = "postcopy"
+	// ReportFinal: the final times, the measured downtime and RAM
+	// statistics.
+	ReportFinal = "final"
+)
+
 // State is one node of a side's graph.
 type State struct {
 	Name string `yaml:"name" validate:"required,statename"`
 	Doc  string `yaml:"doc"`
+	// Status is the name QMP shows for this state: QEMU's MigrationStatus
+	// for the migration sides (the destination's listening and connected
+	// are QEMU's setup), QEMU's RunState for the guest graph. Empty means
+	// the state's own name.
+	Status string `yaml:"status" validate:"omitempty,ident"`
+	// Report is what query-migrate shows of the state (the Report
+	// constants); empty means status.
+	Report string `yaml:"report" validate:"omitempty,oneof=none status progress postcopy final"`
 	// Config is "mutable" when capabilities and frozen parameters may change
-	// in this state, "frozen" otherwise (live parameters always may).
-	Config string `yaml:"config" validate:"required,oneof=mutable frozen"`
+	// in this state, "frozen" otherwise (live parameters always may). The
+	// guest graph's states have no configuration of their own.
+	Config string `yaml:"config" validate:"omitempty,oneof=mutable frozen"`
 	// Terminal marks a state in which a migration has ended.
 	Terminal bool `yaml:"terminal"`
+}
+
+// QMPStatus returns the state's QMP name (Status, or Name when empty).
+func (st *State) QMPStatus() string {
+	if st.Status != "" {
+		return st.Status
+	}
+	return st.Name
+}
+
+// Reports returns what query-migrate shows of the state (Report, or
+// ReportStatus when empty).
+func (st *State) Reports() string {
+	if st.Report != "" {
+		return st.Report
+	}
+	return ReportStatus
 }
 
 // Transition kinds.
 const (
 	KindPermit = "permit" // move to To (the default)
 	KindIgnore = "ignore" // accept the trigger and stay (a harmless no-op)
+	KindRefuse = "refuse" // refuse the trigger with Message (QEMU's wording), stay
 )
 
 // Transition is one edge: on trigger On in state From, go to To if every
@@ -269,9 +350,12 @@ const (
 type Transition struct {
 	From   string   `yaml:"from" validate:"required"`
 	On     string   `yaml:"on" validate:"required,ident"`
-	To     string   `yaml:"to" validate:"required_unless=Kind ignore"`
+	To     string   `yaml:"to"` // required for permit edges (checked in transitionLevel)
 	Guards []string `yaml:"guards" validate:"unique,dive,guard"`
 	Else   string   `yaml:"else" validate:"excluded_without=Guards"`
-	Kind   string   `yaml:"kind" validate:"omitempty,oneof=permit ignore"`
-	Doc    string   `yaml:"doc"`
+	Kind   string   `yaml:"kind" validate:"omitempty,oneof=permit ignore refuse"`
+	// Message is what a kind: refuse edge answers (required there, and only
+	// there).
+	Message string `yaml:"message"`
+	Doc     string `yaml:"doc"`
 }

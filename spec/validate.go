@@ -150,14 +150,27 @@ func parameterLevel(sl validator.StructLevel) {
 
 func transitionLevel(sl validator.StructLevel) {
 	t := sl.Current().Interface().(Transition)
-	if t.Kind != KindIgnore {
-		return
+	if t.Kind != KindRefuse && t.Message != "" {
+		sl.ReportError(t.Message, "message", "Message", "message-not-refuse", "")
 	}
-	if t.To != "" {
-		sl.ReportError(t.To, "to", "To", "ignore-to", "")
-	}
-	if t.Else != "" {
-		sl.ReportError(t.Else, "else", "Else", "ignore-else", "")
+	switch t.Kind {
+	case KindIgnore, KindRefuse:
+		if t.To != "" {
+			sl.ReportError(t.To, "to", "To", "stay-to", t.Kind)
+		}
+		if t.Else != "" {
+			sl.ReportError(t.Else, "else", "Else", "stay-else", t.Kind)
+		}
+		if len(t.Guards) > 0 {
+			sl.ReportError(t.Guards, "guards", "Guards", "stay-guards", t.Kind)
+		}
+		if t.Kind == KindRefuse && t.Message == "" {
+			sl.ReportError(t.Message, "message", "Message", "refuse-message", "")
+		}
+	default:
+		if t.To == "" {
+			sl.ReportError(t.To, "to", "To", "required_unless", "")
+		}
 	}
 }
 
@@ -266,7 +279,7 @@ func (l *loader) fieldError(fe validator.FieldError) {
 	case "required_if":
 		report(path, "%s is required when %s", path, strings.ReplaceAll(strings.ToLower(fe.Param()), " ", " is "))
 	case "required_unless":
-		report(path, "%s is required (only kind: ignore edges have no target)", path)
+		report(path, "%s is required (only kind: ignore and kind: refuse edges have no target)", path)
 	case "excluded_without":
 		switch fe.Field() {
 		case "else":
@@ -298,10 +311,16 @@ func (l *loader) fieldError(fe validator.FieldError) {
 		report(path, "%s: capability %q is both required and in conflicts", path, fmt.Sprint(val))
 	case "values-not-enum":
 		report(path, "%s: values are only for enum parameters, and this one is %s", path, fe.Param())
-	case "ignore-to":
-		report(path, "%s: a kind: ignore edge stays in its state; drop to:", path)
-	case "ignore-else":
-		report(path, "%s: a kind: ignore edge has no refusal edge; drop else:", path)
+	case "stay-to":
+		report(path, "%s: a kind: %s edge stays in its state; drop to:", path, fe.Param())
+	case "stay-else":
+		report(path, "%s: a kind: %s edge has no refusal edge; drop else:", path, fe.Param())
+	case "stay-guards":
+		report(path, "%s: a kind: %s edge runs no guards; drop guards:", path, fe.Param())
+	case "refuse-message":
+		report(path, "%s is required: a kind: refuse edge answers with it", path)
+	case "message-not-refuse":
+		report(path, "%s: only a kind: refuse edge has a message", path)
 	case "never-holds":
 		report(path, "%s: %q is also required by this condition, so it can never hold", path, fmt.Sprint(val))
 	case "empty-param-cond":

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -119,9 +118,10 @@ func (f *configFlags) apply(ctx context.Context, c *machine.Controller) error {
 
 // newController builds the controller a migctl process runs with: the
 // spec, this host's features, and the guest's facts (page size, identity)
-// that the connect guard compares with the peer's. The demo and serve use
-// it alike.
-func newController(s *spec.Spec, g guest.Guest) (*machine.Controller, error) {
+// that the connect guard compares with the peer's. incoming makes it a
+// destination (QEMU's -incoming): its guest waits for an incoming
+// migration. The demo and serve use it alike.
+func newController(s *spec.Spec, g guest.Guest, incoming bool) (*machine.Controller, error) {
 	ps := "4096"
 	if bs := g.Blocks(); len(bs) > 0 {
 		ps = strconv.Itoa(bs[0].PageSize)
@@ -129,6 +129,7 @@ func newController(s *spec.Spec, g guest.Guest) (*machine.Controller, error) {
 	return machine.New(s, machine.Options{
 		Features: host.Features(),
 		Facts:    map[string]string{"page-size": ps, "guest": g.ID()},
+		Incoming: incoming,
 	})
 }
 
@@ -251,7 +252,7 @@ type destProc struct {
 type destLine struct {
 	Event    string `json:"event"` // listening | done
 	URI      string `json:"uri,omitempty"`
-	State    string `json:"state,omitempty"`
+	State    string `json:"state,omitempty"` // the incoming side's final state (done)
 	Checksum string `json:"checksum,omitempty"`
 	Error    string `json:"error,omitempty"`
 	// PeakRSS is the destination process's peak resident set (VmHWM).
@@ -293,7 +294,7 @@ func (d *destProc) next(event string) (destLine, error) {
 		if l.Event == event {
 			return l, nil
 		}
-		if l.Event == "done" && l.State != "completed" {
+		if l.Event == "done" && l.Error != "" {
 			return l, fmt.Errorf("the destination failed: %s", l.Error)
 		}
 	}
@@ -304,7 +305,7 @@ func (d *destProc) next(event string) (destLine, error) {
 func (d *destProc) wait() { _ = d.cmd.Wait() }
 
 func runDemo(ctx context.Context, s *spec.Spec, specPath string, gf *guestFlags, cf *configFlags, transportName string, progress io.Writer) (demoResult, error) {
-	res := demoResult{Status: "failed", Transport: transportName}
+	res := demoResult{Transport: transportName}
 	cfg, err := gf.config()
 	if err != nil {
 		return res, err
@@ -319,7 +320,7 @@ func runDemo(ctx context.Context, s *spec.Spec, specPath string, gf *guestFlags,
 	if err := g.Start(); err != nil {
 		return res, err
 	}
-	c, err := newController(s, g)
+	c, err := newController(s, g, false)
 	if err != nil {
 		return res, err
 	}
@@ -396,11 +397,9 @@ func runDemo(ctx context.Context, s *spec.Spec, specPath string, gf *guestFlags,
 	}
 	res.Passes, res.PagesSent, res.PagesZero, res.TransferredBytes = st.DirtySyncCount, st.Normal, st.Duplicate, st.Transferred
 	res.SourceChecksum = fmt.Sprintf("%016x", st.Checksum)
-	if sr.State != "completed" {
-		res.Status = sr.State
-		if sr.Err != nil {
-			res.Error = sr.Err.Error()
-		}
+	res.Status = string(sr.State)
+	if sr.Err != nil {
+		res.Error = sr.Err.Error()
 		return res, fmt.Errorf("the source ended %s: %v", sr.State, sr.Err)
 	}
 	if transportName == "file" || transportName == "exec" {
@@ -428,7 +427,7 @@ func runDemo(ctx context.Context, s *spec.Spec, specPath string, gf *guestFlags,
 		res.DestinationOverheadPct = (float64(done.PeakRSS) - float64(ram)) / float64(ram) * 100
 	}
 	res.Status = done.State
-	if done.State != "completed" {
+	if done.Error != "" {
 		res.Error = done.Error
 		return res, fmt.Errorf("the destination ended %s: %s", done.State, done.Error)
 	}
@@ -516,7 +515,7 @@ func newDemoDestination() *cobra.Command {
 			}
 			err = demoDestination(cmd.Context(), s, &gf, &cf, listen, report)
 			if err != nil {
-				report(destLine{Event: "done", State: "failed", Error: err.Error()})
+				report(destLine{Event: "done", Error: err.Error()})
 				return &exitError{code: 1}
 			}
 			return nil
@@ -538,7 +537,7 @@ func demoDestination(ctx context.Context, s *spec.Spec, gf *guestFlags, cf *conf
 		return err
 	}
 	defer g.Close()
-	c, err := newController(s, g)
+	c, err := newController(s, g, true)
 	if err != nil {
 		return err
 	}
@@ -561,17 +560,14 @@ func demoDestination(ctx context.Context, s *spec.Spec, gf *guestFlags, cf *conf
 	report(destLine{Event: "listening", URI: in.Addr().String()})
 	r, err := in.Wait(ctx)
 	if err != nil {
-		in.Cancel("interrupted")
+		in.Abort("interrupted")
 		<-in.Done()
 		return err
 	}
-	if r.State != "completed" {
-		if r.Err != nil {
-			return r.Err
-		}
-		return errors.New("incoming migration ended " + r.State)
+	if r.Err != nil {
+		return r.Err
 	}
-	report(destLine{Event: "done", State: r.State, Checksum: fmt.Sprintf("%016x", checksum), PeakRSS: peakRSS()})
+	report(destLine{Event: "done", State: string(r.State), Checksum: fmt.Sprintf("%016x", checksum), PeakRSS: peakRSS()})
 	return nil
 }
 

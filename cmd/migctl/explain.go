@@ -1,7 +1,11 @@
 package main
 
 import (
+	"errors"
 	"fmt"
+	"io"
+	"maps"
+	"slices"
 	"strings"
 	"text/tabwriter"
 
@@ -9,18 +13,28 @@ import (
 
 	"github.com/migctl/migctl/guards"
 	"github.com/migctl/migctl/host"
+	"github.com/migctl/migctl/machine"
 	"github.com/migctl/migctl/spec"
 	"github.com/migctl/migctl/transport"
 )
 
+// startTriggers is the trigger each side's migrations start with: what
+// explain judges by default.
+var startTriggers = map[string]machine.Trigger{spec.Outgoing: machine.TriggerMigrate, spec.Incoming: machine.TriggerIncoming}
+
 func newExplain() *cobra.Command {
-	var uri, side, state string
+	var uri, side, trigger string
 	var caps, params, features []string
+	var all bool
 	cmd := &cobra.Command{
 		Use:   "explain --transport URI [--cap NAME[=on|off]]... [--param NAME=VALUE]...",
-		Short: "Judge a configuration against every rule and say why it is allowed or refused",
-		Long: "explain runs the transport-compatible guard's rules against a configuration and prints every rule's\n" +
-			"verdict. Exit status 0 when the combination is allowed, 1 when a rule refuses it.",
+		Short: "Judge a configuration as the controller would and say why it is allowed or refused",
+		Long: "explain builds the same controller `migctl serve` runs (this host's features, the spec) and asks it to\n" +
+			"judge firing a trigger — by default the side's start trigger: migrate (outgoing) or incoming\n" +
+			"(--side incoming) — with the given transport and configuration. It prints the rules that refuse, then\n" +
+			"the ones that apply and allow, and what migctl does with each setting given (honoured, refused or\n" +
+			"vacuous). Exit status 0 when allowed, 1 when refused: the same answer the real migrate or\n" +
+			"migrate-incoming would get.",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			s, err := loadSpec(cmd, nil)
@@ -28,31 +42,26 @@ func newExplain() *cobra.Command {
 				printSpecErrors(cmd.ErrOrStderr(), err)
 				return &exitError{code: 1}
 			}
-			sd := s.Side(side)
-			if sd == nil {
+			if side != spec.Incoming && side != spec.Outgoing {
 				return fmt.Errorf("--side %q: want incoming or outgoing", side)
 			}
-			if state == "" {
-				state = sd.Initial
+			tr := startTriggers[side]
+			if trigger != "" {
+				tr = machine.Trigger(trigger)
 			}
-			if sd.State(state) == nil {
-				return fmt.Errorf("--state %q: not a state of the %s side", state, side)
-			}
-			in := &guards.Input{Spec: s, Side: side, State: state, Trigger: "explain", Features: host.Features()}
 			cfg := guards.DefaultConfig(s)
+			set := &guards.Change{Caps: map[string]bool{}, Params: map[string]string{}}
 			for _, c := range caps {
 				name, val, hasVal := strings.Cut(c, "=")
 				if s.Capability(name) == nil {
-					return fmt.Errorf("--cap %s: unknown capability (see `migctl diagram` or docs/rules.md)", name)
+					return fmt.Errorf("--cap %s: unknown capability (docs/rules.md lists them)", name)
 				}
-				switch {
-				case !hasVal || val == "on" || val == "true":
-					cfg.Caps[name] = true
-				case val == "off" || val == "false":
-					cfg.Caps[name] = false
-				default:
+				on, ok := parseOnOff(val, !hasVal)
+				if !ok {
 					return fmt.Errorf("--cap %s: want on or off, got %q", name, val)
 				}
+				cfg.Caps[name] = on
+				set.Caps[name] = on
 			}
 			for _, p := range params {
 				name, val, ok := strings.Cut(p, "=")
@@ -65,46 +74,45 @@ func newExplain() *cobra.Command {
 					return fmt.Errorf("--param %s: %w (expects %s)", name, err, par.Range())
 				}
 				cfg.Params[name] = v
+				set.Params[name] = v
 			}
+			feats := host.Features()
 			for _, f := range features {
-				in.Features[f] = true
+				feats[f] = true
 			}
-			in.Config, in.Previous = cfg, cfg
+			c, err := machine.New(s, machine.Options{Features: feats, Incoming: side == spec.Incoming})
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			a := &machine.Args{}
 			if uri != "" {
-				a, err := transport.Parse(uri)
+				ad, err := transport.Parse(uri)
 				if err != nil {
 					return fmt.Errorf("--transport: %w", err)
 				}
-				if s.Transport(a.Scheme) == nil {
-					return fmt.Errorf("--transport %s: the spec declares no transport %q", uri, a.Scheme)
+				if s.Transport(ad.Scheme) == nil {
+					return fmt.Errorf("--transport %s: the spec declares no transport %q", uri, ad.Scheme)
 				}
-				in.Transport = &guards.Endpoint{Transport: a.Scheme, URI: uri}
+				a.Endpoint = &guards.Endpoint{Transport: ad.Scheme, URI: ad.String()}
 			}
+			verdicts, err := c.Judge(side, tr, a, cfg)
 			out := cmd.OutOrStdout()
-			tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-			refused := 0
-			for _, v := range guards.Evaluate(in) {
-				verdict := "n/a"
-				switch {
-				case v.Applies && v.OK:
-					verdict = "ok"
-				case !v.OK:
-					verdict = "REFUSED"
-					refused++
-				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\n", verdict, v.Rule.Name, firstNonEmpty(v.Reason, v.Rule.Doc))
-			}
-			tw.Flush()
-			if refused > 0 {
-				fmt.Fprintf(out, "\nrefused by %d rule(s):\n", refused)
-				for _, v := range guards.Evaluate(in) {
-					if !v.OK {
-						fmt.Fprintf(out, "  %s: %s\n", v.Rule.Name, v.Reason)
-					}
-				}
+			var np *machine.NotPermittedError
+			if errors.As(err, &np) {
+				fmt.Fprintf(out, "REFUSED  %s\n", err)
 				return &exitError{code: 1}
 			}
-			fmt.Fprintln(out, "\nallowed")
+			if err != nil {
+				return err
+			}
+			refused := printVerdicts(out, verdicts, all)
+			printEffects(out, s, set)
+			if refused > 0 {
+				fmt.Fprintf(out, "\n%s on the %s side: refused by %d rule(s)\n", tr, side, refused)
+				return &exitError{code: 1}
+			}
+			fmt.Fprintf(out, "\n%s on the %s side: allowed\n", tr, side)
 			return nil
 		},
 	}
@@ -113,13 +121,84 @@ func newExplain() *cobra.Command {
 	cmd.Flags().StringArrayVar(&params, "param", nil, "parameter to set, NAME=VALUE (repeatable)")
 	cmd.Flags().StringArrayVar(&features, "feature", nil, "host feature to assume present besides the ones this host has, e.g. kvm-dirty-ring (repeatable)")
 	cmd.Flags().StringVar(&side, "side", spec.Outgoing, "side to judge: incoming or outgoing")
-	cmd.Flags().StringVar(&state, "state", "", "state to judge in (default: the side's initial state)")
+	cmd.Flags().StringVar(&trigger, "trigger", "", "trigger to judge (default: migrate for outgoing, incoming for incoming; also set-capabilities, set-parameters)")
+	cmd.Flags().BoolVar(&all, "all", false, "also list the rules that do not apply")
 	return cmd
 }
 
-func firstNonEmpty(a, b string) string {
-	if a != "" {
-		return a
+// parseOnOff reads on/off (and true/false, yes/no, 1/0); empty means on
+// when the value was left out.
+func parseOnOff(v string, missing bool) (on, ok bool) {
+	switch strings.ToLower(v) {
+	case "on", "true", "yes", "1":
+		return true, true
+	case "off", "false", "no", "0":
+		return false, true
+	case "":
+		return true, missing
 	}
-	return b
+	return false, false
+}
+
+// printVerdicts prints the refusing rules first, then the ones that apply
+// and allow, then (with all) the rest; it returns how many refused.
+func printVerdicts(w io.Writer, vs []guards.Verdict, all bool) int {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	refused, na := 0, 0
+	for _, v := range vs {
+		if !v.OK {
+			refused++
+			fmt.Fprintf(tw, "REFUSED\t%s\t%s\n", v.Rule.Name, v.Reason)
+		}
+	}
+	for _, v := range vs {
+		if v.Applies && v.OK {
+			fmt.Fprintf(tw, "ok\t%s\t%s\n", v.Rule.Name, v.Rule.Doc)
+		}
+	}
+	for _, v := range vs {
+		if !v.Applies {
+			na++
+			if all {
+				fmt.Fprintf(tw, "n/a\t%s\t%s\n", v.Rule.Name, v.Rule.Doc)
+			}
+		}
+	}
+	tw.Flush()
+	if !all && na > 0 {
+		fmt.Fprintf(w, "(%d more rules do not apply to this configuration; --all lists them)\n", na)
+	}
+	return refused
+}
+
+// printEffects says what migctl does with each setting given.
+func printEffects(w io.Writer, s *spec.Spec, set *guards.Change) {
+	if len(set.Caps)+len(set.Params) == 0 {
+		return
+	}
+	fmt.Fprintln(w, "\nsettings:")
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	for _, name := range slices.Sorted(maps.Keys(set.Caps)) {
+		c := s.Capability(name)
+		if !set.Caps[name] {
+			fmt.Fprintf(tw, "  capability %s=off\t(off: nothing to do)\n", name)
+			continue
+		}
+		fmt.Fprintf(tw, "  capability %s=on\t%s\n", name, effectText(c.Effect, c.Why))
+	}
+	for _, name := range slices.Sorted(maps.Keys(set.Params)) {
+		p := s.Parameter(name)
+		fmt.Fprintf(tw, "  parameter %s=%s\t%s\n", name, set.Params[name], effectText(p.Effect, p.Why))
+	}
+	tw.Flush()
+}
+
+func effectText(effect, why string) string {
+	if effect == "" {
+		effect = "(no effect declared)"
+	}
+	if why != "" {
+		return effect + ": " + why
+	}
+	return effect
 }

@@ -19,6 +19,7 @@ import (
 
 	"github.com/migctl/migctl/guest"
 	"github.com/migctl/migctl/qmp"
+	"github.com/migctl/migctl/vmm"
 	"github.com/migctl/migctl/spec"
 )
 
@@ -85,19 +86,18 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest bool
 	}
 	defer g.Close()
 	log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: slog.LevelWarn}))
-	c, err := newController(s, g)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
 	if !dest {
 		if err := g.Start(); err != nil {
 			return err
 		}
 	}
+	c, err := newController(s, g, dest)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
 	exitCh := make(chan error, 1)
-	h := qmp.NewGuestHost(c, g, qmp.HostOptions{
-		Destination: dest,
+	h := vmm.New(c, g, vmm.Options{
 		Exit: func(err error) {
 			select {
 			case exitCh <- err:

@@ -9,21 +9,35 @@ import (
 
 	migctl "github.com/migctl/migctl"
 	"github.com/migctl/migctl/guards"
+	"github.com/migctl/migctl/machine"
 	"github.com/migctl/migctl/spec"
 )
 
 // loadSpec loads the spec named by the argument, else by --spec, else the
-// built-in one.
+// built-in one, and checks that it declares every state and trigger the
+// Go code uses (machine.Check).
 func loadSpec(cmd *cobra.Command, args []string) (*spec.Spec, error) {
 	path, _ := cmd.Flags().GetString("spec")
 	if len(args) > 0 {
 		path = args[0]
 	}
 	names := guards.Default().Names()
+	var (
+		s   *spec.Spec
+		err error
+	)
 	if path == "" {
-		return spec.Load("transitions.yaml (built in)", migctl.DefaultSpec, names)
+		s, err = spec.Load("transitions.yaml (built in)", migctl.DefaultSpec, names)
+	} else {
+		s, err = spec.LoadFile(path, names)
 	}
-	return spec.LoadFile(path, names)
+	if err != nil {
+		return nil, err
+	}
+	if err := machine.Check(s); err != nil {
+		return nil, err
+	}
+	return s, nil
 }
 
 func newValidate() *cobra.Command {
@@ -39,9 +53,9 @@ func newValidate() *cobra.Command {
 				printSpecErrors(cmd.ErrOrStderr(), err)
 				return &exitError{code: 1}
 			}
-			in, out := len(s.Incoming.States), len(s.Outgoing.States)
-			fmt.Fprintf(cmd.OutOrStdout(), "%s: valid (%d capabilities, %d parameters, %d transports, %d rules, %d+%d states)\n",
-				s.File, len(s.Capabilities), len(s.Parameters), len(s.Transports), len(s.Rules()), in, out)
+			in, out, gs := len(s.Incoming.States), len(s.Outgoing.States), len(s.Guest.States)
+			fmt.Fprintf(cmd.OutOrStdout(), "%s: valid (%d capabilities, %d parameters, %d transports, %d rules; %d incoming, %d outgoing and %d guest states)\n",
+				s.File, len(s.Capabilities), len(s.Parameters), len(s.Transports), len(s.Rules()), in, out, gs)
 			return nil
 		},
 	}

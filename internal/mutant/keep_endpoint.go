@@ -1,0 +1,5 @@
+//go:build mutant_keep_endpoint
+
+package mutant
+
+func init() { KeepEndpoint = true }

@@ -1,0 +1,5 @@
+//go:build mutant_lossy_events
+
+package mutant
+
+func init() { LossyEvents = true }

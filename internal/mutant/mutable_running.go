@@ -1,0 +1,5 @@
+//go:build mutant_mutable_running
+
+package mutant
+
+func init() { MutableRunning = true }

@@ -1,0 +1,5 @@
+//go:build mutant_no_contract
+
+package mutant
+
+func init() { NoContract = true }

@@ -1,0 +1,115 @@
+package machine
+
+import (
+	"github.com/migctl/migctl/internal/mutant"
+	"github.com/migctl/migctl/spec"
+)
+
+// State is a state of one of the spec's graphs. Go code names a state only
+// through the constants below, each of which is part of the contract
+// (Contract): a spec that does not declare it is refused when a
+// controller is built, and by `migctl validate`.
+type State string
+
+// Trigger is a trigger of one of the spec's graphs. Like State, Go code
+// names a trigger only through the constants below.
+type Trigger string
+
+// States the Go code names. The spec declares what each means.
+const (
+	// StatePreSwitchover: the source paused before saving devices
+	// (pause-before-switchover); the engine waits there for continue.
+	StatePreSwitchover State = "pre-switchover"
+	// GuestRunning: the guest graph's state in which the guest runs; the
+	// destination's loader starts the guest only when arrive leads there.
+	GuestRunning State = "running"
+)
+
+// Triggers the Go code fires. The spec's edges say where each goes.
+const (
+	// Migration sides.
+	TriggerMigrate      Trigger = "migrate"       // outgoing: engine.Start
+	TriggerStart        Trigger = "start"         // outgoing: the channels are connected
+	TriggerSwitchover   Trigger = "switchover"    // outgoing: converged; guest: the source stops its guest
+	TriggerContinue     Trigger = "continue"      // outgoing: migrate-continue
+	TriggerComplete     Trigger = "complete"      // both sides: the migration is done
+	TriggerCancel       Trigger = "cancel"        // both sides: migrate_cancel
+	TriggerFail         Trigger = "fail"          // both sides: an error
+	TriggerCleanup      Trigger = "cleanup"       // both sides: the data plane finished tearing down
+	TriggerIncoming     Trigger = "incoming"      // incoming: loaders.Listen (migrate-incoming)
+	TriggerListen       Trigger = "listen"        // incoming: the listener is open
+	TriggerListenFailed Trigger = "listen-failed" // incoming: the listener could not be opened
+	TriggerConnect      Trigger = "connect"       // incoming: the source connected and announced itself
+	TriggerLoad         Trigger = "load"          // incoming: loading starts
+
+	// The guest graph (QEMU's run state).
+	TriggerBoot          Trigger = "boot"           // the guest starts (a process without -incoming)
+	TriggerAwaitIncoming Trigger = "await-incoming" // the guest waits for an incoming migration (-incoming)
+	TriggerStop          Trigger = "stop"           // QMP stop
+	TriggerCont          Trigger = "cont"           // QMP cont
+	TriggerRestart       Trigger = "restart"        // the source runs its guest again after a failed migration
+	TriggerMigrated      Trigger = "migrated"       // the source's guest migrated away
+	TriggerArrive        Trigger = "arrive"         // the incoming migration completed: the guest starts, or stays paused
+)
+
+// Configuration triggers, fired on both migration sides by SetCapabilities
+// and SetParameters (declared by package spec, which reserves them).
+const (
+	TriggerSetCapabilities Trigger = spec.TriggerSetCapabilities
+	TriggerSetParameters   Trigger = spec.TriggerSetParameters
+)
+
+// contract lists every (graph, name) the Go code depends on and who
+// depends on it. New and Check refuse a spec that lacks one.
+var contract = []spec.Need{
+	trig(spec.Outgoing, TriggerMigrate, "engine.Start"),
+	trig(spec.Outgoing, TriggerStart, "engine: channels connected"),
+	trig(spec.Outgoing, TriggerSwitchover, "engine: converged"),
+	trig(spec.Outgoing, TriggerContinue, "engine.Migration.Continue"),
+	trig(spec.Outgoing, TriggerComplete, "engine: confirmed"),
+	trig(spec.Outgoing, TriggerCancel, "engine.Migration.Cancel"),
+	trig(spec.Outgoing, TriggerFail, "engine: failure"),
+	trig(spec.Outgoing, TriggerCleanup, "engine: torn down"),
+	state(spec.Outgoing, StatePreSwitchover, "engine: waits for continue there"),
+
+	trig(spec.Incoming, TriggerIncoming, "loaders.Listen"),
+	trig(spec.Incoming, TriggerListen, "loaders: listener open"),
+	trig(spec.Incoming, TriggerListenFailed, "loaders: listener failed"),
+	trig(spec.Incoming, TriggerConnect, "loaders: source announced"),
+	trig(spec.Incoming, TriggerLoad, "loaders: loading starts"),
+	trig(spec.Incoming, TriggerComplete, "loaders: stream ended"),
+	trig(spec.Incoming, TriggerCancel, "loaders.Incoming.Cancel"),
+	trig(spec.Incoming, TriggerFail, "loaders: failure"),
+	trig(spec.Incoming, TriggerCleanup, "loaders: torn down"),
+
+	trig(spec.Guest, TriggerBoot, "machine.New without Options.Incoming"),
+	trig(spec.Guest, TriggerAwaitIncoming, "machine.New with Options.Incoming"),
+	trig(spec.Guest, TriggerStop, "vmm: QMP stop"),
+	trig(spec.Guest, TriggerCont, "vmm: QMP cont"),
+	trig(spec.Guest, TriggerSwitchover, "engine: stops the source guest"),
+	trig(spec.Guest, TriggerRestart, "engine: restarts the source guest"),
+	trig(spec.Guest, TriggerMigrated, "engine: the guest migrated away"),
+	trig(spec.Guest, TriggerArrive, "loaders: the guest arrived"),
+	state(spec.Guest, GuestRunning, "loaders: start the guest when it arrives there"),
+}
+
+func trig(graph string, t Trigger, by string) spec.Need {
+	return spec.Need{Graph: graph, Kind: spec.NeedTrigger, Name: string(t), By: by}
+}
+
+func state(graph string, s State, by string) spec.Need {
+	return spec.Need{Graph: graph, Kind: spec.NeedState, Name: string(s), By: by}
+}
+
+// Contract returns every state and trigger the Go code names, per graph:
+// what a spec must declare for migctl to run it.
+func Contract() []spec.Need { return append([]spec.Need(nil), contract...) }
+
+// Check reports, as *spec.Errors with file:line:col, every name of the
+// contract the spec lacks. New runs it; `migctl validate` too.
+func Check(s *spec.Spec) error {
+	if mutant.NoContract {
+		return nil
+	}
+	return s.Check(contract)
+}
