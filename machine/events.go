@@ -228,8 +228,8 @@ type Stats struct {
 	// ThrottlePercent is auto-converge's current throttle of the source's
 	// guest (query-migrate's cpu-throttle-percentage); 0 when inactive.
 	ThrottlePercent int
-	SetupTime        time.Duration
-	TotalTime        time.Duration
+	SetupTime       time.Duration
+	TotalTime       time.Duration
 	// Checksum is the guest digest at switchover (source) or after load
 	// (destination), 0 when unknown. Used by the demo to verify.
 	Checksum uint64

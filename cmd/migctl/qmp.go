@@ -19,8 +19,8 @@ import (
 
 	"github.com/migctl/migctl/guest"
 	"github.com/migctl/migctl/qmp"
-	"github.com/migctl/migctl/vmm"
 	"github.com/migctl/migctl/spec"
+	"github.com/migctl/migctl/vmm"
 )
 
 // addQMPCommands adds `migctl serve` (a QMP server hosting the built-in
