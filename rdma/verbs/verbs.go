@@ -183,6 +183,7 @@ const (
 	StatusLocalProt           // a local SGE is outside its MR (IBV_WC_LOC_PROT_ERR)
 	StatusLocalLength         // an incoming SEND is larger than the receive buffer (IBV_WC_LOC_LEN_ERR)
 	StatusRemoteAccess        // the peer refused a WRITE (IBV_WC_REM_ACCESS_ERR)
+	StatusRemoteInvalid       // the peer could not take a SEND: too large for its buffer (IBV_WC_REM_INV_REQ_ERR)
 	StatusRNR                 // a SEND arrived with no receive posted (IBV_WC_RNR_RETRY_EXC_ERR)
 	StatusFlushed             // the QP was in error (IBV_WC_WR_FLUSH_ERR)
 	StatusTransport           // the connection failed (IBV_WC_RETRY_EXC_ERR)
@@ -198,6 +199,8 @@ func (s Status) String() string {
 		return "local length error"
 	case StatusRemoteAccess:
 		return "remote access error"
+	case StatusRemoteInvalid:
+		return "remote invalid request"
 	case StatusRNR:
 		return "receiver not ready"
 	case StatusFlushed:
@@ -245,6 +248,20 @@ var ErrQueueFull = errors.New("rdma: work queue full")
 // ErrDisconnected is the QP error after the peer closed the connection in
 // order (rdma_cm's DISCONNECTED event).
 var ErrDisconnected = errors.New("rdma: peer disconnected")
+
+// ErrConnLost is the QP error when the connection broke without an orderly
+// disconnect (reset, cut, a frame cut short).
+var ErrConnLost = errors.New("rdma: connection lost")
+
+// ErrRNR is the QP error when a SEND arrived and no receive was posted.
+var ErrRNR = errors.New("rdma: a SEND arrived with no receive posted (receiver not ready)")
+
+// ErrTooLong is the QP error when a SEND was larger than the receive buffer.
+var ErrTooLong = errors.New("rdma: a SEND was larger than the posted receive buffer")
+
+// ErrLocalProtection is the QP error when a local SGE lies outside its MR
+// or names an unknown local key.
+var ErrLocalProtection = errors.New("rdma: local protection error")
 
 // ErrNotConnected is returned by PostSend before the connection is
 // established.
