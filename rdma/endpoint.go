@@ -721,3 +721,18 @@ func (e *endpoint) drainSends(ctx context.Context) {
 		}
 	}
 }
+
+// replyWanted reports whether a request is waiting for its reply (tests).
+func (e *endpoint) replyWanted() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.replyWant != 0
+}
+
+// creditsLeft reports the credits the peer granted and this side has not
+// used (tests).
+func (e *endpoint) creditsLeft() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.credits
+}
