@@ -21,7 +21,7 @@ const (
 	DefaultMaxWrites = 64
 	// failGrace bounds how long a failed channel waits for its ERROR
 	// message to leave before it drops the connection.
-	failGrace = 5 * time.Second
+	failGrace  = 5 * time.Second
 	replySlots = 4
 )
 

@@ -179,14 +179,14 @@ type Status uint8
 
 // Completion statuses (the subset of ibv_wc_status migctl distinguishes).
 const (
-	StatusSuccess      Status = iota
-	StatusLocalProt           // a local SGE is outside its MR (IBV_WC_LOC_PROT_ERR)
-	StatusLocalLength         // an incoming SEND is larger than the receive buffer (IBV_WC_LOC_LEN_ERR)
-	StatusRemoteAccess        // the peer refused a WRITE (IBV_WC_REM_ACCESS_ERR)
-	StatusRemoteInvalid       // the peer could not take a SEND: too large for its buffer (IBV_WC_REM_INV_REQ_ERR)
-	StatusRNR                 // a SEND arrived with no receive posted (IBV_WC_RNR_RETRY_EXC_ERR)
-	StatusFlushed             // the QP was in error (IBV_WC_WR_FLUSH_ERR)
-	StatusTransport           // the connection failed (IBV_WC_RETRY_EXC_ERR)
+	StatusSuccess       Status = iota
+	StatusLocalProt            // a local SGE is outside its MR (IBV_WC_LOC_PROT_ERR)
+	StatusLocalLength          // an incoming SEND is larger than the receive buffer (IBV_WC_LOC_LEN_ERR)
+	StatusRemoteAccess         // the peer refused a WRITE (IBV_WC_REM_ACCESS_ERR)
+	StatusRemoteInvalid        // the peer could not take a SEND: too large for its buffer (IBV_WC_REM_INV_REQ_ERR)
+	StatusRNR                  // a SEND arrived with no receive posted (IBV_WC_RNR_RETRY_EXC_ERR)
+	StatusFlushed              // the QP was in error (IBV_WC_WR_FLUSH_ERR)
+	StatusTransport            // the connection failed (IBV_WC_RETRY_EXC_ERR)
 )
 
 func (s Status) String() string {
