@@ -6,8 +6,10 @@
 // This provider's data path compiles and passes go vet in CI, but has never
 // run: the machines migctl is built and tested on have no RDMA device (no
 // InfiniBand, no rdma_rxe, no siw). On such a machine New succeeds and
-// Probe (run by rdma.Open) returns a *verbs.NoDeviceError saying
-// "ibv_get_device_list returned 0 devices".
+// Probe (run by rdma.Open) returns a *verbs.NoDeviceError naming the probe:
+// "ibv_get_device_list returned 0 devices" where the kernel has RDMA support
+// but no device, or "ibv_get_device_list returned no list: function not
+// implemented" (ENOSYS) where the kernel has none, as on migctl's CI.
 package ibv
 
 import "errors"
