@@ -1,0 +1,5 @@
+package rdma
+
+import "runtime"
+
+func runtimeGosched() { runtime.Gosched() }
