@@ -202,7 +202,7 @@ func TestStrictAccepts(t *testing.T) {
 		`{}`, `[]`, `""`, `0`, `-0.5e+10`, `1E3`, `true`, `false`, `null`,
 		`{"a":"\u00e9\n\"\\\/\b\f\r\t","b":[1,{"c":null}]}`,
 		`"\ud83d\ude00"`,                                      // a surrogate pair
-		"\"\xf0\x9f\x98\x80 é \\u0000\"",                       // raw UTF-8 and an escaped NUL
+		"\"\xf0\x9f\x98\x80 é \\u0000\"",                      // raw UTF-8 and an escaped NUL
 		strings.Repeat("[", 1024) + strings.Repeat("]", 1024), // exactly QEMU's MAX_NESTING
 		" \t\r\n{\"a\":1} \n",
 	} {
@@ -527,5 +527,19 @@ func TestNegotiationDeadline(t *testing.T) {
 	good.send(`{"execute":"query-status","id":2}`)
 	if r := good.reply(); r.Error != nil || string(r.ID) != "2" {
 		t.Fatalf("negotiated client after the deadline: %+v", r)
+	}
+}
+
+// TestDecodeRequestIsStrict: decodeRequest checks on its own, whoever
+// calls it (the framer checks too).
+func TestDecodeRequestIsStrict(t *testing.T) {
+	for in, want := range map[string]string{
+		`{"execute":"migrate","arguments":{"uri":"a","uri":"b"}}`: "JSON parse error, duplicate key: 'uri' appears more than once in one object",
+		"{\"execute\":\"query-status\",\"id\":\"\xff\"}":          `JSON parse error, stray '"\xff': byte 0xff is never valid UTF-8`,
+	} {
+		req, e := decodeRequest([]byte(in))
+		if e == nil || e.Desc != want || req != nil {
+			t.Errorf("decodeRequest(%q) = %+v, %+v; want %q and no request", in, req, e, want)
+		}
 	}
 }
