@@ -243,6 +243,7 @@ func TestOneErrorPerMalformedInput(t *testing.T) {
 		{"junk of every kind", `nonsense ]]] ,,, :: 12 "s" [1] @@ 'x'`, 1},
 		{"unterminated string ended by a newline", `{"execute":"query-status","id":"abc` + "\n", 1},
 		{"unterminated string, request on the same line after a control byte", `{"execute":"query-status","id":"abc` + "\x01", 1},
+		{"a byte JSON never has outside a string ends the request at once", `{"execute":@`, 1},
 		{"QEMU's reset: half a request then a control byte", `{"execute":"query-sta` + "\x01", 1},
 		{"QEMU's reset with 0xFF", `{"execute":"query-sta` + "\xff", 1},
 		{"deep array", strings.Repeat("[", 5000) + strings.Repeat("]", 5000), 1},
