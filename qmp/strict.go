@@ -29,9 +29,13 @@ package qmp
 // broken value where QEMU's lexer ends it (at the control character), so an
 // unterminated string no longer swallows the requests that follow; QEMU's
 // documented way to reset its parser (send a control character other than
-// \t, \r, \n, or the byte 0xFF) works here too. A value whose brackets never
-// balance and that contains no lexical error is bounded by the request size
-// limit, after which the connection is closed, as before.
+// \t, \r, \n, or the byte 0xFF) works here too. A value nested deeper than
+// maxNesting is skipped up to the end of that value (its brackets
+// balance), a lexical error, or the request size limit, whichever comes
+// first, as QEMU's newer streamer does: requests inside an unclosed deep
+// value are part of it. A value whose brackets never balance and that
+// contains no lexical error is bounded by the request size limit, after
+// which the connection is closed, as before.
 
 import (
 	"bufio"

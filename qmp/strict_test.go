@@ -435,6 +435,7 @@ func FuzzOneErrorPerRequest(f *testing.F) {
 		}
 		noBrace := clean("{")
 		inString := clean(`{"\`)
+		flat := clean(`{}[]"\`)
 		str, _ := json.Marshal(string(junk)) // a valid JSON string of the junk
 		forms := []string{
 			"]" + string(noBrace), // stray closer, then junk
@@ -442,7 +443,9 @@ func FuzzOneErrorPerRequest(f *testing.F) {
 			`{"execute":"query-status","id":"` + string(inString) + "\n",                // unterminated at a newline
 			`{"execute":"query-status","id":1,"id":` + string(str) + `}`,                // duplicate key
 			`{"execute":"query-status","id":"` + string(inString) + "\xc3" + `(` + `"}`, // invalid UTF-8
-			strings.Repeat("[", 1025) + string(noBrace),                                 // too deep
+			// Too deep: the rest of the value is skipped up to its end
+			// (or a lexical error), so it must end before the probe.
+			strings.Repeat("[", 1025) + string(flat) + strings.Repeat("]", 1025),
 		}
 		var in bytes.Buffer
 		var want int
