@@ -1,6 +1,8 @@
 package creds
 
 import (
+	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"os"
@@ -163,6 +165,19 @@ func TestConfigs(t *testing.T) {
 	cfg, err := srv.ServerConfig(nil)
 	if err != nil || cfg.MinVersion != 0x0304 || cfg.ClientAuth.String() != "RequireAndVerifyClientCert" || !cfg.SessionTicketsDisabled {
 		t.Errorf("server config: %+v %v", cfg, err)
+	}
+	// A server that offers only TLS 1.2 is refused by the client.
+	ccfg, err := cli.ClientConfig("127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := &tls.Config{MaxVersion: tls.VersionTLS12, Certificates: []tls.Certificate{*srv.cert}}
+	a, b := socketPair(t)
+	go func() { _ = tls.Server(a, old).Handshake(); a.Close() }()
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	if _, err := ClientHandshake(ctx, b, ccfg); err == nil || !strings.Contains(err.Error(), "protocol version") {
+		t.Errorf("client against a TLS 1.2 server: %v", err)
 	}
 	if h := Hostname("", "10.0.0.1"); h != "10.0.0.1" {
 		t.Errorf("Hostname from the address: %q", h)
