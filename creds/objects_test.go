@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/migctl/migctl/creds/credstest"
@@ -115,6 +116,10 @@ func TestLoadX509(t *testing.T) {
 	os.WriteFile(filepath.Join(noKey, FileClientCert), w.client.CertPEM, 0o644)
 	badCRL := credstest.Dir(t, []*credstest.CA{w.ca}, w.server, nil)
 	w.rogue.CRL(t, badCRL)
+	fifoDir := t.TempDir()
+	if err := syscall.Mkfifo(filepath.Join(fifoDir, FileCACert), 0o600); err != nil {
+		t.Fatal(err)
+	}
 
 	cases := []struct {
 		name string
@@ -129,6 +134,7 @@ func TestLoadX509(t *testing.T) {
 		{"client certificate used by a server", X509Options{ID: "t", Dir: credstest.Dir(t, []*credstest.CA{w.ca}, clientOnly, nil), Endpoint: Server}, "Certificate purpose does not allow use with a TLS server"},
 		{"own certificate from another CA", X509Options{ID: "t", Dir: credstest.Dir(t, []*credstest.CA{w.rogue}, w.server, nil), Endpoint: Server}, "Our own certificate failed validation against"},
 		{"CRL from another CA", X509Options{ID: "t", Dir: badCRL, Endpoint: Server}, "ca-crl.pem: Cannot load CRL: a CRL is not signed by any CA in ca-cert.pem"},
+		{"a FIFO where ca-cert.pem should be", X509Options{ID: "t", Dir: fifoDir}, "ca-cert.pem: Unable to access credentials: not a regular file"},
 	}
 	for _, tc := range cases {
 		_, err := LoadX509(tc.o)
@@ -185,4 +191,25 @@ func TestConfigs(t *testing.T) {
 	if h := Hostname("dst.example", "10.0.0.1"); h != "dst.example" {
 		t.Errorf("tls-hostname wins: %q", h)
 	}
+}
+
+// FuzzObjectsAdd: object-add's arguments from a client: no panic, and an
+// object is either added under its id or refused with an error.
+func FuzzObjectsAdd(f *testing.F) {
+	for _, s := range []string{
+		`{"qom-type":"authz-list","id":"a","policy":"allow","rules":[{"match":"*","policy":"deny","format":"glob"}]}`,
+		`{"qom-type":"authz-simple","id":"b","identity":"CN=x"}`,
+		`{"qom-type":"tls-creds-x509","id":"c","dir":"/nonexistent","endpoint":"server"}`,
+		`{"qom-type":"tls-creds-psk","id":"d"}`,
+		`{"qom-type":"authz-list","id":"e","rules":[null,{"match":5}]}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, args []byte) {
+		o := NewObjects()
+		err := o.Add(json.RawMessage(args))
+		if ids := o.IDs(); (err == nil) != (len(ids) == 1) {
+			t.Fatalf("Add: %v, objects %v", err, ids)
+		}
+	})
 }
