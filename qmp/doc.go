@@ -28,6 +28,38 @@
 // MIGRATION_PASS are emitted, as in QEMU, only while the capability events
 // is on.
 //
+// # Input, as strictly as QEMU reads it
+//
+// Go's encoding/json accepts duplicate keys (the last wins) and invalid
+// UTF-8, so it is not the check: strict.go is. A request with a duplicate
+// key in any object, a raw control character (U+0000–U+001F) in a string,
+// invalid UTF-8 (or a noncharacter, or a \u escape naming a surrogate or
+// noncharacter), or nesting deeper than 1024 (QEMU's MAX_NESTING) is one
+// GenericError with QEMU's text ("JSON parse error, duplicate key", "JSON
+// nesting depth limit exceeded", …) and no id: an id is echoed only from a
+// request that is strict JSON, so a reply is always valid UTF-8 and valid
+// JSON. QEMU's single-quoted strings are not accepted.
+//
+// One malformed input gets one error. After a lexical error (which ends the
+// broken value where QEMU's lexer ends it: at the control character, so an
+// unterminated string cannot swallow the next requests) or a top-level
+// value that is not an object, the server skips input up to the next '{'.
+// A megabyte of ']' is one error. Each reply therefore answers one object
+// or one run of bytes between objects. QEMU's documented reset (a control
+// character other than \t, \r, \n, or the byte 0xFF) works.
+//
+// Every error desc is bounded (MaxDesc) and made printable
+// (internal/safe), since it may quote what a client sent.
+//
+// # Limits
+//
+// Options bound what connections cost: MaxRequest (one request, default 1
+// MiB: a longer one is an error and the client is dropped), MaxClients
+// (default 256), MaxPending (clients not yet through qmp_capabilities,
+// default 16: one more drops the one that waited longest, so idle
+// connections never lock an operator out) and NegotiationTimeout (default
+// 30 s from connecting to a successful qmp_capabilities).
+//
 // # Concurrency
 //
 // A [Server] has one goroutine per listener (accepting), two per client (a

@@ -1,13 +1,12 @@
 package qmp
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"io"
 	"time"
+
+	"github.com/migctl/migctl/internal/safe"
 )
 
 // Error classes, as QEMU names them. Almost every error is GenericError;
@@ -21,10 +20,6 @@ const (
 // DefaultMaxRequest bounds one request (one JSON value sent by a client).
 // A longer request is answered with an error and the client is dropped.
 const DefaultMaxRequest = 1 << 20
-
-// maxNesting bounds the nesting of arrays and objects in a request, as
-// QEMU's JSON parser does.
-const maxNesting = 1024
 
 // Error is a QMP error reply: {"error":{"class":…,"desc":…}}. The server's
 // handlers return it for errors of their own; the client returns it for
@@ -145,157 +140,18 @@ func encodeReply(ret any, id json.RawMessage) []byte {
 	if ret == nil {
 		ret = struct{}{}
 	}
-	return encodeLine(&reply{Return: ret, ID: id})
+	return encodeLine(&reply{Return: ret, ID: safeID(id)})
 }
+
+// MaxDesc bounds an error reply's desc in bytes. Every desc is made
+// printable and cut to this length (internal/safe), since it may quote
+// what a peer sent; go-qemu, for one, cannot read a reply line longer than
+// 64 KiB.
+const MaxDesc = 8 << 10
 
 func encodeError(e *Error, id json.RawMessage) []byte {
-	return encodeLine(&reply{Error: e, ID: id})
-}
-
-// errTooLarge: a request exceeded the size bound.
-var errTooLarge = errors.New("request too large")
-
-// syntaxError: the framer saw bytes that cannot start a JSON value.
-type syntaxError struct{ msg string }
-
-func (e *syntaxError) Error() string { return e.msg }
-
-// framer splits a byte stream into top-level JSON values without parsing
-// them, as QEMU's JSON streamer does: objects and arrays end when their
-// brackets balance (outside strings), scalars at whitespace or a bracket.
-// This lets requests arrive without a trailing newline (go-qemu sends none)
-// and bounds what one request may make the server hold.
-type framer struct {
-	r   *bufio.Reader
-	max int
-}
-
-func newFramer(r io.Reader, max int) *framer {
-	if max <= 0 {
-		max = DefaultMaxRequest
-	}
-	return &framer{r: bufio.NewReaderSize(r, 64<<10), max: max}
-}
-
-// next returns the next value's bytes (a fresh slice). Errors: io.EOF at a
-// clean end, io.ErrUnexpectedEOF inside a value, errTooLarge when a value
-// exceeds the bound (the stream cannot be resynchronised then),
-// *syntaxError for a stray closing bracket or too deep nesting (the
-// offending bytes are consumed; the caller may continue), or a read error.
-func (f *framer) next() ([]byte, error) {
-	var buf []byte
-	depth := 0
-	inStr, esc, scalar := false, false, false
-	for {
-		c, err := f.r.ReadByte()
-		if err != nil {
-			if errors.Is(err, io.EOF) {
-				if scalar && !inStr {
-					return buf, nil
-				}
-				if len(buf) > 0 {
-					return nil, io.ErrUnexpectedEOF
-				}
-			}
-			return nil, err
-		}
-		if len(buf) >= f.max {
-			return nil, errTooLarge
-		}
-		if len(buf) == 0 {
-			switch c {
-			case ' ', '\t', '\r', '\n':
-				continue
-			case '{', '[':
-				depth = 1
-			case '}', ']':
-				return nil, &syntaxError{msg: fmt.Sprintf("JSON parse error, unexpected '%c'", c)}
-			case '"':
-				scalar, inStr = true, true
-			default:
-				scalar = true
-			}
-			buf = append(buf, c)
-			continue
-		}
-		if scalar {
-			if inStr {
-				buf = append(buf, c)
-				switch {
-				case esc:
-					esc = false
-				case c == '\\':
-					esc = true
-				case c == '"':
-					return buf, nil
-				}
-				continue
-			}
-			switch c {
-			case ' ', '\t', '\r', '\n':
-				return buf, nil
-			case '{', '[', '}', ']', '"':
-				_ = f.r.UnreadByte()
-				return buf, nil
-			}
-			buf = append(buf, c)
-			continue
-		}
-		buf = append(buf, c)
-		if inStr {
-			switch {
-			case esc:
-				esc = false
-			case c == '\\':
-				esc = true
-			case c == '"':
-				inStr = false
-			}
-			continue
-		}
-		switch c {
-		case '"':
-			inStr = true
-		case '{', '[':
-			depth++
-			if depth > maxNesting {
-				f.skipValue(depth)
-				return nil, &syntaxError{msg: fmt.Sprintf("JSON parse error, nesting deeper than %d", maxNesting)}
-			}
-		case '}', ']':
-			depth--
-			if depth == 0 {
-				return buf, nil
-			}
-		}
-	}
-}
-
-// skipValue consumes the rest of a value nested depth deep (bounded by the
-// size limit), so that the stream stays in step after a nesting error.
-func (f *framer) skipValue(depth int) {
-	inStr, esc := false, false
-	for n := 0; depth > 0 && n < f.max; n++ {
-		c, err := f.r.ReadByte()
-		if err != nil {
-			return
-		}
-		switch {
-		case inStr && esc:
-			esc = false
-		case inStr && c == '\\':
-			esc = true
-		case inStr && c == '"':
-			inStr = false
-		case inStr:
-		case c == '"':
-			inStr = true
-		case c == '{' || c == '[':
-			depth++
-		case c == '}' || c == ']':
-			depth--
-		}
-	}
+	out := &Error{Class: e.Class, Desc: safe.Printable(e.Desc, MaxDesc)}
+	return encodeLine(&reply{Error: out, ID: safeID(id)})
 }
 
 // request is a decoded QMP request.
@@ -309,14 +165,8 @@ type request struct {
 // decodeRequest checks one framed value against the QMP request shape. On
 // failure it returns the error to send and the id if one could be read.
 func decodeRequest(raw []byte) (*request, *Error) {
-	if !json.Valid(raw) {
-		var v any
-		err := json.Unmarshal(raw, &v)
-		msg := "invalid JSON"
-		if err != nil {
-			msg = err.Error()
-		}
-		return nil, genericf("JSON parse error, %s", msg)
+	if err := checkJSON(raw); err != nil { // strict.go: QEMU's rules, not encoding/json's
+		return nil, genericf("%s", err)
 	}
 	raw = bytes.TrimSpace(raw)
 	if len(raw) == 0 || raw[0] != '{' {

@@ -30,6 +30,17 @@ type Options struct {
 	// MaxClients bounds the clients connected at once (default 256); one
 	// more is told so and disconnected.
 	MaxClients int
+	// MaxPending bounds the clients connected but not yet through
+	// capabilities negotiation (default DefaultMaxPending). When one more
+	// connects, the one that has waited longest is told so and dropped:
+	// idle connections can never hold every slot, so an operator who
+	// negotiates at once always gets in.
+	MaxPending int
+	// NegotiationTimeout is how long a client may take from connecting to
+	// a successful qmp_capabilities (default DefaultNegotiationTimeout); a
+	// client that has not negotiated by then is told so and dropped.
+	// QEMU has no such limit; it bounds what idle connections cost.
+	NegotiationTimeout time.Duration
 	// QueueLen is each client's outgoing message queue (default 256). A
 	// client whose queue is full when an event arrives is dropped.
 	QueueLen int
@@ -39,6 +50,13 @@ type Options struct {
 	// Logger receives connection and error lines (default: discard).
 	Logger *slog.Logger
 }
+
+// Defaults of the Options that bound what unauthenticated connections
+// cost: how many may wait for capabilities negotiation, and for how long.
+const (
+	DefaultMaxPending         = 16
+	DefaultNegotiationTimeout = 30 * time.Second
+)
 
 // Server serves QMP for one controller and host. Create it with NewServer,
 // add listeners with Listen (or hand it connections with ServeConn), and
@@ -57,6 +75,7 @@ type Server struct {
 	mu        sync.Mutex
 	listeners []*listener
 	clients   map[*client]struct{}
+	pending   []*client // connected, not negotiated, oldest first
 	closed    bool
 
 	quitOnce sync.Once
@@ -75,6 +94,12 @@ func NewServer(c *machine.Controller, h Host, opts Options) *Server {
 	}
 	if opts.MaxClients <= 0 {
 		opts.MaxClients = 256
+	}
+	if opts.MaxPending <= 0 {
+		opts.MaxPending = DefaultMaxPending
+	}
+	if opts.NegotiationTimeout <= 0 {
+		opts.NegotiationTimeout = DefaultNegotiationTimeout
 	}
 	if opts.QueueLen <= 0 {
 		opts.QueueLen = 256
@@ -234,10 +259,30 @@ func (s *Server) ServeConn(conn net.Conn) {
 		return
 	}
 	s.clients[cl] = struct{}{}
+	var evict *client
+	if len(s.pending) >= s.opts.MaxPending {
+		evict = s.pending[0]
+		s.pending = s.pending[1:]
+		delete(s.clients, evict) // its slot is free from now on
+	}
+	s.pending = append(s.pending, cl)
 	s.wg.Add(2)
 	s.mu.Unlock()
+	if evict != nil {
+		evict.evict(genericf("dropped: %d connections are waiting for capabilities negotiation (the limit) and this one waited longest; send {\"execute\":\"qmp_capabilities\"} as soon as you connect", s.opts.MaxPending))
+	}
 	go cl.writer()
 	go cl.reader()
+}
+
+// unpend removes cl from the clients waiting for negotiation; s.mu held.
+func (s *Server) unpendLocked(cl *client) {
+	for i, p := range s.pending {
+		if p == cl {
+			s.pending = append(s.pending[:i:i], s.pending[i+1:]...)
+			return
+		}
+	}
 }
 
 // Close stops accepting, flushes what each client is owed (bounded by
@@ -272,6 +317,7 @@ func (s *Server) Close() error {
 func (s *Server) removeClient(cl *client) {
 	s.mu.Lock()
 	delete(s.clients, cl)
+	s.unpendLocked(cl)
 	s.mu.Unlock()
 }
 
@@ -368,6 +414,16 @@ func remoteName(c net.Conn) string {
 	return "?"
 }
 
+// evict tells the client why and disconnects it once that is written
+// (bounded by WriteTimeout).
+func (cl *client) evict(e *Error) {
+	select {
+	case cl.out <- encodeError(e, nil):
+	default:
+	}
+	cl.closeAfterFlush()
+}
+
 // closeAfterFlush asks the writer to close once the queued messages are
 // written; if the queue is full the client is dropped now.
 func (cl *client) closeAfterFlush() {
@@ -434,8 +490,15 @@ func (cl *client) reader() {
 	if !cl.send(encodeLine(newGreeting(cl.s.opts.Package))) {
 		return
 	}
+	// The negotiation deadline is a read deadline; the reader clears it
+	// in emitNegotiated, before its next read.
+	_ = cl.conn.SetReadDeadline(time.Now().Add(cl.s.opts.NegotiationTimeout))
 	err := cl.s.serveStream(cl.conn, cl, cl.send)
 	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded) && !cl.negotiated.Load():
+		cl.send(encodeError(genericf("Expecting capabilities negotiation with 'qmp_capabilities' within %v of connecting; the connection is closed", cl.s.opts.NegotiationTimeout), nil))
+		cl.closeAfterFlush()
+		<-cl.done
 	case errors.Is(err, errTooLarge), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
 		// Deliver what the client is owed (it may only have closed its
 		// write side), then disconnect.
@@ -497,7 +560,9 @@ func (s *Server) emitNegotiated(cl *client, msg []byte, neg *negotiation, emit f
 	case cl.out <- msg:
 		cl.oob.Store(neg.oob)
 		cl.negotiated.Store(true)
+		s.unpendLocked(cl)
 		s.mu.Unlock()
+		cl.clearNegotiationDeadline()
 		return true
 	default:
 	}
@@ -507,7 +572,19 @@ func (s *Server) emitNegotiated(cl *client, msg []byte, neg *negotiation, emit f
 	}
 	cl.oob.Store(neg.oob)
 	cl.negotiated.Store(true)
+	s.mu.Lock()
+	s.unpendLocked(cl)
+	s.mu.Unlock()
+	cl.clearNegotiationDeadline()
 	return true
+}
+
+// clearNegotiationDeadline lifts the read deadline set at connect. Called
+// by the reader goroutine, so no read is in flight.
+func (cl *client) clearNegotiationDeadline() {
+	if cl.conn != nil {
+		_ = cl.conn.SetReadDeadline(time.Time{})
+	}
 }
 
 // socketFile identifies a unix socket file the server created.
