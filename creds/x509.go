@@ -177,7 +177,9 @@ func LoadX509(o X509Options) (*X509, error) {
 // absent.
 func (c *X509) read(name string, required bool) ([]byte, error) {
 	p := filepath.Join(c.dir, name)
-	f, err := os.Open(p)
+	// O_NONBLOCK: opening a FIFO planted in the directory must not block
+	// object-add; only a regular file is read.
+	f, err := os.OpenFile(p, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		if !required && errors.Is(err, fs.ErrNotExist) {
 			return nil, nil
@@ -185,6 +187,9 @@ func (c *X509) read(name string, required bool) ([]byte, error) {
 		return nil, &LoadError{ID: c.id, File: p, Err: fmt.Errorf("Unable to access credentials: %w", err)}
 	}
 	defer f.Close()
+	if fi, err := f.Stat(); err != nil || !fi.Mode().IsRegular() {
+		return nil, &LoadError{ID: c.id, File: p, Err: errors.New("Unable to access credentials: not a regular file")}
+	}
 	b, err := io.ReadAll(io.LimitReader(f, maxFile+1))
 	if err != nil {
 		return nil, &LoadError{ID: c.id, File: p, Err: err}
