@@ -70,5 +70,7 @@
 // next_packet_size (MaxPayload, QEMU's receive buffer of 1 MiB) and the zstd
 // window (DefaultMaxZstdWindow), decompresses straight into the pages the
 // caller gives it, and refuses a packet that decodes short or leaves more
-// than a sync flush's tail of compressed bytes.
+// than a sync flush's tail of compressed bytes. (A payload whose last block
+// decodes to more bytes than its pages cannot be told from the start of the
+// next packet's data; QEMU does not detect it either.)
 package multifd

@@ -128,14 +128,14 @@ func TestHeaderQEMU72(t *testing.T) {
 	// Packet 1: SYNC with one page (7.2 does that when a sync request meets
 	// a pending job), nocomp.
 	p1 := golden(t, 1344, map[int]string{
-		0: "11223344 00000001 00000001 00000080 00000001 00001000 0000000000000005",
-		64: hex.EncodeToString([]byte("pc.ram")),
+		0:   "11223344 00000001 00000001 00000080 00000001 00001000 0000000000000005",
+		64:  hex.EncodeToString([]byte("pc.ram")),
 		320: "0000000000004000",
 	})
 	// Packet 2: the empty follow-up job: flags 0, no pages, stale size and
 	// name, same packet number.
 	p2 := golden(t, 1344, map[int]string{
-		0: "11223344 00000001 00000000 00000080 00000000 00001000 0000000000000005",
+		0:  "11223344 00000001 00000000 00000080 00000000 00001000 0000000000000005",
 		64: hex.EncodeToString([]byte("pc.ram")),
 	})
 	data := append(append(append([]byte{}, p1...), page...), p2...)
