@@ -222,10 +222,6 @@ func (r *Reader) next() (*Header, error) {
 	if flags&^(FlagSync|r.mask) != 0 {
 		return nil, corrupt(pos, r.ch, nil, "packet flags %#x carry bits unknown to a %v sender", flags, r.lim.Layout)
 	}
-	if c := flags & r.mask; c != r.lim.Compression.Flag() {
-		return nil, mismatch(pos, r.ch, ErrCompression, "packet compressed with method %s, this destination's multifd-compression is %v: set the same on both sides",
-			compressionName(c), r.lim.Compression)
-	}
 	if err := r.readFull(b[12:r.hsz], "a packet header"); err != nil {
 		return nil, err
 	}
@@ -244,6 +240,14 @@ func (r *Reader) next() (*Header, error) {
 		return nil, corrupt(pos, r.ch, nil, "packet lists %d normal pages, its capacity is %d", nNormal, alloc)
 	case nZero > alloc-nNormal:
 		return nil, corrupt(pos, r.ch, nil, "packet lists %d zero pages after %d normal ones, its capacity is %d", nZero, nNormal, alloc)
+	}
+	// The compression bits are set only by the method's prepare step, which
+	// runs for packets with pages: a sync or empty packet carries 0 (both
+	// 7.2 and current QEMU, whose receivers check the bits only when a
+	// packet has pages).
+	if c := flags & r.mask; c != r.lim.Compression.Flag() && (c != FlagNoComp || nNormal+nZero > 0) {
+		return nil, mismatch(pos, r.ch, ErrCompression, "packet compressed with method %s, this destination's multifd-compression is %v: set the same on both sides",
+			compressionName(c), r.lim.Compression)
 	}
 	h := &r.hdr
 	*h = Header{Flags: flags, PagesAlloc: alloc, NextPacketSize: size, PacketNum: num}

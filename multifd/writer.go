@@ -185,13 +185,14 @@ func (w *Writer) Write(b *Batch) error {
 }
 
 // WriteSync sends a sync packet as current QEMU does: a header with
-// FlagSync, no pages, pages_alloc 0 and no block name (QEMU 7.2 layout:
+// FlagSync and no compression bits (QEMU sets those only when a packet has
+// pages), no pages, pages_alloc 0 and no block name (QEMU 7.2 layout:
 // pages_alloc is the packet capacity).
 func (w *Writer) WriteSync(num uint64) error {
 	if w.err != nil {
 		return w.err
 	}
-	h := Header{Flags: FlagSync | w.o.Compression.Flag(), PacketNum: num}
+	h := Header{Flags: FlagSync, PacketNum: num}
 	if w.o.Layout == LayoutQEMU72 {
 		h.PagesAlloc = uint32(w.ppp)
 	}
