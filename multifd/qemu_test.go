@@ -264,14 +264,14 @@ func captureQEMU(t *testing.T, comp Compression) *capture {
 
 // qemuResult is what a decoded capture showed.
 type qemuResult struct {
-	blocks     map[string]uint64
-	zeroRecs   int // ZERO records on the main channel
-	eos        int // RAM EOS records
-	syncs      map[uint8]int
-	packets    int
-	pages      int
-	image      []byte // pc.ram as rebuilt from both channels' pages
-	covered    []bool // pc.ram pages that arrived (as ZERO or page data)
+	blocks   map[string]uint64
+	zeroRecs int // ZERO records on the main channel
+	eos      int // RAM EOS records
+	syncs    map[uint8]int
+	packets  int
+	pages    int
+	image    []byte // pc.ram as rebuilt from both channels' pages
+	covered  []bool // pc.ram pages that arrived (as ZERO or page data)
 }
 
 // decodeCapture decodes the main channel up to the first QEMU device
@@ -483,4 +483,3 @@ func load(t *testing.T, comp Compression) *capture {
 	}
 	return c
 }
-
