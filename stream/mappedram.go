@@ -255,6 +255,9 @@ func (s *scanner) read(n int, what string) ([]byte, error) {
 		return nil, &DecodeError{Offset: s.pos, Class: ErrCorrupt, Detail: "mapped-ram: stream ends inside " + what, Err: io.ErrUnexpectedEOF}
 	}
 	b := s.buf[:n]
+	if n == 0 {
+		return b, nil
+	}
 	if _, err := s.r.ReadAt(b, s.pos); err != nil {
 		return nil, fmt.Errorf("stream: mapped-ram: reading %s at file byte %d: %w", what, s.pos, err)
 	}
