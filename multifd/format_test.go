@@ -200,3 +200,28 @@ func equalU64(a, b []uint64) bool {
 	}
 	return true
 }
+
+// Sync packets as QEMU sends them: FlagSync without compression bits (the
+// method's prepare step never runs for them), no pages, no block name;
+// pages_alloc 0 in current QEMU (the RAM fields are not filled), the
+// capacity in 7.2.
+func TestSyncPacketGolden(t *testing.T) {
+	for _, c := range []struct {
+		layout Layout
+		alloc  string
+	}{{LayoutCurrent, "00000000"}, {LayoutQEMU72, "00000080"}} {
+		var buf bytes.Buffer
+		w, err := NewWriter(&buf, WriterOptions{Compression: CompressionZstd, Layout: c.layout})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := w.WriteSync(42); err != nil {
+			t.Fatal(err)
+		}
+		w.Close()
+		want := golden(t, 1344, map[int]string{0: "11223344 00000001 00000001" + c.alloc + "00000000 00000000 000000000000002a"})
+		if !bytes.Equal(buf.Bytes(), want) {
+			t.Errorf("%v sync packet:\n got %x\nwant %x", c.layout, buf.Bytes(), want)
+		}
+	}
+}
