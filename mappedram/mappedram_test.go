@@ -358,6 +358,11 @@ func TestCorruptionRefusedBeforeAnyPage(t *testing.T) {
 		{"bitmap first byte", flip(int(b0.Header.BitmapOffset)), stream.ErrCorrupt, ErrChecksum},
 		{"bitmap last byte", flip(int(b0.ReservedOffset) - 1), stream.ErrCorrupt, ErrChecksum},
 		{"second block's bitmap", flip(int(x.Blocks[1].Header.BitmapOffset) + 1), stream.ErrCorrupt, ErrChecksum},
+		{"bitmap bits swapped (same population)", func(b []byte) []byte {
+			// Page 0 is zero (absent), page 1 present: swap them.
+			b[b0.Header.BitmapOffset] ^= 0x03
+			return b
+		}, stream.ErrCorrupt, ErrChecksum},
 		{"integrity record crc", flip(int(b0.ReservedOffset) + 9), stream.ErrCorrupt, ErrChecksum},
 		{"integrity record magic", flip(int(b0.ReservedOffset)), ErrIncomplete, nil},
 		{"integrity record size", flip(int(b0.ReservedOffset) + 20), stream.ErrCorrupt, ErrChecksum},
@@ -585,6 +590,41 @@ func TestDirectIO(t *testing.T) {
 				t.Fatal("restored into unaligned memory differs")
 			}
 		})
+	}
+}
+
+// Finish waits for the batches still being written: their bits are in the
+// bitmap it writes.
+func TestFinishWaitsForChannels(t *testing.T) {
+	const size = 4 << 20
+	path := filepath.Join(t.TempDir(), "fin.mig")
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	must(t, err)
+	defer f.Close()
+	enc := stream.NewEncoder(f)
+	must(t, enc.WriteHeader("fin"))
+	blocks := []stream.Block{{Name: "pc.ram", Size: size}}
+	layout, err := enc.StartRAMMapped(ps, blocks, f, RecordSize)
+	must(t, err)
+	sv, err := NewSaver(f, layout, Options{Channels: 2})
+	must(t, err)
+	defer sv.Close()
+	src := guestMem(t, size, 0)
+	ctx := context.Background()
+	for off := uint64(0); off < size; off += ps {
+		patternPage(src[off:off+ps], "pc.ram", off, 3)
+		must(t, sv.Submit(ctx, "pc.ram", []uint64{off}, [][]byte{src[off : off+ps]}))
+	}
+	must(t, enc.BeginRAMEnd())
+	must(t, enc.CloseRAMSection())
+	must(t, sv.Finish(ctx)) // no Sync before it
+	must(t, enc.Close())
+	must(t, sv.Complete(0))
+	g := &guest{blocks: blocks, mem: map[string][]byte{"pc.ram": src}}
+	_, r, err := restore(t, path, g, Options{}, 0)
+	must(t, err)
+	if got := r.Blocks()[0].Present; got != size/ps {
+		t.Fatalf("%d of %d pages in the bitmap", got, size/ps)
 	}
 }
 
