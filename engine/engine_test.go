@@ -3,6 +3,7 @@ package engine_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 
@@ -376,18 +377,26 @@ func TestSwitchoverAck(t *testing.T) {
 	// Converged (a 16 MiB guest fits 300 ms after pass 1), yet held: the
 	// source must still be in active after several more passes.
 	const heldPasses = 5
-	for passes := 0; passes < heldPasses; {
+	var failure string
+	for passes := 0; passes < heldPasses && failure == ""; {
 		select {
 		case ev := <-sub.C():
 			switch {
 			case ev.Kind == machine.EventPass:
 				passes++
 			case ev.Kind == machine.EventState && ev.Side == spec.Outgoing && ev.From == "active":
-				t.Fatalf("the source went %s → %s while the destination held its switchover ack", ev.From, ev.To)
+				failure = fmt.Sprintf("the source went %s → %s while the destination held its switchover ack", ev.From, ev.To)
 			}
 		case <-ctx.Done():
-			t.Fatal("the source stopped iterating while held")
+			failure = "the source stopped iterating while held"
 		}
+	}
+	if failure != "" {
+		// End both sides before the guests are closed under them.
+		in.Abort("test failed")
+		m.Wait(ctx)
+		in.Wait(ctx)
+		t.Fatal(failure)
 	}
 	close(ready)
 	sr, err := m.Wait(ctx)

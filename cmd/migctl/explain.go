@@ -22,8 +22,35 @@ import (
 // explain judges by default.
 var startTriggers = map[string]machine.Trigger{spec.Outgoing: machine.TriggerMigrate, spec.Incoming: machine.TriggerIncoming}
 
+// guestPath finds the guest triggers that lead from state from to state to
+// in the spec's guest graph (a breadth-first search over its permit
+// edges); ok is false when to cannot be reached.
+func guestPath(s *spec.Spec, from, to string) (path []machine.Trigger, ok bool) {
+	type step struct {
+		state string
+		path  []machine.Trigger
+	}
+	seen := map[string]bool{from: true}
+	queue := []step{{from, nil}}
+	for len(queue) > 0 {
+		cur := queue[0]
+		queue = queue[1:]
+		if cur.state == to {
+			return cur.path, true
+		}
+		for _, t := range s.Guest.Transitions {
+			if t.From != cur.state || (t.Kind != "" && t.Kind != spec.KindPermit) || seen[t.To] {
+				continue
+			}
+			seen[t.To] = true
+			queue = append(queue, step{t.To, append(slices.Clone(cur.path), machine.Trigger(t.On))})
+		}
+	}
+	return nil, false
+}
+
 func newExplain() *cobra.Command {
-	var uri, side, trigger string
+	var uri, side, trigger, runState string
 	var caps, params, features []string
 	var all bool
 	cmd := &cobra.Command{
@@ -31,7 +58,8 @@ func newExplain() *cobra.Command {
 		Short: "Judge a configuration as the controller would and say why it is allowed or refused",
 		Long: "explain builds the same controller `migctl serve` runs (this host's features, the spec) and asks it to\n" +
 			"judge firing a trigger — by default the side's start trigger: migrate (outgoing) or incoming\n" +
-			"(--side incoming) — with the given transport and configuration. It prints the rules that refuse, then\n" +
+			"(--side incoming) — with the given transport and configuration, the guest in --run-state (a source's\n" +
+			"runs, a destination's waits for its migration). It prints the rules that refuse, then\n" +
 			"the ones that apply and allow, and what migctl does with each setting given (honoured, refused or\n" +
 			"vacuous). Exit status 0 when allowed, 1 when refused: the same answer the real migrate or\n" +
 			"migrate-incoming would get.",
@@ -80,11 +108,42 @@ func newExplain() *cobra.Command {
 			for _, f := range features {
 				feats[f] = true
 			}
-			c, err := machine.New(s, machine.Options{Features: feats, Incoming: side == spec.Incoming})
+			// A source process's guest boots; a destination's waits for its
+			// migration. --run-state drives the guest graph further, along
+			// its own edges, from whichever of the two reaches it.
+			incoming := side == spec.Incoming
+			var path []machine.Trigger
+			if runState != "" {
+				if s.Guest.State(runState) == nil {
+					return fmt.Errorf("--run-state %q: not a state of the guest graph (docs/states.md lists them)", runState)
+				}
+				found := false
+				for _, inc := range []bool{incoming, !incoming} {
+					probe, err := machine.New(s, machine.Options{Features: feats, Incoming: inc})
+					if err != nil {
+						return err
+					}
+					at, _ := probe.State(spec.Guest)
+					probe.Close()
+					if p, ok := guestPath(s, string(at), runState); ok {
+						incoming, path, found = inc, p, true
+						break
+					}
+				}
+				if !found {
+					return fmt.Errorf("--run-state %q: the guest graph never reaches it from a source's or a destination's start", runState)
+				}
+			}
+			c, err := machine.New(s, machine.Options{Features: feats, Incoming: incoming})
 			if err != nil {
 				return err
 			}
 			defer c.Close()
+			for _, tr := range path {
+				if _, err := c.Fire(cmd.Context(), spec.Guest, tr, nil); err != nil {
+					return fmt.Errorf("--run-state %s: %w", runState, err)
+				}
+			}
 			a := &machine.Args{}
 			if uri != "" {
 				ad, err := transport.Parse(uri)
@@ -123,6 +182,7 @@ func newExplain() *cobra.Command {
 	cmd.Flags().StringVar(&side, "side", spec.Outgoing, "side to judge: incoming or outgoing")
 	cmd.Flags().StringVar(&trigger, "trigger", "", "trigger to judge (default: migrate for outgoing, incoming for incoming; also set-capabilities, set-parameters)")
 	cmd.Flags().BoolVar(&all, "all", false, "also list the rules that do not apply")
+	cmd.Flags().StringVar(&runState, "run-state", "", "the guest's run state to judge in (default: running for outgoing, inmigrate for incoming; also paused, postmigrate, inmigrate-paused, finish-migrate)")
 	return cmd
 }
 

@@ -15,6 +15,7 @@ import (
 	migctl "github.com/migctl/migctl"
 	"github.com/migctl/migctl/engine"
 	"github.com/migctl/migctl/guest"
+	"github.com/migctl/migctl/internal/mutant"
 	"github.com/migctl/migctl/machine"
 	"github.com/migctl/migctl/spec"
 )
@@ -28,7 +29,9 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	binary = filepath.Join(dir, "migctl")
-	build := exec.Command("go", "build", "-o", binary, ".")
+	// Built with the test's own mutant tags, so a mutation test of a
+	// behaviour the binary carries tests the mutant binary.
+	build := exec.Command("go", "build", "-tags", strings.Join(mutant.Active, ","), "-o", binary, ".")
 	build.Stderr = os.Stderr
 	if err := build.Run(); err != nil {
 		panic("build migctl: " + err.Error())

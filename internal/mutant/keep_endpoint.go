@@ -2,4 +2,4 @@
 
 package mutant
 
-func init() { KeepEndpoint = true }
+func init() { KeepEndpoint = true; Active = append(Active, "mutant_keep_endpoint") }

@@ -2,4 +2,4 @@
 
 package mutant
 
-func init() { LossyEvents = true }
+func init() { LossyEvents = true; Active = append(Active, "mutant_lossy_events") }

@@ -2,4 +2,4 @@
 
 package mutant
 
-func init() { MutableRunning = true }
+func init() { MutableRunning = true; Active = append(Active, "mutant_mutable_running") }

@@ -5,6 +5,10 @@
 // is false; production builds never set them.
 package mutant
 
+// Active lists the mutant build tags this binary was built with, so that a
+// test that builds another binary (cmd/migctl's) can build it alike.
+var Active []string
+
 // The switches, each set to true by the file of its build tag.
 var (
 	// SkipSwitchoverAckWait (tag mutant_switchover_ack): the source

@@ -2,4 +2,4 @@
 
 package mutant
 
-func init() { NoContract = true }
+func init() { NoContract = true; Active = append(Active, "mutant_no_contract") }

@@ -2,4 +2,4 @@
 
 package mutant
 
-func init() { SkipSwitchoverAckWait = true }
+func init() { SkipSwitchoverAckWait = true; Active = append(Active, "mutant_switchover_ack") }
