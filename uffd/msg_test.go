@@ -11,7 +11,7 @@ import (
 func TestParseMsgLayout(t *testing.T) {
 	b := make([]byte, MsgSize)
 	b[0] = 0x12
-	binary.LittleEndian.PutUint64(b[8:], 1)                  // WRITE
+	binary.LittleEndian.PutUint64(b[8:], 1)                 // WRITE
 	binary.LittleEndian.PutUint64(b[16:], 0x7f00_1234_5000) // address
 	binary.LittleEndian.PutUint32(b[24:], 4242)             // ptid
 	m, err := ParseMsg(b)

@@ -58,7 +58,7 @@ func helperMain() int {
 	if _, err := unix.Read(sock, b[:]); err != nil {
 		return fail(err)
 	}
-	v := mem[0]       // read fault on page 0
+	v := mem[0]      // read fault on page 0
 	mem[pg+8] = 0x5a // write fault on page 1
 	if _, err := unix.Write(sock, []byte{v}); err != nil {
 		return fail(err)
