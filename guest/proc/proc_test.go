@@ -1,0 +1,287 @@
+package proc
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/migctl/migctl/guest"
+)
+
+func ctxT(t testing.TB, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// A source guest process seen through its Client: the same ID and page
+// content as an in-process guest built from the same Config (the memfds
+// really are shared), and a migration through the proxy — every page
+// copied while its writers run, the dirty pages after Stop, the devices —
+// ends with a local destination whose checksum equals the guest process's.
+// A DIRTY_SYNC that lost pages, a device proxy that lost state or a digest
+// computed elsewhere than the guest's RAM would make the checksums differ.
+func TestSourceProcessMigrates(t *testing.T) {
+	cfg := guest.Config{Size: 8 * mib, DirtyRate: 64 * mib, Writers: 2, Seed: 11, ZeroFraction: 0.1}
+	_, c := start(t, Config{Guest: cfg, Role: RoleSource, Readers: 1})
+	local, err := guest.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer local.Close()
+	if c.ID() != local.ID() {
+		t.Fatalf("ID %q, want %q", c.ID(), local.ID())
+	}
+	if len(c.Blocks()) != len(local.Blocks()) {
+		t.Fatalf("%d blocks, want %d", len(c.Blocks()), len(local.Blocks()))
+	}
+	for i, b := range c.Blocks() {
+		if !bytes.Equal(b.Mem, local.Blocks()[i].Mem) {
+			t.Fatalf("block %s: mapped bytes differ from the pattern of the same Config", b.Name)
+		}
+	}
+	if _, err := c.Userfault(); err == nil {
+		t.Fatal("a source guest process offered a userfaultfd")
+	}
+
+	dst, err := guest.NewDestination(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dst.Close()
+	ctx := ctxT(t, 60*time.Second)
+	c.StartDirtyLog()
+	if err := c.Start(); err != nil {
+		t.Fatal(err)
+	}
+	for i, b := range c.Blocks() { // pass 1 while the writers run
+		copy(dst.Blocks()[i].Mem, b.Mem)
+	}
+	for passes := 1; ; passes++ { // let the writers dirty something
+		if err := c.WaitReaders(ctx, passes, 20*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		st, err := c.Stats(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Guest.PagesWritten > 0 {
+			break
+		}
+	}
+	if err := c.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	dirty := guest.NewBitmaps(c.Blocks())
+	c.SyncDirty(dirty)
+	c.StopDirtyLog()
+	if err := c.Err(); err != nil {
+		t.Fatal(err)
+	}
+	st, err := c.Stats(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for i, b := range c.Blocks() {
+		d := guest.Bitmap(dirty[i])
+		n += d.Count()
+		for p := d.Next(0); p >= 0; p = d.Next(p + 1) {
+			copy(dst.Blocks()[i].Page(p), b.Page(p))
+		}
+	}
+	if n == 0 || uint64(n) > st.Guest.PagesWritten {
+		t.Fatalf("%d dirty pages reported for %d pages written", n, st.Guest.PagesWritten)
+	}
+	for i, d := range c.Devices() {
+		s, err := d.Save()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := dst.Devices()[i].Load(s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want, err := c.Checksum(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := dst.Checksum()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != want {
+		t.Fatalf("destination checksum %#x, guest process %#x", got, want)
+	}
+	if err := c.Verify(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if st.LostReads != 0 {
+		t.Fatalf("readers found %d lost pages on a source", st.LostReads)
+	}
+}
+
+// A device state the guest refuses comes back as guest.ErrDeviceState, a
+// digest of a running guest as ErrState, and the session stays usable.
+func TestRemoteErrors(t *testing.T) {
+	_, c := start(t, Config{Guest: guest.Config{Size: 1 * mib, Seed: 1}, Role: RoleSource})
+	ctx := ctxT(t, 30*time.Second)
+	if err := c.Devices()[0].Load([]byte{1, 2, 3}); !errors.Is(err, guest.ErrDeviceState) {
+		t.Fatalf("Load of 3 bytes into the timer: %v, want ErrDeviceState", err)
+	}
+	if err := c.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Digest(ctx); !errors.Is(err, ErrState) {
+		t.Fatalf("Digest of a running guest: %v, want ErrState", err)
+	}
+	if err := c.WaitReaders(ctx, 1, time.Second); !errors.Is(err, ErrState) {
+		t.Fatalf("WaitReaders without readers: %v, want ErrState", err)
+	}
+	if err := c.Ping(ctx); err != nil {
+		t.Fatalf("session unusable after error replies: %v", err)
+	}
+}
+
+// rawDial connects to a guest process's socket without the Client.
+func rawDial(t *testing.T, socket string) *net.UnixConn {
+	t.Helper()
+	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: socket, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func rawHello(lo, hi uint16) []byte {
+	return binary.LittleEndian.AppendUint16(binary.LittleEndian.AppendUint16(nil, lo), hi)
+}
+
+// One client at a time: a second gets ERROR busy. A client that offers no
+// version the guest process speaks gets ERROR version. A client that says
+// nothing after HELLO is dropped after IdleTimeout (its connection reads
+// EOF), and the next one attaches. Garbage instead of HELLO ends that
+// connection and nothing else.
+func TestSessions(t *testing.T) {
+	cfg := Config{Guest: guest.Config{Size: 1 * mib, Seed: 2}, Role: RoleSource, IdleTimeout: 300 * time.Millisecond}
+	p, c := start(t, cfg)
+	ctx := ctxT(t, 30*time.Second)
+	if _, err := Attach(ctx, p.Socket, AttachOptions{}); !errors.Is(err, ErrBusy) {
+		t.Fatalf("second Attach: %v, want ErrBusy", err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	v := rawDial(t, p.Socket)
+	if err := writeFrame(v, msgHello, rawHello(90, 99), nil, time.Now().Add(5*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	f, err := readFrame(v, time.Now().Add(10*time.Second), 0, maxJSON, 0)
+	if err != nil || f.typ != msgError {
+		t.Fatalf("HELLO 90..99: %v %v", f.typ, err)
+	}
+	if err := decodeError(msgHello, f.payload); !errors.Is(err, ErrVersion) {
+		t.Fatalf("HELLO 90..99: %v, want ErrVersion", err)
+	}
+
+	g := rawDial(t, p.Socket)
+	if _, err := g.Write([]byte("GET / HTTP/1.0\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := readFrame(g, time.Now().Add(10*time.Second), 0, maxJSON, 0); err == nil {
+		// an ERROR frame is a fine answer too; then the connection ends
+		if _, err := readFrame(g, time.Now().Add(10*time.Second), 0, maxJSON, 0); !errors.Is(err, io.EOF) {
+			t.Fatalf("after garbage: %v, want EOF", err)
+		}
+	}
+
+	idle := rawDial(t, p.Socket)
+	if err := writeFrame(idle, msgHello, rawHello(1, 1), nil, time.Now().Add(5*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	f, err = readFrame(idle, time.Now().Add(10*time.Second), 0, maxJSON, maxFDs)
+	if err != nil || f.typ != msgHello|replyBit {
+		t.Fatalf("raw HELLO: %v %v", f.typ, err)
+	}
+	closeFDs(f.fds)
+	if _, err := readFrame(idle, time.Now().Add(20*time.Second), 0, maxJSON, 0); !errors.Is(err, io.EOF) {
+		t.Fatalf("idle session: %v, want EOF once IdleTimeout passed", err)
+	}
+	c2, err := Attach(ctx, p.Socket, AttachOptions{})
+	if err != nil {
+		t.Fatalf("attach after the idle client was dropped: %v", err)
+	}
+	if c2.Hello().Attaches < 2 {
+		t.Fatalf("Attaches = %d, want the earlier sessions counted", c2.Hello().Attaches)
+	}
+	t.Cleanup(func() { finish(t, p, c2) })
+}
+
+// With nobody attaching, the guest process gives up after AttachTimeout and
+// exits with status 3, removing its socket.
+func TestAttachTimeoutExits(t *testing.T) {
+	p, err := Spawn(SpawnOptions{Config: Config{Guest: guest.Config{Size: 1 * mib}, Role: RoleSource, AttachTimeout: 200 * time.Millisecond}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = p.Wait(ctxT(t, 30*time.Second))
+	var ee interface{ ExitCode() int }
+	if !errors.As(err, &ee) || ee.ExitCode() != ExitAttachTimeout {
+		p.Kill()
+		p.Wait(context.Background())
+		t.Fatalf("exit: %v, want status %d", err, ExitAttachTimeout)
+	}
+	if _, err := os.Stat(p.Socket); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("socket %s left behind: %v", p.Socket, err)
+	}
+}
+
+// Every wait of the client ends on cancel: an attach to a socket nobody
+// answers, and Process.Wait.
+func TestClientCancellation(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "mute.sock")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close() // never accepts: the HELLO reply never comes
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { _, err := Attach(ctx, sock, AttachOptions{Timeout: time.Hour}); errc <- err }()
+	cancel()
+	if err := <-errc; !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled Attach: %v", err)
+	}
+	dctx, dcancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer dcancel()
+	if _, err := Attach(dctx, sock, AttachOptions{Timeout: time.Hour}); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Attach past its deadline: %v", err)
+	}
+
+	p, c := start(t, Config{Guest: guest.Config{Size: 1 * mib}, Role: RoleSource})
+	wctx, wcancel := context.WithCancel(context.Background())
+	wcancel()
+	if err := p.Wait(wctx); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Wait with a cancelled context: %v", err)
+	}
+	_ = c
+}
+
+func TestChildEnv(t *testing.T) {
+	got := childEnv([]string{"A=1", "GODEBUG=gctrace=1,asyncpreemptoff=1,x=2", EnvVar + "=old"})
+	want := []string{"A=1", "GODEBUG=gctrace=1,x=2"}
+	if strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Fatalf("childEnv: %q, want %q", got, want)
+	}
+}
