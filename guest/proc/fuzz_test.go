@@ -117,6 +117,7 @@ func TestBitmapHeaderRoundTrip(t *testing.T) {
 // Frame headers and ERROR payloads from a hostile peer.
 func FuzzFrameHeader(f *testing.F) {
 	f.Add(encodeHeader(msgHello|replyBit, 100), []byte{3, 0, 'x'})
+	f.Add(encodeHeader(msgDevLoad, 1<<31), []byte{})
 	f.Fuzz(func(t *testing.T, h []byte, errPayload []byte) {
 		if typ, n, err := parseHeader(h, maxRequest); err == nil && (n > maxRequest || n < 0) {
 			t.Fatalf("accepted %v of %d bytes", typ, n)
