@@ -393,6 +393,11 @@ func TestPunchHolesBeforePostcopy(t *testing.T) {
 // received bitmap holds exactly what the dead migctl installed, and after
 // the new service wakes the orphaned faults every page arrives and equals
 // the source's.
+//
+// (In a Go guest process the runtime's preemption signals also make a
+// blocked vCPU retry its fault, which raises it again, so this test would
+// pass without WakeAll; TestWakeAllResumesOrphanedFault shows a fault that
+// nothing but WakeAll resumes.)
 func afterDeath(t *testing.T, p *proc.Process, src *guest.Builtin, installed int) {
 	ctx := ctxT(t, 120*time.Second)
 	c, err := proc.Attach(ctx, p.Socket, proc.AttachOptions{})

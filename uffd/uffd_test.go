@@ -6,6 +6,7 @@ import (
 	"errors"
 	"runtime"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 	"unsafe"
@@ -388,17 +389,67 @@ func TestClosedDescriptorZeroFills(t *testing.T) {
 	}
 }
 
-// Every wait of Read ends on cancel, on its deadline and on Close.
+// watchedCtx tells when Read has arranged for its cancellation
+// (context.AfterFunc calls the AfterFunc method of a context that has
+// one): from then on Read is in, or about to enter, its poll.
+type watchedCtx struct {
+	context.Context
+	once       sync.Once
+	registered chan struct{}
+}
+
+// Value hides the embedded context's values, among them the one by which
+// the context package would recognise its own cancelCtx and bypass
+// AfterFunc below.
+func (c *watchedCtx) Value(any) any { return nil }
+
+func (c *watchedCtx) AfterFunc(f func()) func() bool {
+	stop := context.AfterFunc(c.Context, f)
+	c.once.Do(func() { close(c.registered) })
+	return stop
+}
+
+func watched(ctx context.Context) *watchedCtx {
+	return &watchedCtx{Context: ctx, registered: make(chan struct{})}
+}
+
+func recvErr(t *testing.T, ch <-chan error) error {
+	t.Helper()
+	select {
+	case err := <-ch:
+		return err
+	case <-time.After(20 * time.Second):
+		t.Fatal("the blocked Read did not return within 20 s")
+	}
+	return nil
+}
+
+func waitRegistered(t *testing.T, c *watchedCtx) {
+	t.Helper()
+	select {
+	case <-c.registered:
+	case <-time.After(20 * time.Second):
+		t.Fatal("Read never arranged for its cancellation")
+	}
+}
+
+// Every wait of Read ends on cancel, on its deadline and on Close, also
+// once it is blocked in poll.
 func TestReadCancellation(t *testing.T) {
 	f := openFD(t, Options{Features: FeatureMissingShmem, UserMode: UserModeAll})
 	msgs := make([]Msg, 1)
 
 	ctx, cancel := context.WithCancel(context.Background())
+	wctx := watched(ctx)
 	errc := make(chan error, 1)
-	go func() { _, err := f.Read(ctx, msgs); errc <- err }()
+	go func() { _, err := f.Read(wctx, msgs); errc <- err }()
+	waitRegistered(t, wctx)
 	cancel()
-	if err := <-errc; !errors.Is(err, context.Canceled) {
+	if err := recvErr(t, errc); !errors.Is(err, context.Canceled) {
 		t.Fatalf("cancelled Read: %v", err)
+	}
+	if _, err := f.Read(ctx, msgs); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Read with a cancelled context: %v", err)
 	}
 
 	dctx, dcancel := context.WithTimeout(context.Background(), 5*time.Millisecond)
@@ -407,11 +458,15 @@ func TestReadCancellation(t *testing.T) {
 		t.Fatalf("Read past its deadline: %v", err)
 	}
 
-	go func() { _, err := f.Read(context.Background(), msgs); errc <- err }()
+	live, stop := context.WithCancel(context.Background()) // never cancelled: a nil Done would register nothing
+	defer stop()
+	cctx := watched(live)
+	go func() { _, err := f.Read(cctx, msgs); errc <- err }()
+	waitRegistered(t, cctx)
 	if err := f.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if err := <-errc; !errors.Is(err, ErrClosed) {
+	if err := recvErr(t, errc); !errors.Is(err, ErrClosed) {
 		t.Fatalf("Read during Close: %v", err)
 	}
 	if _, err := f.Read(context.Background(), msgs); !errors.Is(err, ErrClosed) {

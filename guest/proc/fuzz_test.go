@@ -29,7 +29,9 @@ func TestHelloValidate(t *testing.T) {
 		"version 2":            func(h *Hello) { h.Version = 2 },
 		"role":                 func(h *Hello) { h.Role = "spare" },
 		"no blocks":            func(h *Hello) { h.Blocks = nil },
-		"page size 3000":       func(h *Hello) { h.Blocks[0].PageSize = 3000 },
+		"page size 3000": func(h *Hello) { // every other field fits a 3000-byte page
+			h.Blocks[0] = BlockInfo{Name: "pc.ram", PageSize: 3000, Size: 3000 * 100, Addr: 3000 << 20}
+		},
 		"size not pages":       func(h *Hello) { h.Blocks[0].Size = 4097 },
 		"address wraps":        func(h *Hello) { h.Blocks[0].Addr = ^uint64(0) &^ 4095 },
 		"address 0":            func(h *Hello) { h.Blocks[0].Addr = 0 },

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -283,5 +284,66 @@ func TestChildEnv(t *testing.T) {
 	want := []string{"A=1", "GODEBUG=gctrace=1,x=2"}
 	if strings.Join(got, " ") != strings.Join(want, " ") {
 		t.Fatalf("childEnv: %q, want %q", got, want)
+	}
+}
+
+// watchedCtx tells when a request has arranged for its cancellation
+// (context.AfterFunc calls the AfterFunc method of a context that has one;
+// Value hides the embedded cancelCtx, which the context package would
+// otherwise use directly).
+type watchedCtx struct {
+	context.Context
+	once       sync.Once
+	registered chan struct{}
+}
+
+func (c *watchedCtx) Value(any) any { return nil }
+
+func (c *watchedCtx) AfterFunc(f func()) func() bool {
+	stop := context.AfterFunc(c.Context, f)
+	c.once.Do(func() { close(c.registered) })
+	return stop
+}
+
+// A request blocked in the guest process (WAIT_READERS while the only
+// reader waits on a page nobody serves) ends as soon as its context is
+// cancelled; the session is then broken on the client side, and the guest
+// process, which watched the connection during the wait, is free at once
+// for a new client — within the busy grace, long before the 10-minute wait
+// would have ended.
+func TestRequestCancelMidFlight(t *testing.T) {
+	p, c := start(t, Config{Guest: guest.Config{Size: 1 * mib, Seed: 4}, Role: RoleDestination, Readers: 1})
+	if err := c.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	wctx := &watchedCtx{Context: ctx, registered: make(chan struct{})}
+	errc := make(chan error, 1)
+	go func() { errc <- c.WaitReaders(wctx, 1, 10*time.Minute) }()
+	select {
+	case <-wctx.registered:
+	case <-time.After(20 * time.Second):
+		t.Fatal("WaitReaders never arranged for its cancellation")
+	}
+	cancel()
+	select {
+	case err := <-errc:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("cancelled WaitReaders: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("cancel did not reach the blocked request")
+	}
+	if err := c.Ping(ctxT(t, 5*time.Second)); err == nil {
+		t.Fatal("the session still answers after a request was cut off")
+	}
+	c.Close()
+	c2, err := Attach(ctxT(t, 20*time.Second), p.Socket, AttachOptions{})
+	if err != nil {
+		t.Fatalf("attach after the cancelled request: %v", err)
+	}
+	t.Cleanup(func() { finish(t, p, c2) })
+	if st, err := c2.Stats(ctxT(t, 5*time.Second)); err != nil || st.LostReads != 0 || st.ReaderPasses[0] != 0 {
+		t.Fatalf("stats %+v, %v", st, err)
 	}
 }

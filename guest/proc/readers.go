@@ -160,8 +160,8 @@ func (r *readers) halt() {
 }
 
 // wait returns true once every reader has completed at least passes passes,
-// false if timeout passes first.
-func (r *readers) wait(passes int, timeout time.Duration) bool {
+// false if timeout passes or abort is closed first.
+func (r *readers) wait(passes int, timeout time.Duration, abort <-chan struct{}) bool {
 	t := time.NewTimer(timeout)
 	defer t.Stop()
 	for {
@@ -175,6 +175,8 @@ func (r *readers) wait(passes int, timeout time.Duration) bool {
 		select {
 		case <-ch:
 		case <-t.C:
+			return false
+		case <-abort:
 			return false
 		}
 	}
