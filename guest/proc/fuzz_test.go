@@ -25,10 +25,10 @@ func TestHelloValidate(t *testing.T) {
 		t.Fatal(err)
 	}
 	for name, mut := range map[string]func(h *Hello){
-		"version 0":            func(h *Hello) { h.Version = 0 },
-		"version 2":            func(h *Hello) { h.Version = 2 },
-		"role":                 func(h *Hello) { h.Role = "spare" },
-		"no blocks":            func(h *Hello) { h.Blocks = nil },
+		"version 0": func(h *Hello) { h.Version = 0 },
+		"version 2": func(h *Hello) { h.Version = 2 },
+		"role":      func(h *Hello) { h.Role = "spare" },
+		"no blocks": func(h *Hello) { h.Blocks = nil },
 		"page size 3000": func(h *Hello) { // every other field fits a 3000-byte page
 			h.Blocks[0] = BlockInfo{Name: "pc.ram", PageSize: 3000, Size: 3000 * 100, Addr: 3000 << 20}
 		},

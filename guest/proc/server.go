@@ -334,7 +334,18 @@ func (s *server) session(c *net.UnixConn, attaches int) (bool, error) {
 		if err != nil {
 			return false, err
 		}
-		reply, code, msg := s.handle(f, attaches)
+		var (
+			reply []byte
+			code  uint16
+			msg   string
+		)
+		if f.typ == msgWaitReaders {
+			if reply, code, msg, err = s.waitReaders(c, f); err != nil {
+				return false, err
+			}
+		} else {
+			reply, code, msg = s.handle(f, attaches)
+		}
 		t, p := f.typ|replyBit, reply
 		if code != 0 {
 			t, p = msgError, encodeError(code, msg)
@@ -503,19 +514,8 @@ func (s *server) handle(f frame, attaches int) ([]byte, uint16, string) {
 		}
 		s.g.Throttle(int(min(v[0], 100)))
 		return nil, 0, ""
-	case msgWaitReaders:
-		v, err := decodeU32s(f.payload, 2)
-		if err != nil {
-			return badLen()
-		}
-		if s.rd.n == 0 {
-			return nil, codeState, "this guest process has no readers"
-		}
-		timeout := time.Duration(min(v[1], 600_000)) * time.Millisecond
-		if !s.rd.wait(int(v[0]), timeout) {
-			return nil, codeTimeout, fmt.Sprintf("the readers completed %v passes, not %d, within %v", s.rd.passCounts(), v[0], timeout)
-		}
-		return nil, 0, ""
+	case msgWaitReaders: // the session uses waitReaders, which also watches the connection
+		return s.waitReadersWith(f, nil)
 	case msgQuit:
 		if !empty() {
 			return badLen()
@@ -523,6 +523,66 @@ func (s *server) handle(f frame, attaches int) ([]byte, uint16, string) {
 		return nil, 0, ""
 	}
 	return nil, codeBadRequest, fmt.Sprintf("unknown request %v", f.typ)
+}
+
+// waitReaders runs a WAIT_READERS request for a session: while it waits
+// (at most the timeout the request names, at most 10 minutes) it watches
+// the connection, so that a client that hangs up (a cancelled request, a
+// dead migctl) ends the session at once instead of holding the guest
+// process busy. An error return ends the session.
+func (s *server) waitReaders(c *net.UnixConn, f frame) ([]byte, uint16, string, error) {
+	if err := c.SetReadDeadline(time.Time{}); err != nil {
+		return nil, 0, "", err
+	}
+	hup := make(chan error, 1)
+	go func() {
+		var b [1]byte
+		_, err := c.Read(b[:]) // no request may come before the reply: anything here ends the session
+		if err == nil {
+			err = fmt.Errorf("a request before the reply to WAIT_READERS: %w", ErrProtocol)
+		}
+		hup <- err
+	}()
+	abort := make(chan struct{})
+	type result struct {
+		reply []byte
+		code  uint16
+		msg   string
+	}
+	done := make(chan result, 1)
+	go func() {
+		reply, code, msg := s.waitReadersWith(f, abort)
+		done <- result{reply, code, msg}
+	}()
+	select {
+	case r := <-done:
+		c.SetReadDeadline(time.Unix(1, 0)) // stop the watcher
+		if err := <-hup; !errors.Is(err, os.ErrDeadlineExceeded) {
+			return nil, 0, "", err
+		}
+		return r.reply, r.code, r.msg, nil
+	case err := <-hup:
+		close(abort)
+		<-done
+		return nil, 0, "", fmt.Errorf("client hung up during WAIT_READERS: %w", err)
+	}
+}
+
+// waitReadersWith decodes WAIT_READERS and waits for the readers, or for
+// abort.
+func (s *server) waitReadersWith(f frame, abort <-chan struct{}) ([]byte, uint16, string) {
+	v, err := decodeU32s(f.payload, 2)
+	if err != nil {
+		return nil, codeBadRequest, fmt.Sprintf("%v with a payload of %d bytes", f.typ, len(f.payload))
+	}
+	if s.rd.n == 0 {
+		return nil, codeState, "this guest process has no readers"
+	}
+	timeout := time.Duration(min(v[1], 600_000)) * time.Millisecond
+	if !s.rd.wait(int(v[0]), timeout, abort) {
+		return nil, codeTimeout, fmt.Sprintf("the readers completed %v passes, not %d, within %v", s.rd.passCounts(), v[0], timeout)
+	}
+	return nil, 0, ""
 }
 
 func stateOr(err error, code uint16) uint16 {
