@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -345,5 +346,19 @@ func TestRequestCancelMidFlight(t *testing.T) {
 	t.Cleanup(func() { finish(t, p, c2) })
 	if st, err := c2.Stats(ctxT(t, 5*time.Second)); err != nil || st.LostReads != 0 || st.ReaderPasses[0] != 0 {
 		t.Fatalf("stats %+v, %v", st, err)
+	}
+}
+
+// A binary that does not call Main first exits without serving: Start
+// reports how it exited and names the missing hook, instead of waiting for
+// its whole timeout.
+func TestStartWithoutHook(t *testing.T) {
+	bin, err := exec.LookPath("true")
+	if err != nil {
+		t.Skip("no true(1) on this machine to stand for a binary without the hook")
+	}
+	_, _, err = Start(ctxT(t, 60*time.Second), SpawnOptions{Path: bin, Config: Config{Guest: guest.Config{Size: mib}, Role: RoleSource}}, AttachOptions{Timeout: 50 * time.Second})
+	if err == nil || !strings.Contains(err.Error(), "proc.Main") {
+		t.Fatalf("Start of a binary without the hook: %v", err)
 	}
 }

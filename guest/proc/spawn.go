@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 )
 
 // EnvVar is the environment variable that makes a process started by
@@ -275,10 +276,14 @@ func Start(ctx context.Context, opts SpawnOptions, aopts AttachOptions) (*Proces
 	c, err := Attach(actx, p.Socket, aopts)
 	cancel()
 	if err != nil {
+		// A guest process that dies makes the attach fail (connection
+		// reset) a moment before its exit is reaped: give it that moment.
+		t := time.NewTimer(time.Second)
+		defer t.Stop()
 		select {
 		case <-p.done:
 			err = fmt.Errorf("%w; the guest process exited: %v (does its main, or TestMain, call proc.Main first?)", err, p.err)
-		default:
+		case <-t.C:
 			p.Kill()
 			<-p.done
 		}
