@@ -2,7 +2,9 @@ package postcopy
 
 import (
 	"bufio"
+	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -26,7 +28,7 @@ const mib = 1 << 20
 // urgent requests; at the next one it closes starved and answers nothing
 // more, like a migctl that dies with faults outstanding.
 type feeder struct {
-	src   *guest.Builtin
+	src   guest.Guest
 	svc   *Service
 	limit int
 
@@ -38,7 +40,7 @@ type feeder struct {
 	starved chan struct{}
 }
 
-func newFeeder(src *guest.Builtin, limit int) *feeder {
+func newFeeder(src guest.Guest, limit int) *feeder {
 	return &feeder{src: src, limit: limit, wake: make(chan struct{}, 1), starved: make(chan struct{})}
 }
 
@@ -91,7 +93,7 @@ type served struct {
 }
 
 // serve starts a fault service for c fed from src.
-func serve(t testing.TB, c guest.Postcopier, src *guest.Builtin, limit int, opts Options) *served {
+func serve(t testing.TB, c guest.Postcopier, src guest.Guest, limit int, opts Options) *served {
 	t.Helper()
 	fe := newFeeder(src, limit)
 	opts.Request = fe.request
@@ -166,7 +168,7 @@ func quit(t testing.TB, p *proc.Process, c *proc.Client) {
 	}
 }
 
-func loadDevices(t testing.TB, src *guest.Builtin, c guest.Guest) {
+func loadDevices(t testing.TB, src, c guest.Guest) {
 	t.Helper()
 	for i, d := range src.Devices() {
 		s, err := d.Save()
@@ -265,16 +267,42 @@ func TestFaultsServedFromSource(t *testing.T) {
 	t.Logf("%d faults, %d requests, mean latency %v, first touch p50 %v p99 %v", ss.Faults, ss.Requests, ss.Latency(), st.FirstTouch.P50, st.FirstTouch.P99)
 }
 
+// version returns the version a data page of the built-in guest claims
+// (bytes 4..7 of its header, see the page format in package guest).
+func version(page []byte) uint32 { return binary.LittleEndian.Uint32(page[4:8]) }
+
 // Writers and a reader fault at the same time, while the background stream
-// pushes every page too; afterwards every page is a valid version of
-// itself (no torn page, none lost) and no read found zeros.
+// pushes every page too. The source is itself a guest process whose writers
+// ran first, so many source pages are at version 2 or more. Afterwards every
+// page is a valid version of itself (no torn page), no read found zeros,
+// and no page is older than the source's: a page zero-filled and then
+// rewritten by a destination writer would restart at version 1.
 func TestWritersFaultWhileBackgroundStreams(t *testing.T) {
-	cfg := guest.Config{Size: 16 * mib, Seed: 6, ZeroFraction: 0.05, DirtyRate: 64 * mib, Writers: 2}
-	src := newSource(t, cfg)
+	cfg := guest.Config{Size: 16 * mib, Seed: 6, ZeroFraction: 0.05, DirtyRate: 256 * mib, Writers: 2}
+	ctx := ctxT(t, 180*time.Second)
+	sp, src, err := proc.Start(ctx, proc.SpawnOptions{Config: proc.Config{Guest: cfg, Role: proc.RoleSource, Readers: 1}}, proc.AttachOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { quit(t, sp, src) })
+	if err := src.Start(); err != nil {
+		t.Fatal(err)
+	}
+	for passes := 1; ; passes++ { // until the source writers rewrote a fair share
+		if err := src.WaitReaders(ctx, passes, 60*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		if st := stats(t, src); st.Guest.PagesWritten >= uint64(st.Pages)/2 {
+			break
+		}
+	}
+	if err := src.Stop(); err != nil {
+		t.Fatal(err)
+	}
+
 	_, c := spawnDest(t, proc.Config{Guest: cfg, Readers: 1})
 	loadDevices(t, src, c)
 	sv := serve(t, c, src, 0, Options{})
-	ctx := ctxT(t, 120*time.Second)
 	if err := c.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -299,9 +327,32 @@ func TestWritersFaultWhileBackgroundStreams(t *testing.T) {
 	if err := c.Verify(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if st := stats(t, c); st.LostReads != 0 {
+	st := stats(t, c)
+	if st.LostReads != 0 {
 		t.Fatalf("%d lost reads (first: %s)", st.LostReads, st.FirstLost)
 	}
+	newer, older := 0, 0
+	for i, b := range c.Blocks() { // every page is present: reading migctl's mapping is safe now
+		for p := range b.Pages() {
+			s, d := src.Blocks()[i].Page(p), b.Page(p)
+			vs, vd := version(s), version(d)
+			switch {
+			case vd < vs:
+				t.Errorf("%s page %d: version %d on the destination, %d on the source", b.Name, p, vd, vs)
+				if older++; older > 5 {
+					t.FailNow()
+				}
+			case vd == vs && !bytes.Equal(s, d):
+				t.Fatalf("%s page %d: same version %d, different bytes", b.Name, p, vs)
+			case vs >= 2:
+				newer++
+			}
+		}
+	}
+	if newer == 0 {
+		t.Fatal("no source page was past version 1: the check above proved nothing")
+	}
+	t.Logf("%d pages written on the source, %d on the destination; %d source pages past version 1", stats(t, src).Guest.PagesWritten, st.Guest.PagesWritten, newer)
 }
 
 // received picks the pages the test pretends precopy delivered: a fixed,

@@ -380,10 +380,12 @@ func (c *Client) StopDirtyLog() { c.noteErr(c.callEmpty(context.Background(), ms
 func (c *Client) SyncDirty(dst [][]uint64) {
 	if err := c.SyncDirtyContext(context.Background(), dst); err != nil {
 		c.noteErr(err)
-		for i := range c.blocks {
-			d := dst[i]
-			for w := range d {
-				d[w] = ^uint64(0)
+		for i, b := range c.blocks {
+			if i < len(dst) {
+				d := guest.Bitmap(dst[i])
+				for p := range min(b.Pages(), 64*len(d)) {
+					d.Set(p)
+				}
 			}
 		}
 	}

@@ -385,9 +385,13 @@ func parseRights(oob []byte) ([]int, error) {
 	return fds, nil
 }
 
+// closeFDs closes every descriptor of fds that is not negative (a slot a
+// caller has taken over).
 func closeFDs(fds []int) {
 	for _, fd := range fds {
-		unix.Close(fd)
+		if fd >= 0 {
+			unix.Close(fd)
+		}
 	}
 }
 
