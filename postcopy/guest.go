@@ -13,6 +13,10 @@ import (
 // the guest keeps its own), and makes one Region per block, with the
 // guest's shared received bitmaps when it keeps them (a fresh local bitmap
 // otherwise).
+//
+// The service uses the guest's memfds (PunchHoles) and received bitmaps,
+// which may be mappings the guest releases in its Close: stop the service
+// (Run returned) before closing the guest.
 func FromGuest(g guest.Postcopier, opts Options) (*Service, *uffd.FD, error) {
 	u, err := g.Userfault()
 	if err != nil {

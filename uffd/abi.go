@@ -167,4 +167,5 @@ type Range struct {
 // End returns Start+Len.
 func (r Range) End() uint64 { return r.Start + r.Len }
 
+// String formats r as a half-open interval of addresses.
 func (r Range) String() string { return fmt.Sprintf("[%#x, %#x)", r.Start, r.End()) }

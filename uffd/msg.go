@@ -23,6 +23,7 @@ const (
 	EventUnmap     Event = 0x16
 )
 
+// String names the event as the kernel header does, without the prefix.
 func (e Event) String() string {
 	switch e {
 	case EventPagefault:

@@ -21,6 +21,7 @@ type OpenError struct {
 	Errno        unix.Errno
 }
 
+// Error says which call failed, the errno, and what it means here.
 func (e *OpenError) Error() string {
 	how := "userfaultfd(O_CLOEXEC|O_NONBLOCK)"
 	if e.UserModeOnly {
@@ -29,6 +30,7 @@ func (e *OpenError) Error() string {
 	return fmt.Sprintf("uffd: %s: %v: %s", how, e.Errno, e.reason())
 }
 
+// Unwrap returns the errno.
 func (e *OpenError) Unwrap() error { return e.Errno }
 
 func (e *OpenError) reason() string {

@@ -513,7 +513,8 @@ func (c *Client) Close() error {
 
 // Userfault returns the guest process's userfaultfd registration
 // ([guest.Postcopier]). The descriptor is owned by the client: dup it to
-// keep it past Close. A source guest process has none.
+// keep it past Close. The received bitmaps are the client's mapping of the
+// shared memory: valid until Close. A source guest process has none.
 func (c *Client) Userfault() (guest.Userfault, error) {
 	if c.uffdFD < 0 {
 		return guest.Userfault{}, fmt.Errorf("guest process: %s role has no userfaultfd: start it with role %q", c.hello.Role, RoleDestination)

@@ -362,3 +362,26 @@ func TestStartWithoutHook(t *testing.T) {
 		t.Fatalf("Start of a binary without the hook: %v", err)
 	}
 }
+
+// When the guest process cannot be asked, SyncDirty reports every page of
+// every block dirty — never a bit past a block's last page — so the engine
+// re-sends everything rather than miss a write, and Err says why.
+func TestSyncDirtyFallback(t *testing.T) {
+	cfg := guest.Config{Size: 1*mib + 3*4096, Seed: 5, VRAM: 5 * 4096}
+	p, c := start(t, Config{Guest: cfg, Role: RoleSource})
+	p.Kill()
+	if err := p.Wait(ctxT(t, 20*time.Second)); err == nil {
+		t.Fatal("killed guest process exited cleanly")
+	}
+	dst := guest.NewBitmaps(c.Blocks())
+	c.SyncDirty(dst)
+	if c.Err() == nil {
+		t.Fatal("no error kept after a failed SyncDirty")
+	}
+	for i, b := range c.Blocks() {
+		d := guest.Bitmap(dst[i])
+		if d.Count() != b.Pages() || d.Next(b.Pages()) != -1 {
+			t.Fatalf("block %s: %d bits set for %d pages (next past the end: %d)", b.Name, d.Count(), b.Pages(), d.Next(b.Pages()))
+		}
+	}
+}

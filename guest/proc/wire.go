@@ -127,6 +127,7 @@ type RemoteError struct {
 	Msg  string
 }
 
+// Error names the request and the guest process's message.
 func (e *RemoteError) Error() string { return fmt.Sprintf("guest process: %s: %s", e.Op, e.Msg) }
 
 // Unwrap returns the sentinel of the error code.
