@@ -18,6 +18,7 @@ import (
 	"github.com/migctl/migctl/guest"
 	"github.com/migctl/migctl/guest/proc"
 	"github.com/migctl/migctl/uffd"
+	"golang.org/x/sys/unix"
 )
 
 const mib = 1 << 20
@@ -639,4 +640,39 @@ func TestReattachAfterKill9(t *testing.T) {
 		t.Fatal("the attacher exited cleanly instead of being killed")
 	}
 	afterDeath(t, p, src, installed)
+}
+
+// STOP while a vCPU is blocked on a page nobody serves fails with
+// ErrTimeout after the guest process's OpTimeout instead of hanging; the
+// stop completes in the background once the page arrives, and until then
+// the lifecycle stays busy (START fails the same way).
+func TestStopWhileBlocked(t *testing.T) {
+	cfg := guest.Config{Size: 2 * mib, Seed: 13}
+	src := newSource(t, cfg)
+	_, c := spawnDest(t, proc.Config{Guest: cfg, Readers: 1, OpTimeout: 2 * time.Second})
+	ctx := ctxT(t, 60*time.Second)
+	if err := c.Start(); err != nil {
+		t.Fatal(err)
+	}
+	u, err := c.Userfault()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pfd := []unix.PollFd{{Fd: int32(u.FD), Events: unix.POLLIN}}
+	if n, err := unix.Poll(pfd, 20_000); n != 1 || err != nil { // the reader's fault is queued: it is blocked
+		t.Fatalf("no fault within 20 s: %d, %v", n, err)
+	}
+	if err := c.StopContext(ctx); !errors.Is(err, proc.ErrTimeout) {
+		t.Fatalf("Stop with the reader blocked: %v, want ErrTimeout", err)
+	}
+	if err := c.StartContext(ctx); !errors.Is(err, proc.ErrTimeout) {
+		t.Fatalf("Start while the stop waits: %v, want ErrTimeout", err)
+	}
+	serve(t, c, src, 0, Options{})
+	if err := c.StopContext(ctx); err != nil {
+		t.Fatalf("Stop once the page arrived: %v", err)
+	}
+	if st := stats(t, c); st.Running || st.LostReads != 0 {
+		t.Fatalf("after the stop: %+v", st)
+	}
 }

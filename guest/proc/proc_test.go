@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -383,5 +384,39 @@ func TestSyncDirtyFallback(t *testing.T) {
 		if d.Count() != b.Pages() || d.Next(b.Pages()) != -1 {
 			t.Fatalf("block %s: %d bits set for %d pages (next past the end: %d)", b.Name, d.Count(), b.Pages(), d.Next(b.Pages()))
 		}
+	}
+}
+
+// SIGTERM ends a guest process that has a client attached (status 0), and a
+// client that sends half a frame header and stalls is cut off after
+// OpTimeout, freeing the guest process for the next one.
+func TestTerminateAndStalledFrame(t *testing.T) {
+	p, c := start(t, Config{Guest: guest.Config{Size: mib}, Role: RoleSource, OpTimeout: 300 * time.Millisecond})
+	c.Close()
+	raw := rawDial(t, p.Socket)
+	if err := writeFrame(raw, msgHello, rawHello(1, 1), nil, time.Now().Add(5*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	f, err := readFrame(raw, time.Now().Add(10*time.Second), 0, maxJSON, maxFDs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	closeFDs(f.fds)
+	if _, err := raw.Write(encodeHeader(msgPing, 0)[:4]); err != nil { // half a header, then nothing
+		t.Fatal(err)
+	}
+	if _, err := readFrame(raw, time.Now().Add(20*time.Second), 0, maxJSON, 0); !errors.Is(err, io.EOF) {
+		t.Fatalf("stalled frame: %v, want the guest process to hang up", err)
+	}
+	c2, err := Attach(ctxT(t, 20*time.Second), p.Socket, AttachOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	if err := p.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Wait(ctxT(t, 20*time.Second)); err != nil {
+		t.Fatalf("exit after SIGTERM: %v, want status 0", err)
 	}
 }
