@@ -76,6 +76,7 @@ var notSpecNames = []struct {
 	{"multifd/format.go", "none", 2, "multifd-compression's value none"},
 	{"multifd/reader.go", "none", 1, "multifd-compression's value none"},
 	{"multifd/zero.go", "none", 2, "zero-page-detection's value none"},
+	{"uffd/abi.go", "none", 1, "the word for an empty feature set"},
 }
 
 // No Go file outside the contract's declarations spells a spec state or
