@@ -414,3 +414,76 @@ func TestSwitchoverAck(t *testing.T) {
 		t.Fatal("checksums differ")
 	}
 }
+
+// zero-page-detection is honoured: with none every page travels whole (no
+// ZERO record reaches the destination), with legacy — and multifd, which
+// without multifd channels QEMU detects on the main channel like legacy —
+// zero pages travel as ZERO records. Counted on the wire: the destination's
+// count of ZERO records it decoded.
+func TestZeroPageDetection(t *testing.T) {
+	for _, tc := range []struct {
+		mode      string
+		wantZeros bool
+	}{{"none", false}, {"legacy", true}, {"multifd", true}} {
+		t.Run(tc.mode, func(t *testing.T) {
+			src := newEnd(t, false, guestCfg())
+			dst := newEnd(t, true, guestCfg())
+			if err := src.c.SetParameters(context.Background(), map[string]any{"zero-page-detection": tc.mode}); err != nil {
+				t.Fatal(err)
+			}
+			sr, dr := migrate(t, src, dst, "unix:"+filepath.Join(t.TempDir(), "m.sock"), engine.Options{})
+			if sr.Err != nil || dr.Err != nil {
+				t.Fatalf("source %v, destination %v", sr.Err, dr.Err)
+			}
+			if got := dr.Stats.Duplicate > 0; got != tc.wantZeros {
+				t.Fatalf("zero-page-detection %s: the destination decoded %d ZERO records and %d pages; want zero records: %v",
+					tc.mode, dr.Stats.Duplicate, dr.Stats.Normal, tc.wantZeros)
+			}
+			if sr.Stats.Duplicate != dr.Stats.Duplicate {
+				t.Fatalf("the source counted %d zero pages, the destination decoded %d", sr.Stats.Duplicate, dr.Stats.Duplicate)
+			}
+			if checksum(t, src.g) != checksum(t, dst.g) {
+				t.Fatal("checksums differ")
+			}
+		})
+	}
+}
+
+// avail-switchover-bandwidth replaces the measured bandwidth in the
+// switchover decision: at 1 B/s the expected downtime the source reports
+// (and switches over by) is the remaining bytes in seconds, where the
+// measured bandwidth would make it milliseconds.
+func TestAvailSwitchoverBandwidth(t *testing.T) {
+	busy := guestCfg()
+	busy.DirtyRate = 256 << 20 // pages are dirty at the syncs
+	for _, avail := range []uint64{1, 0} {
+		src := newEnd(t, false, busy)
+		if err := src.c.SetParameters(context.Background(), map[string]any{"avail-switchover-bandwidth": avail}); err != nil {
+			t.Fatal(err)
+		}
+		sub := src.c.Subscribe(1024)
+		sr, dr := migrate(t, src, newEnd(t, true, busy), "tcp:127.0.0.1:0", engine.Options{})
+		if sr.Err != nil || dr.Err != nil {
+			t.Fatalf("source %v, destination %v", sr.Err, dr.Err)
+		}
+		src.c.Close() // the subscription delivers what it queued, then ends
+		judged := 0
+		for ev := range sub.C() {
+			if ev.Kind != machine.EventStats || ev.Side != spec.Outgoing || ev.Stats.Remaining == 0 || ev.Stats.ExpectedDowntime == 0 {
+				continue
+			}
+			judged++
+			atOneByte := time.Duration(ev.Stats.Remaining) * time.Second
+			if avail == 1 && ev.Stats.ExpectedDowntime != atOneByte {
+				t.Errorf("avail-switchover-bandwidth 1: expected downtime %v for %d bytes, want %v", ev.Stats.ExpectedDowntime, ev.Stats.Remaining, atOneByte)
+			}
+			if avail == 0 && ev.Stats.ExpectedDowntime >= atOneByte {
+				t.Errorf("avail-switchover-bandwidth 0: expected downtime %v for %d bytes: the measured bandwidth was not used", ev.Stats.ExpectedDowntime, ev.Stats.Remaining)
+			}
+		}
+		sub.Close()
+		if judged == 0 {
+			t.Fatalf("avail %d: no statistics with dirty pages left to judge", avail)
+		}
+	}
+}

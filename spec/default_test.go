@@ -2,6 +2,7 @@ package spec
 
 import (
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -321,4 +322,83 @@ func TestLoadConcurrent(t *testing.T) {
 		}()
 	}
 	wg.Wait()
+}
+
+// TestDefaultGuestGraph pins the guest graph (QEMU's RunState) edge by edge.
+func TestDefaultGuestGraph(t *testing.T) {
+	s := loadDefault(t)
+	sd := s.Guest
+	if sd == nil || sd.Initial != "prelaunch" {
+		t.Fatalf("guest graph %+v", sd)
+	}
+	const refuse = "(refuse: The guest is stopped for the switchover of a migration; wait for the migration to end, or cancel it)"
+	want := []string{
+		"prelaunch --boot--> running", "prelaunch --await-incoming--> inmigrate", "prelaunch --cont--> running",
+		"inmigrate --arrive--> running", "inmigrate-paused --arrive--> paused",
+		"inmigrate --stop--> inmigrate-paused", "inmigrate-paused --cont--> inmigrate",
+		"inmigrate --cont--> (ignore)", "inmigrate-paused --stop--> (ignore)",
+		"running --stop--> paused", "running --cont--> (ignore)",
+		"paused --cont--> running", "paused --stop--> (ignore)",
+		"running --switchover--> finish-migrate", "finish-migrate --restart--> running",
+		"finish-migrate --migrated--> postmigrate", "paused --migrated--> postmigrate",
+		"finish-migrate --cont--> " + refuse, "finish-migrate --stop--> (ignore)",
+		"postmigrate --cont--> running", "postmigrate --stop--> (ignore)",
+	}
+	var got []string
+	for _, tr := range sd.Transitions {
+		got = append(got, edgeString(tr))
+	}
+	slices.Sort(got)
+	slices.Sort(want)
+	if !slices.Equal(got, want) {
+		t.Errorf("guest edges:\n got %q\nwant %q", got, want)
+	}
+	status := map[string]string{}
+	for _, st := range sd.States {
+		status[st.Name] = st.QMPStatus()
+	}
+	wantStatus := map[string]string{"prelaunch": "prelaunch", "inmigrate": "inmigrate", "inmigrate-paused": "inmigrate",
+		"running": "running", "paused": "paused", "finish-migrate": "finish-migrate", "postmigrate": "postmigrate"}
+	if !maps.Equal(status, wantStatus) {
+		t.Errorf("guest statuses %v, want QEMU's RunState names %v", status, wantStatus)
+	}
+}
+
+// TestDefaultEffects: every setting says what migctl does with it, and the
+// verdicts are the ones written here (honoured by the data plane, refused
+// by a rule until implemented, vacuous where the guest has nothing it
+// applies to). An issue that implements a refused capability flips its row.
+func TestDefaultEffects(t *testing.T) {
+	s := loadDefault(t)
+	h, r, v := EffectHonoured, EffectRefused, EffectVacuous
+	wantCaps := map[string]string{
+		"xbzrle": r, "rdma-pin-all": r, "auto-converge": h, "events": h, "postcopy-ram": r, "x-colo": r,
+		"release-ram": r, "return-path": h, "pause-before-switchover": h, "multifd": r, "dirty-bitmaps": r,
+		"postcopy-blocktime": v, "late-block-activate": v, "x-ignore-shared": r, "validate-uuid": r,
+		"background-snapshot": r, "zero-copy-send": r, "postcopy-preempt": r, "switchover-ack": h,
+		"dirty-limit": r, "mapped-ram": r,
+	}
+	wantParams := map[string]string{
+		"announce-initial": v, "announce-max": v, "announce-rounds": v, "announce-step": v,
+		"throttle-trigger-threshold": h, "cpu-throttle-initial": h, "cpu-throttle-increment": h, "cpu-throttle-tailslow": h,
+		"tls-creds": r, "tls-hostname": v, "tls-authz": v, "max-bandwidth": h, "avail-switchover-bandwidth": h,
+		"downtime-limit": h, "x-checkpoint-delay": v, "multifd-channels": v, "xbzrle-cache-size": v,
+		"max-postcopy-bandwidth": v, "max-cpu-throttle": h, "multifd-compression": v, "multifd-zlib-level": v,
+		"multifd-qatzip-level": v, "multifd-zstd-level": v, "block-bitmap-mapping": v,
+		"x-vcpu-dirty-limit-period": v, "vcpu-dirty-limit": v, "mode": r, "zero-page-detection": h,
+		"direct-io": v, "cpr-exec-command": v,
+	}
+	for _, c := range s.Capabilities {
+		if c.Effect != wantCaps[c.Name] || c.Why == "" {
+			t.Errorf("capability %s: effect %q (why %q), want %q with a why", c.Name, c.Effect, c.Why, wantCaps[c.Name])
+		}
+	}
+	for _, p := range s.Parameters {
+		if p.Effect != wantParams[p.Name] || p.Why == "" {
+			t.Errorf("parameter %s: effect %q (why %q), want %q with a why", p.Name, p.Effect, p.Why, wantParams[p.Name])
+		}
+	}
+	if len(wantCaps) != len(s.Capabilities) || len(wantParams) != len(s.Parameters) {
+		t.Errorf("the tables cover %d capabilities and %d parameters; the spec has %d and %d", len(wantCaps), len(wantParams), len(s.Capabilities), len(s.Parameters))
+	}
 }
