@@ -467,18 +467,32 @@ func TestAvailSwitchoverBandwidth(t *testing.T) {
 			t.Fatalf("source %v, destination %v", sr.Err, dr.Err)
 		}
 		src.c.Close() // the subscription delivers what it queued, then ends
+		// The statistics published at the end of a pass (the last before
+		// the next pass begins) carry the expected downtime the switchover
+		// decision used, computed from that moment's remaining bytes.
 		judged := 0
-		for ev := range sub.C() {
-			if ev.Kind != machine.EventStats || ev.Side != spec.Outgoing || ev.Stats.Remaining == 0 || ev.Stats.ExpectedDowntime == 0 {
-				continue
+		var last *machine.Stats
+		judge := func() {
+			if last == nil || last.Remaining == 0 || last.ExpectedDowntime == 0 {
+				return
 			}
 			judged++
-			atOneByte := time.Duration(ev.Stats.Remaining) * time.Second
-			if avail == 1 && ev.Stats.ExpectedDowntime != atOneByte {
-				t.Errorf("avail-switchover-bandwidth 1: expected downtime %v for %d bytes, want %v", ev.Stats.ExpectedDowntime, ev.Stats.Remaining, atOneByte)
+			atOneByte := time.Duration(last.Remaining) * time.Second
+			if avail == 1 && last.ExpectedDowntime != atOneByte {
+				t.Errorf("avail-switchover-bandwidth 1: expected downtime %v for %d bytes, want %v", last.ExpectedDowntime, last.Remaining, atOneByte)
 			}
-			if avail == 0 && ev.Stats.ExpectedDowntime >= atOneByte {
-				t.Errorf("avail-switchover-bandwidth 0: expected downtime %v for %d bytes: the measured bandwidth was not used", ev.Stats.ExpectedDowntime, ev.Stats.Remaining)
+			if avail == 0 && last.ExpectedDowntime >= atOneByte {
+				t.Errorf("avail-switchover-bandwidth 0: expected downtime %v for %d bytes: the measured bandwidth was not used", last.ExpectedDowntime, last.Remaining)
+			}
+		}
+		for ev := range sub.C() {
+			switch {
+			case ev.Side != spec.Outgoing:
+			case ev.Kind == machine.EventStats:
+				last = ev.Stats
+			case ev.Kind == machine.EventPass, ev.Kind == machine.EventState && ev.From == "active":
+				judge() // the pass before ended: the next began, or the source switched over
+				last = nil
 			}
 		}
 		sub.Close()
