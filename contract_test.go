@@ -63,7 +63,6 @@ var notSpecNames = []struct {
 	{"cmd/migctl/demo.go", "listening", 2, "the demo's own line protocol between its two processes"},
 	{"embed.go", "connected", 1, "the mutant_mutable_running mutation edits this state in the spec's text"},
 	{"embed.go", "active", 1, "the mutant_mutable_running mutation edits this state in the spec's text"},
-	{"engine/engine.go", "none", 1, "zero-page-detection's value none"},
 	{"engine/engine.go", "switchover", 1, "a log line's message"},
 	{"machine/errors.go", "none", 1, "an error message's word for an empty list"},
 	{"spec/lint.go", "none", 1, "an error message's word for an empty list"},

@@ -16,7 +16,6 @@
 package engine
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -29,6 +28,7 @@ import (
 	"github.com/migctl/migctl/guest"
 	"github.com/migctl/migctl/internal/mutant"
 	"github.com/migctl/migctl/machine"
+	"github.com/migctl/migctl/multifd"
 	"github.com/migctl/migctl/spec"
 	"github.com/migctl/migctl/stream"
 	"github.com/migctl/migctl/transport"
@@ -55,6 +55,10 @@ type Options struct {
 	// Channels lists the channel types the migration was given (QMP's
 	// channels argument); the rules judge them with the URI.
 	Channels []string
+	// MultifdHook, for tests, runs on a multifd channel's goroutine before
+	// each packet it writes (a test blocks one channel with it to show the
+	// others keep moving pages). Nil in production.
+	MultifdHook func(channel int)
 }
 
 // Result is how a migration ended.
@@ -195,6 +199,12 @@ type sender struct {
 	// period's dirtied and sent bytes, and how many periods in a row the
 	// dirtying outran the threshold.
 	period throttlePeriod
+	// The page scanner's choices (frozen configuration) and its sink.
+	zeroMode multifd.ZeroPageDetection
+	multifd  bool
+	sink     ramSink
+	// Pages handed to the sink, and those the scanner found zero.
+	pagesPut, scanZero uint64
 }
 
 type rpEvent struct {
@@ -260,6 +270,24 @@ func (s *sender) migrate() error {
 	if err := s.enc.StartRAM(pageSize, sb); err != nil {
 		return err
 	}
+	if s.zeroMode, err = multifd.ParseZeroPageDetection(cfg.Params["zero-page-detection"]); err != nil {
+		return err
+	}
+	s.multifd = cfg.Caps["multifd"]
+	// The destination reads the header and handshake before it accepts
+	// any other channel: they must be on the wire now.
+	if err := s.enc.Flush(); err != nil {
+		return err
+	}
+	if s.multifd {
+		k, err := s.openMultifd(cfg, pageSize)
+		if err != nil {
+			return err
+		}
+		s.sink = k
+	} else {
+		s.sink = &streamSink{enc: s.enc}
+	}
 
 	// The first pass sends everything; later passes what the log reports.
 	m.g.StartDirtyLog()
@@ -276,12 +304,12 @@ func (s *sender) migrate() error {
 	for pass := uint64(1); ; pass++ {
 		_ = m.c.PublishPass(spec.Outgoing, pass)
 		s.stats.DirtySyncCount = pass
-		t0, b0 := time.Now(), s.enc.Stats().Bytes
+		t0, b0 := time.Now(), s.moved()
 		if err := s.sendDirty(false); err != nil {
 			return err
 		}
 		elapsed := time.Since(t0)
-		sent := s.enc.Stats().Bytes - b0
+		sent := s.moved() - b0
 		if elapsed > 0 && sent > 0 {
 			s.bw = float64(sent) / elapsed.Seconds()
 		}
@@ -351,7 +379,7 @@ func (s *sender) switchover(cfg guards.Config) error {
 	tStop := time.Now()
 	m.g.SyncDirty(s.dirty)
 	s.stats.Remaining = s.dirtyBytes()
-	b0 := s.enc.Stats().Bytes
+	b0 := s.moved()
 	if err := s.sendDirty(true); err != nil {
 		return err
 	}
@@ -368,7 +396,7 @@ func (s *sender) switchover(cfg guards.Config) error {
 		return fmt.Errorf("finish the stream: %w", err)
 	}
 	tSent := time.Now()
-	s.stats.DowntimeBytes = s.enc.Stats().Bytes - b0
+	s.stats.DowntimeBytes = s.moved() - b0
 	s.stats.Remaining = 0
 	if s.rp == nil {
 		// No return path (file, exec): the stream is complete once the
@@ -578,25 +606,20 @@ func (s *sender) checkRP() error {
 	return nil
 }
 
-// sendDirty sends every page set in s.dirty (clearing the bits) in RAM
-// section parts, or in the END section when final.
+// sendDirty is the page scanner: it hands every page set in s.dirty
+// (clearing the bits) to the sink, one pass. Where the main channel
+// detects zero pages (multifd.Classify: legacy, or any mode but none
+// without multifd) it tests each page and tells the sink; between chunks
+// of SectionBytes it paces, checks for cancellation and the destination's
+// complaints, and publishes statistics.
 func (s *sender) sendDirty(final bool) error {
 	m := s.m
-	zero := make([]byte, s.stats.PageSize)
-	// zero-page-detection none sends zero pages whole; legacy and multifd
-	// (without multifd channels) find them here, as QEMU's save_zero_page.
-	detectZero := s.cfg.Params["zero-page-detection"] != "none"
-	begin := func() error {
-		if final {
-			return s.enc.BeginRAMEnd()
-		}
-		return s.enc.BeginRAMPart()
-	}
-	if err := begin(); err != nil {
+	k := s.sink
+	if err := k.begin(final); err != nil {
 		return err
 	}
-	inSection := 0
-	sectionStart := time.Now()
+	inChunk := 0
+	chunkStart := time.Now()
 	for bi, b := range s.blocks {
 		bm := guest.Bitmap(s.dirty[bi])
 		ps := uint64(b.PageSize)
@@ -604,38 +627,31 @@ func (s *sender) sendDirty(final bool) error {
 			bm.Clear(p)
 			s.stats.Remaining -= min(s.stats.Remaining, ps)
 			page := b.Page(p)
-			var err error
-			if detectZero && bytes.Equal(page, zero) {
-				err = s.enc.PutZero(b.Name, uint64(p)*ps)
-				s.stats.Duplicate++
-				inSection += 9
-			} else {
-				err = s.enc.PutPage(b.Name, uint64(p)*ps, page)
-				s.stats.Normal++
-				s.stats.NormalBytes += ps
-				inSection += int(ps) + 8
-			}
+			zero := multifd.Classify(s.zeroMode, s.multifd, func() bool { return multifd.IsZero(page) }) == multifd.RouteMainZero
+			n, err := k.put(b, p, zero)
 			if err != nil {
 				return fmt.Errorf("sending page %s@%#x to the destination: %w", b.Name, uint64(p)*ps, err)
 			}
-			if !final && inSection >= m.opts.SectionBytes {
-				if err := s.enc.CloseRAMSection(); err != nil {
+			s.pagesPut++
+			if zero {
+				s.scanZero++
+			}
+			inChunk += n
+			if !final && inChunk >= m.opts.SectionBytes {
+				if err := k.boundary(); err != nil {
 					return err
 				}
-				if err := s.between(inSection, sectionStart); err != nil {
+				if err := s.between(inChunk, chunkStart); err != nil {
 					return err
 				}
-				inSection, sectionStart = 0, time.Now()
-				if err := begin(); err != nil {
+				inChunk, chunkStart = 0, time.Now()
+				if err := k.begin(false); err != nil {
 					return err
 				}
 			}
 		}
 	}
-	if err := s.enc.CloseRAMSection(); err != nil {
-		return err
-	}
-	return s.enc.Flush()
+	return k.end(final)
 }
 
 // between runs between two section parts: cancellation, the destination's
@@ -732,9 +748,17 @@ func (s *sender) publish(force bool) {
 	}
 	s.lastPub = now
 	if s.enc != nil {
-		es := s.enc.Stats()
-		s.stats.Transferred = es.Bytes
-		s.stats.PrecopyBytes = es.Bytes - s.stats.DowntimeBytes
+		s.stats.Transferred = s.enc.Stats().Bytes
+		if s.sink != nil {
+			s.stats.Transferred += s.sink.sent()
+			s.stats.MultifdBytes = s.sink.sent()
+			s.stats.Duplicate = s.scanZero + s.sink.zeros()
+		} else {
+			s.stats.Duplicate = s.scanZero
+		}
+		s.stats.Normal = s.pagesPut - s.stats.Duplicate
+		s.stats.NormalBytes = s.stats.Normal * s.stats.PageSize
+		s.stats.PrecopyBytes = s.stats.Transferred - s.stats.DowntimeBytes
 	}
 	s.stats.TotalTime = now.Sub(s.start)
 	if secs := s.stats.TotalTime.Seconds(); secs > 0 {
@@ -823,4 +847,13 @@ func handshake(s *spec.Spec, cfg guards.Config, g guest.Guest, pageSize uint64) 
 		h.RAMBlocks[b.Name] = uint64(len(b.Mem))
 	}
 	return h
+}
+
+// moved returns the bytes sent so far on every channel.
+func (s *sender) moved() uint64 {
+	n := s.enc.Stats().Bytes
+	if s.sink != nil {
+		n += s.sink.sent()
+	}
+	return n
 }

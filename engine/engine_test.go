@@ -118,11 +118,18 @@ func migrate(t *testing.T, src, dst *end, listenURI string, opts engine.Options)
 	}
 	sr, err := m.Wait(ctx)
 	if err != nil {
-		t.Fatal(err)
+		// Timed out: end both sides before the guests are closed under them.
+		_ = m.Cancel(context.Background())
+		in.Abort("test timed out")
+		<-m.Done()
+		<-in.Done()
+		t.Fatalf("the migration did not end in time: %v", err)
 	}
 	dr, err := in.Wait(ctx)
 	if err != nil {
-		t.Fatal(err)
+		in.Abort("test timed out")
+		<-in.Done()
+		t.Fatalf("the destination did not end in time: %v", err)
 	}
 	return sr, dr
 }
@@ -428,8 +435,10 @@ func TestZeroPageDetection(t *testing.T) {
 		t.Run(tc.mode, func(t *testing.T) {
 			src := newEnd(t, false, guestCfg())
 			dst := newEnd(t, true, guestCfg())
-			if err := src.c.SetParameters(context.Background(), map[string]any{"zero-page-detection": tc.mode}); err != nil {
-				t.Fatal(err)
+			for _, e := range []*end{src, dst} { // must match, like QEMU's mismatched settings fail at connect
+				if err := e.c.SetParameters(context.Background(), map[string]any{"zero-page-detection": tc.mode}); err != nil {
+					t.Fatal(err)
+				}
 			}
 			sr, dr := migrate(t, src, dst, "unix:"+filepath.Join(t.TempDir(), "m.sock"), engine.Options{})
 			if sr.Err != nil || dr.Err != nil {

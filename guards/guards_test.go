@@ -174,7 +174,9 @@ var ruleCases = []ruleCase{
 	{name: "mapped-ram + TLS", caps: []string{"mapped-ram"}, params: map[string]string{"tls-creds": "tls0"}, refuse: []string{"mapped-ram", "TLS"}},
 	{name: "multifd + compression without mapped-ram", caps: []string{"multifd"}, params: map[string]string{"multifd-compression": "zlib"}, transport: "tcp"},
 	// migctl's own limits: judged when a migration starts, not on set.
-	{name: "multifd at migrate (not implemented)", caps: []string{"multifd"}, transport: "tcp", trigger: "migrate", refuse: []string{"multifd", "does not implement"}},
+	{name: "xbzrle at migrate (not implemented)", caps: []string{"xbzrle"}, transport: "tcp", trigger: "migrate", refuse: []string{"xbzrle", "does not implement"}},
+	{name: "multifd at migrate (implemented)", caps: []string{"multifd"}, transport: "tcp", trigger: "migrate"},
+	{name: "multifd with qatzip (no accelerator)", caps: []string{"multifd"}, params: map[string]string{"multifd-compression": "qatzip"}, transport: "tcp", trigger: "migrate", refuse: []string{"qatzip", "hardware"}},
 	{name: "TLS at migrate-incoming (not implemented)", side: spec.Incoming, params: map[string]string{"tls-creds": "tls0"}, transport: "tcp", trigger: "incoming", refuse: []string{"TLS", "tls-creds"}},
 	{name: "events and return-path at migrate", caps: []string{"events", "return-path"}, transport: "tcp", trigger: "migrate"},
 	// The seed: a peer announcing mapped-ram to a destination listening on rdma.

@@ -14,7 +14,6 @@
 package loaders
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -22,6 +21,7 @@ import (
 	"log/slog"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/migctl/migctl/guards"
@@ -80,6 +80,15 @@ type Result struct {
 	Err error
 	// PageSums holds the per-page CRC-32C when Options.PageSums was set.
 	PageSums [][]uint32
+	// Wire counts what arrived, by the way it travelled.
+	Wire Wire
+}
+
+// Wire counts the pages an incoming migration received, by how they
+// travelled: as records of the main stream or in multifd packets.
+type Wire struct {
+	MainPages, MainZeros       uint64 // PAGE and ZERO records on the main stream
+	MultifdPages, MultifdZeros uint64 // normal pages and zero entries of multifd packets
 }
 
 // Incoming is one incoming migration.
@@ -217,6 +226,16 @@ type loader struct {
 	ackSwitchover bool
 	// final is the state the last Fire led to.
 	final machine.State
+	recv received   // pages that arrived, for zero pages
+	mf   *multifdIn // multifd channels, when on
+	// What the main stream carried (the multifd readers count theirs in
+	// mf); atomic: a statistics goroutine reads them while the loader runs.
+	mainPages, mainZeros atomic.Uint64
+	dec                  atomic.Pointer[stream.Decoder]
+	// statsMu serialises publish, which the loader goroutine and, with
+	// multifd, a ticker goroutine call; it guards stats, wire and lastPub.
+	statsMu sync.Mutex
+	wire    Wire
 	wg    sync.WaitGroup // goroutines of this run (the delayed switchover ack)
 }
 
@@ -224,16 +243,17 @@ func (l *loader) load() error {
 	in := l.in
 	stopLn := context.AfterFunc(in.ioCtx, func() { in.ln.Close() })
 	defer stopLn()
-	conn, err := in.ln.Accept(in.ioCtx)
-	in.ln.Close()
+	conn, early, err := l.acceptMain()
 	if err != nil {
-		return fmt.Errorf("wait for the source on %s: %w", in.ln.Addr(), err)
+		in.ln.Close()
+		return err
 	}
 	l.conn = conn
 	stopClose := context.AfterFunc(in.ioCtx, func() { conn.Close() })
 	defer stopClose()
 
 	blocks := in.g.Blocks()
+	l.recv = newReceived(blocks)
 	l.blocks = map[string]*guest.Block{}
 	l.index = map[string]int{}
 	lim := stream.Limits{Blocks: map[string]uint64{}, RequireHandshake: true}
@@ -275,20 +295,33 @@ func (l *loader) load() error {
 		"guest":     hs.GuestID,
 	}}
 	if _, err := in.c.Fire(in.ioCtx, spec.Incoming, machine.TriggerConnect, &machine.Args{Peer: peer}); err != nil {
+		closeAll(early)
 		return err
 	}
+	cfg, ok := in.c.Frozen(spec.Incoming)
+	if !ok {
+		cfg = in.c.Config()
+	}
+	l.ackSwitchover = cfg.Caps["switchover-ack"]
+	// Every channel is there before loading starts, as QEMU's destination
+	// waits for main + all multifd channels.
+	if cfg.Caps["multifd"] {
+		if err := l.startMultifd(cfg, early); err != nil {
+			return err
+		}
+	} else if len(early) > 0 {
+		closeAll(early)
+		return errors.New("a multifd channel connected, but multifd is off on this destination")
+	}
+	in.ln.Close()
 	if _, err := in.c.Fire(in.ioCtx, spec.Incoming, machine.TriggerLoad, nil); err != nil {
 		return err
-	}
-	if cfg, ok := in.c.Frozen(spec.Incoming); ok {
-		l.ackSwitchover = cfg.Caps["switchover-ack"]
 	}
 	return l.loop(dec)
 }
 
 // loop reads records until EOF and applies them.
 func (l *loader) loop(dec *stream.Decoder) error {
-	l.zero = make([]byte, l.stats.PageSize)
 	l.devs = map[string]guest.Device{}
 	for _, d := range l.in.g.Devices() {
 		l.devs[d.Name()+"\x00"+strconv.FormatUint(uint64(d.Instance()), 10)] = d
@@ -350,9 +383,9 @@ func (l *loader) apply(dec *stream.Decoder, rec stream.Record, locked bool) erro
 		if err := dec.ReadPage(dst); err != nil {
 			return err
 		}
+		l.recv.mark(l.index[rec.Block], int(rec.Offset/l.stats.PageSize))
 		l.loaded = true
-		l.stats.Normal++
-		l.stats.NormalBytes += l.stats.PageSize
+		l.mainPages.Add(1)
 		if l.pageSums != nil {
 			l.pageSums[l.index[rec.Block]][rec.Offset/l.stats.PageSize] = guest.PageSum(dst)
 		}
@@ -361,11 +394,13 @@ func (l *loader) apply(dec *stream.Decoder, rec stream.Record, locked bool) erro
 		if err != nil {
 			return err
 		}
-		if !bytes.Equal(dst, l.zero) {
+		// Clear only a page that arrived before: fresh memory is zero
+		// already, and touching it would only fault it in.
+		if l.recv.mark(l.index[rec.Block], int(rec.Offset/l.stats.PageSize)) {
 			clear(dst)
 			l.loaded = true
 		}
-		l.stats.Duplicate++
+		l.mainZeros.Add(1)
 		if l.pageSums != nil {
 			l.pageSums[l.index[rec.Block]][rec.Offset/l.stats.PageSize] = l.zeroSum
 		}
@@ -387,6 +422,18 @@ func (l *loader) apply(dec *stream.Decoder, rec stream.Record, locked bool) erro
 		}
 		if err != nil {
 			return fmt.Errorf("load device %s: %w", d.Name(), err)
+		}
+	case stream.KindFlush:
+		// The multifd barrier between passes: every channel applied the
+		// pass before the main stream goes on.
+		if l.mf == nil {
+			return errors.New("the stream carries a MULTIFD_FLUSH record, but multifd is off on this destination")
+		}
+		if err := l.mf.sync.Wait(l.in.ioCtx); err != nil {
+			if ferr := l.mf.failure(); ferr != nil {
+				return ferr
+			}
+			return err
 		}
 	case stream.KindCommand:
 		switch rec.Command {
@@ -442,6 +489,18 @@ func (l *loader) page(rec stream.Record) ([]byte, error) {
 // never starts.
 func (l *loader) complete() error {
 	in := l.in
+	if l.mf != nil {
+		// The source half-closed its channels after the last sync: the
+		// readers end on their own.
+		select {
+		case <-l.mf.done:
+		case <-time.After(channelTimeout):
+			return errors.New("the multifd channels did not end after the stream did")
+		}
+		if err := l.mf.failure(); err != nil {
+			return err
+		}
+	}
 	l.stopPrefault()
 	if in.opts.BeforeStart != nil {
 		if err := in.opts.BeforeStart(l.pageSums); err != nil {
@@ -533,14 +592,29 @@ func (l *loader) stopPrefault() {
 }
 
 func (l *loader) publish(force bool, dec *stream.Decoder) {
+	l.statsMu.Lock()
+	defer l.statsMu.Unlock()
 	now := time.Now()
 	if !force && now.Sub(l.lastPub) < l.in.opts.StatsInterval {
 		return
 	}
 	l.lastPub = now
 	if dec != nil {
-		l.stats.Transferred = uint64(dec.Offset())
+		l.dec.Store(dec)
 	}
+	l.stats.Transferred = 0
+	if d := l.dec.Load(); d != nil {
+		l.stats.Transferred = uint64(d.Offset())
+	}
+	l.wire.MainPages, l.wire.MainZeros = l.mainPages.Load(), l.mainZeros.Load()
+	if l.mf != nil {
+		l.wire.MultifdPages, l.wire.MultifdZeros = l.mf.pages.Load(), l.mf.zeros.Load()
+		l.stats.MultifdBytes = l.mf.received()
+		l.stats.Transferred += l.stats.MultifdBytes
+	}
+	l.stats.Normal = l.wire.MainPages + l.wire.MultifdPages
+	l.stats.Duplicate = l.wire.MainZeros + l.wire.MultifdZeros
+	l.stats.NormalBytes = l.stats.Normal * l.stats.PageSize
 	l.stats.TotalTime = now.Sub(l.start)
 	if secs := l.stats.TotalTime.Seconds(); secs > 0 {
 		l.stats.Mbps = float64(l.stats.Transferred) * 8 / 1e6 / secs
@@ -557,6 +631,8 @@ func (l *loader) finish(err error) {
 	if err != nil {
 		if cause := context.Cause(in.ioCtx); errors.Is(cause, ErrCancelled) {
 			err = cause // what the loader saw is only the consequence
+		} else if l.mf != nil && l.mf.failure() != nil {
+			err = l.mf.failure() // a channel failed; the main stream was closed under it
 		}
 		reason := err.Error()
 		if l.conn != nil && l.conn.ReturnPath() {
@@ -583,7 +659,13 @@ func (l *loader) finish(err error) {
 	if l.conn != nil {
 		l.conn.Close()
 	}
+	if l.mf != nil {
+		l.mf.stop()
+	}
 	in.ln.Close()
 	l.wg.Wait()
-	in.result = Result{State: l.final, Stats: l.stats, Err: err, PageSums: l.pageSums}
+	l.publish(true, nil)
+	l.statsMu.Lock()
+	in.result = Result{State: l.final, Stats: l.stats, Err: err, PageSums: l.pageSums, Wire: l.wire}
+	l.statsMu.Unlock()
 }

@@ -215,6 +215,7 @@ type Stats struct {
 	PagesPerSecond   uint64
 	PrecopyBytes     uint64
 	DowntimeBytes    uint64
+	MultifdBytes     uint64 // bytes sent or received on multifd channels
 	ExpectedDowntime time.Duration
 	// Downtime is QEMU's downtime: from the source stopping its guest to
 	// the source's last byte written (with QEMU's return-path capability

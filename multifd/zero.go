@@ -20,8 +20,10 @@ const (
 	ZeroNone
 	// ZeroMultifd: the main thread queues every page to multifd untested;
 	// the channel's sender tests the pages of each packet and lists the zero
-	// ones as zero entries (Header.Zero). Without multifd it is ZeroNone:
-	// QEMU's main thread only tests pages in legacy mode.
+	// ones as zero entries (Header.Zero). Without multifd it is ZeroLegacy:
+	// QEMU's ram_save_target_page calls save_zero_page on the main thread
+	// whenever multifd is off, and save_zero_page skips the test only for
+	// none.
 	ZeroMultifd
 )
 
@@ -87,12 +89,14 @@ func (r Route) String() string {
 //	legacy   on       no             multifd
 //	none     off      -              main-page   (isZero not called)
 //	none     on       -              multifd     (sent with its bytes)
-//	multifd  off      -              main-page   (as none)
+//	multifd  off      yes            main-zero   (as legacy)
+//	multifd  off      no             main-page   (as legacy)
 //	multifd  on       -              multifd     (the channel tests it)
 //
 // isZero is called only when the mode tests pages on the main thread.
 func Classify(mode ZeroPageDetection, multifd bool, isZero func() bool) Route {
-	if mode == ZeroLegacy && isZero() {
+	mainTests := mode == ZeroLegacy || mode == ZeroMultifd && !multifd
+	if mainTests && isZero() {
 		return RouteMainZero
 	}
 	if multifd {

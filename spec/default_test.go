@@ -68,7 +68,7 @@ func TestDefaultCapabilitiesAndParameters(t *testing.T) {
 	if !slices.Equal(live, wantLive) {
 		t.Errorf("live parameters:\n got %v\nwant %v", live, wantLive)
 	}
-	if want := []string{"multifd-channels", "multifd-compression"}; !slices.Equal(match, want) {
+	if want := []string{"multifd-channels", "multifd-compression", "zero-page-detection"}; !slices.Equal(match, want) {
 		t.Errorf("must-match parameters: got %v, want %v", match, want)
 	}
 	wantCapMatch := []string{"xbzrle", "postcopy-ram", "x-colo", "return-path", "multifd", "dirty-bitmaps",
@@ -373,7 +373,7 @@ func TestDefaultEffects(t *testing.T) {
 	h, r, v := EffectHonoured, EffectRefused, EffectVacuous
 	wantCaps := map[string]string{
 		"xbzrle": r, "rdma-pin-all": r, "auto-converge": h, "events": h, "postcopy-ram": r, "x-colo": r,
-		"release-ram": r, "return-path": h, "pause-before-switchover": h, "multifd": r, "dirty-bitmaps": r,
+		"release-ram": r, "return-path": h, "pause-before-switchover": h, "multifd": h, "dirty-bitmaps": r,
 		"postcopy-blocktime": v, "late-block-activate": v, "x-ignore-shared": r, "validate-uuid": r,
 		"background-snapshot": r, "zero-copy-send": r, "postcopy-preempt": r, "switchover-ack": h,
 		"dirty-limit": r, "mapped-ram": r,
@@ -382,9 +382,9 @@ func TestDefaultEffects(t *testing.T) {
 		"announce-initial": v, "announce-max": v, "announce-rounds": v, "announce-step": v,
 		"throttle-trigger-threshold": h, "cpu-throttle-initial": h, "cpu-throttle-increment": h, "cpu-throttle-tailslow": h,
 		"tls-creds": r, "tls-hostname": v, "tls-authz": v, "max-bandwidth": h, "avail-switchover-bandwidth": h,
-		"downtime-limit": h, "x-checkpoint-delay": v, "multifd-channels": v, "xbzrle-cache-size": v,
-		"max-postcopy-bandwidth": v, "max-cpu-throttle": h, "multifd-compression": v, "multifd-zlib-level": v,
-		"multifd-qatzip-level": v, "multifd-zstd-level": v, "block-bitmap-mapping": v,
+		"downtime-limit": h, "x-checkpoint-delay": v, "multifd-channels": h, "xbzrle-cache-size": v,
+		"max-postcopy-bandwidth": v, "max-cpu-throttle": h, "multifd-compression": h, "multifd-zlib-level": h,
+		"multifd-qatzip-level": v, "multifd-zstd-level": h, "block-bitmap-mapping": v,
 		"x-vcpu-dirty-limit-period": v, "vcpu-dirty-limit": v, "mode": r, "zero-page-detection": h,
 		"direct-io": v, "cpr-exec-command": v,
 	}

@@ -162,7 +162,9 @@ func TestExplainAgreesWithTheMachine(t *testing.T) {
 	rows := []explainRow{
 		// outgoing
 		{side: "outgoing", uri: closed, want: true},
-		{side: "outgoing", uri: closed, caps: []string{"multifd"}, rule: "migctl/not-implemented"},
+		{side: "outgoing", uri: closed, caps: []string{"multifd"}, want: true}, // implemented by the data-plane work (issue 8)
+		{side: "outgoing", uri: closed, caps: []string{"multifd"}, params: map[string]any{"multifd-compression": "qatzip"}, rule: "migctl/no-hw-compression"},
+		{side: "outgoing", uri: "exec:false", caps: []string{"multifd"}, rule: "multifd/needs-multi-channel"},
 		{side: "outgoing", uri: closed, caps: []string{"xbzrle"}, rule: "migctl/not-implemented"},
 		{side: "outgoing", uri: "file:" + filepath.Join(dir, "a.mig"), caps: []string{"mapped-ram"}, rule: "migctl/not-implemented"},
 		{side: "outgoing", uri: closed, caps: []string{"mapped-ram"}, rule: "mapped-ram/transports"},
@@ -189,7 +191,7 @@ func TestExplainAgreesWithTheMachine(t *testing.T) {
 		// incoming
 		{side: "incoming", uri: "tcp:127.0.0.1:0", want: true},
 		{side: "incoming", uri: "rdma:127.0.0.1:0", caps: []string{"mapped-ram"}, rule: "mapped-ram/transports"},
-		{side: "incoming", uri: "tcp:127.0.0.1:0", caps: []string{"multifd"}, rule: "migctl/not-implemented"},
+		{side: "incoming", uri: "tcp:127.0.0.1:0", caps: []string{"multifd"}, want: true}, // implemented by the data-plane work (issue 8)
 		{side: "incoming", uri: "file:" + existing, want: true},
 		{side: "incoming", uri: "unix:" + filepath.Join(dir, "in%s.sock"), caps: []string{"return-path"}, want: true},
 		{side: "incoming", uri: "tcp:127.0.0.1:0", caps: []string{"background-snapshot"}, rule: "background-snapshot/not-incoming"},

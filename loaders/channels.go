@@ -1,0 +1,161 @@
+package loaders
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/migctl/migctl/multifd"
+	"github.com/migctl/migctl/stream"
+	"github.com/migctl/migctl/transport"
+)
+
+// channelTimeout bounds how long an accepted connection may take to say
+// what it is (its first bytes), and how long the destination waits for the
+// multifd channels once the main one connected.
+const channelTimeout = 10 * time.Second
+
+// Roles of an incoming connection, told apart by its first four bytes as
+// QEMU's migration_ioc_process_incoming does.
+type role int
+
+const (
+	roleMain    role = iota + 1 // "QEVM": the main stream
+	roleMultifd                 // 0x11223344: a multifd channel
+)
+
+// peekedConn replays the bytes read to classify a connection, then reads
+// from it.
+type peekedConn struct {
+	transport.Conn
+	head []byte
+}
+
+func (c *peekedConn) Read(p []byte) (int, error) {
+	if len(c.head) > 0 {
+		n := copy(p, c.head)
+		c.head = c.head[n:]
+		return n, nil
+	}
+	return c.Conn.Read(p)
+}
+
+// classify reads the first four bytes of c (bounded by channelTimeout and
+// by ctx through the caller closing c) and returns its role and a Conn that
+// replays them.
+func classify(c transport.Conn) (role, transport.Conn, error) {
+	_ = c.SetDeadline(time.Now().Add(channelTimeout))
+	defer c.SetDeadline(time.Time{})
+	var head [4]byte
+	if _, err := io.ReadFull(c, head[:]); err != nil {
+		return 0, nil, fmt.Errorf("read the first bytes of a new connection: %w", err)
+	}
+	pc := &peekedConn{Conn: c, head: bytes.Clone(head[:])}
+	switch binary.BigEndian.Uint32(head[:]) {
+	case stream.Magic:
+		return roleMain, pc, nil
+	case multifd.Magic:
+		return roleMultifd, pc, nil
+	}
+	return 0, nil, fmt.Errorf("unknown channel magic %#08x: neither a migration stream (QEVM) nor a multifd channel", binary.BigEndian.Uint32(head[:]))
+}
+
+// acceptMain accepts connections until the main stream's arrives; multifd
+// channels that arrive first are kept (early) for acceptMultifd.
+func (l *loader) acceptMain() (main transport.Conn, early []transport.Conn, err error) {
+	in := l.in
+	for {
+		c, err := in.ln.Accept(in.ioCtx)
+		if err != nil {
+			closeAll(early)
+			return nil, nil, fmt.Errorf("wait for the source on %s: %w", in.ln.Addr(), err)
+		}
+		r, pc, err := classify(c)
+		if err != nil {
+			c.Close()
+			closeAll(early)
+			return nil, nil, err
+		}
+		if r == roleMain {
+			return pc, early, nil
+		}
+		if len(early) >= 255 {
+			pc.Close()
+			closeAll(early)
+			return nil, nil, errors.New("more than 255 multifd channels arrived before the main stream")
+		}
+		early = append(early, pc)
+	}
+}
+
+// acceptMultifd completes the n multifd channels (some may have arrived
+// before the main stream): it accepts the rest, reads each one's initial
+// packet and checks it (UUID, a channel id below n, each id once), within
+// channelTimeout. It returns the channels indexed by id.
+func (l *loader) acceptMultifd(early []transport.Conn, n int, uuid [16]byte) ([]transport.Conn, error) {
+	in := l.in
+	ctx, cancel := context.WithTimeout(in.ioCtx, channelTimeout)
+	defer cancel()
+	chans := make([]transport.Conn, n)
+	got := 0
+	fail := func(err error) ([]transport.Conn, error) {
+		closeAll(early)
+		closeAll(chans)
+		return nil, err
+	}
+	take := func(c transport.Conn) error {
+		_ = c.SetDeadline(time.Now().Add(channelTimeout))
+		init, err := multifd.ReadInit(c)
+		_ = c.SetDeadline(time.Time{})
+		if err != nil {
+			return fmt.Errorf("multifd channel: %w", err)
+		}
+		if err := init.Check(uuid, n); err != nil {
+			return err
+		}
+		if chans[init.Channel] != nil {
+			return fmt.Errorf("multifd channel %d connected twice", init.Channel)
+		}
+		chans[init.Channel] = c
+		got++
+		return nil
+	}
+	for len(early) > 0 {
+		c := early[0]
+		early = early[1:]
+		if err := take(c); err != nil {
+			c.Close()
+			return fail(err)
+		}
+	}
+	for got < n {
+		c, err := in.ln.Accept(ctx)
+		if err != nil {
+			return fail(fmt.Errorf("waiting for multifd channels (%d of %d connected): %w", got, n, err))
+		}
+		r, pc, err := classify(c)
+		if err == nil && r != roleMultifd {
+			err = errors.New("a second main stream connected while the multifd channels were expected")
+		}
+		if err == nil {
+			err = take(pc)
+		}
+		if err != nil {
+			c.Close()
+			return fail(err)
+		}
+	}
+	return chans, nil
+}
+
+func closeAll(cs []transport.Conn) {
+	for _, c := range cs {
+		if c != nil {
+			c.Close()
+		}
+	}
+}
