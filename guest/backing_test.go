@@ -263,6 +263,33 @@ func TestAnonHugePages(t *testing.T) {
 	})
 }
 
+// TestAnonAligned: anonymous blocks of 2 MiB or more start on a 2 MiB
+// boundary, whatever their size (recent kernels align anonymous mappings
+// whose length is a multiple of 2 MiB by themselves, older ones and other
+// lengths not), so that their memory can be mapped by huge pages.
+func TestAnonAligned(t *testing.T) {
+	for _, size := range []int64{2 * mib, 8 * mib, 8*mib + PageSize, 3*mib + 3*PageSize} {
+		g, err := NewDestination(Config{Size: size, VRAM: -1})
+		mustOK(t, err)
+		ram := g.Blocks()[0]
+		addr := uint64(uintptr(unsafe.Pointer(&ram.Mem[0])))
+		if addr%(2<<20) != 0 {
+			t.Errorf("anonymous pc.ram of %d bytes at %#x is not 2 MiB aligned", size, addr)
+		}
+		// Every byte is usable (the trimmed mapping still covers the block).
+		ram.Mem[0], ram.Mem[len(ram.Mem)-1] = 1, 2
+		// The over-sized mapping's tail is gone: the page after the block
+		// is unmapped (mincore fails with ENOMEM). (Its head, when there is
+		// one, cannot be told apart from a neighbouring mapping this way.)
+		vec := make([]byte, 1)
+		after := uintptr(addr) + uintptr(size)
+		if _, _, e := unix.Syscall(unix.SYS_MINCORE, after, PageSize, uintptr(unsafe.Pointer(&vec[0]))); e != unix.ENOMEM {
+			t.Errorf("block of %d bytes at %#x: the page after it is mapped (mincore: %v): the mapping was not trimmed", size, addr, e)
+		}
+		mustOK(t, g.Close())
+	}
+}
+
 // TestCheckMemory: a size beyond the host's memory fails naming both
 // numbers; a small one passes; a guest whose Prealloc would not fit is
 // refused before it is built.
