@@ -440,3 +440,30 @@ func TestStepEnd(t *testing.T) {
 		}
 	}
 }
+
+// TestHugePageBytesDuringClose: HugePageBytes may run while the guest is
+// closed (it reads the blocks' addresses under the guest's lock, the
+// kernel's counters outside it); under -race this proves it does not read a
+// block's Mem while Close clears it, and it ends with ErrClosed.
+func TestHugePageBytesDuringClose(t *testing.T) {
+	g, err := NewDestination(Config{Size: 4 * mib})
+	mustOK(t, err)
+	done := make(chan error, 1)
+	started := make(chan struct{})
+	go func() {
+		for i := 0; ; i++ {
+			if i == 1 {
+				close(started)
+			}
+			if _, err := g.HugePageBytes(); err != nil {
+				done <- err
+				return
+			}
+		}
+	}()
+	<-started
+	mustOK(t, g.Close())
+	if err := <-done; !errors.Is(err, ErrClosed) {
+		t.Fatalf("HugePageBytes after Close = %v, want ErrClosed", err)
+	}
+}
