@@ -128,7 +128,7 @@ func build(cfg Config) (*Builtin, error) {
 	}{{"pc.ram", cfg.Size}, {"vga.vram", cfg.vram()}}
 	if cfg.Prealloc {
 		if err := CheckMemory(cfg.Size + cfg.vram()); err != nil {
-			return nil, fmt.Errorf("guest: cannot preallocate the guest's RAM: %w", err)
+			return nil, fmt.Errorf("Prealloc refused: %w", err)
 		}
 	}
 	for _, s := range sizes {
@@ -334,7 +334,8 @@ type Stats struct {
 	HugeBytes    int64         // of the RAM faulted in at build, bytes in huge pages; -1 unknown or no Prealloc
 }
 
-// Stats returns counters of the writers' work.
+// Stats returns counters of the writers' work, and the time the RAM's
+// preparation took when the guest was built.
 func (g *Builtin) Stats() Stats {
 	g.mu.Lock()
 	ran := g.ran
@@ -357,9 +358,9 @@ func (g *Builtin) Stats() Stats {
 	return s
 }
 
-// Close stops the guest, unmaps its RAM and closes its memfds (if any). Slices of
-// Mem obtained earlier must not be used afterwards (the memory is gone; a
-// stray access crashes the process). Close is idempotent.
+// Close stops the guest, unmaps its RAM and closes its memfds (if any).
+// Slices of Mem obtained earlier must not be used afterwards (the memory is
+// gone; a stray access crashes the process). Close is idempotent.
 func (g *Builtin) Close() error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
