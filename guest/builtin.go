@@ -10,11 +10,11 @@ import (
 	"time"
 )
 
-// Builtin is the built-in guest: memfd-backed RAM with a self-verifying
-// pattern, writer goroutines that dirty it at a set rate, and three devices:
-// "timer" (tick counter and virtual clock), "serial" (the last console
-// lines; its Load needs the controller lock) and "nic" (MAC and traffic
-// counters).
+// Builtin is the built-in guest: RAM (anonymous memory or a memfd, as
+// Config.Backing says) holding a self-verifying pattern, writer goroutines
+// that dirty it at a set rate, and three devices: "timer" (tick counter and
+// virtual clock), "serial" (the last console lines; its Load needs the
+// controller lock) and "nic" (MAC and traffic counters).
 //
 // A Builtin is safe for concurrent use. It implements [Guest] and
 // [Throttler]. Call Close when done: it stops the writers and releases the
@@ -24,8 +24,9 @@ type Builtin struct {
 	content content
 	id      string
 	blocks  []*Block
-	base    []int // base[i]: global number of the first page of blocks[i]
-	total   int   // pages in all blocks
+	prep    Preparation // written by build, read-only afterwards
+	base    []int       // base[i]: global number of the first page of blocks[i]
+	total   int         // pages in all blocks
 	dirty   []Bitmap
 
 	timer   *timerDev
@@ -65,10 +66,12 @@ var (
 	_ Throttler = (*Builtin)(nil)
 )
 
-// New builds a source guest: RAM pre-faulted (when the kernel can) and
-// filled with the pattern for cfg.Seed, every data page at version 1, the
-// serial console holding a boot banner. The guest is stopped: call Start to
-// run its writers.
+// New builds a source guest: RAM filled with the pattern for cfg.Seed,
+// every data page at version 1, the serial console holding a boot banner.
+// With cfg.Prealloc all of RAM is faulted in first (see
+// [Builtin.Preparation]); otherwise each 4 MiB chunk is pre-faulted (when
+// the kernel can) just before it is filled. The guest is stopped: call
+// Start to run its writers.
 func New(cfg Config) (*Builtin, error) {
 	g, err := build(cfg)
 	if err != nil {
@@ -76,9 +79,11 @@ func New(cfg Config) (*Builtin, error) {
 	}
 	for bi, b := range g.blocks {
 		err := forChunks(b.Pages(), func(lo, hi int) error {
-			chunk := &Block{Name: b.Name, PageSize: b.PageSize, Mem: b.Mem[lo*PageSize : hi*PageSize]}
-			if err := Populate(context.Background(), chunk); err != nil && !errors.Is(err, ErrPopulateUnsupported) {
-				return err
+			if !cfg.Prealloc {
+				chunk := &Block{Name: b.Name, PageSize: b.PageSize, Mem: b.Mem[lo*PageSize : hi*PageSize]}
+				if err := Populate(context.Background(), chunk); err != nil && !errors.Is(err, ErrPopulateUnsupported) {
+					return err
+				}
 			}
 			for p := lo; p < hi; p++ {
 				if !g.content.isZero(bi, p) {
@@ -102,9 +107,11 @@ func New(cfg Config) (*Builtin, error) {
 
 // NewDestination builds the receiving side of a migration from the same
 // Config as the source: the same ID, blocks and devices, with RAM zeroed
-// (holes, not yet faulted: see [Builtin.Populate]) and devices in their
-// initial state. The guest is stopped; Verify fails until it has received
-// every page.
+// and devices in their initial state. Without cfg.Prealloc the RAM is holes
+// that fault in as pages land (see [Populate]); with it every page is
+// faulted in before NewDestination returns, as a QEMU destination started
+// with -mem-prealloc is ready only once its RAM is. The guest is stopped;
+// Verify fails until it has received every page.
 func NewDestination(cfg Config) (*Builtin, error) {
 	return build(cfg)
 }
@@ -114,15 +121,21 @@ func build(cfg Config) (*Builtin, error) {
 		return nil, err
 	}
 	g := &Builtin{cfg: cfg, content: newContent(&cfg)}
+	g.prep = Preparation{Backing: cfg.backing(), HugeBytes: -1}
 	sizes := []struct {
 		name string
 		size int64
 	}{{"pc.ram", cfg.Size}, {"vga.vram", cfg.vram()}}
+	if cfg.Prealloc {
+		if err := CheckMemory(cfg.Size + cfg.vram()); err != nil {
+			return nil, fmt.Errorf("Prealloc refused: %w", err)
+		}
+	}
 	for _, s := range sizes {
 		if s.size == 0 {
 			continue
 		}
-		b, err := newMemfdBlock(s.name, s.size)
+		b, err := newBlock(s.name, s.size, g.prep.Backing)
 		if err != nil {
 			g.Close()
 			return nil, err
@@ -137,6 +150,12 @@ func build(cfg Config) (*Builtin, error) {
 	g.nic = newNIC(cfg.Seed, g.Running)
 	g.devices = []Device{g.timer, g.serial, g.nic}
 	g.id = cfg.id(g.blocks, g.devices)
+	if cfg.Prealloc {
+		if err := g.preallocate(); err != nil {
+			g.Close()
+			return nil, err
+		}
+	}
 	return g, nil
 }
 
@@ -311,9 +330,12 @@ type Stats struct {
 	Clock        time.Duration // the virtual clock: running time, carried across migrations
 	WriteRate    float64       // PagesWritten*4096 / RunTime, in bytes per second
 	Throttle     int           // current throttle, percent
+	PrepareTime  time.Duration // faulting in all RAM at build (Config.Prealloc), else 0: [Builtin.PrepareTime]
+	HugeBytes    int64         // of the RAM faulted in at build, bytes in huge pages; -1 unknown or no Prealloc
 }
 
-// Stats returns counters of the writers' work.
+// Stats returns counters of the writers' work, and the time the RAM's
+// preparation took when the guest was built.
 func (g *Builtin) Stats() Stats {
 	g.mu.Lock()
 	ran := g.ran
@@ -327,6 +349,8 @@ func (g *Builtin) Stats() Stats {
 		RunTime:      ran,
 		Clock:        g.timer.clock(),
 		Throttle:     int(g.throttle.Load()),
+		PrepareTime:  g.prep.Time,
+		HugeBytes:    g.prep.HugeBytes,
 	}
 	if ran > 0 {
 		s.WriteRate = float64(s.PagesWritten) * PageSize / ran.Seconds()
@@ -334,9 +358,9 @@ func (g *Builtin) Stats() Stats {
 	return s
 }
 
-// Close stops the guest, unmaps its RAM and closes its memfds. Slices of
-// Mem obtained earlier must not be used afterwards (the memory is gone; a
-// stray access crashes the process). Close is idempotent.
+// Close stops the guest, unmaps its RAM and closes its memfds (if any).
+// Slices of Mem obtained earlier must not be used afterwards (the memory is
+// gone; a stray access crashes the process). Close is idempotent.
 func (g *Builtin) Close() error {
 	g.mu.Lock()
 	defer g.mu.Unlock()

@@ -90,6 +90,8 @@ func TestConfigErrors(t *testing.T) {
 		{Size: 1 << 20, ZeroFraction: 1.5},
 		{Size: 1 << 20, ZeroFraction: -0.1},
 		{Size: 1 << 20, VRAM: 1000},
+		{Size: 1 << 20, Backing: "hugetlb"},
+		{Size: 1 << 20, Backing: "Anon"},
 	} {
 		if _, err := New(cfg); !errors.Is(err, ErrConfig) {
 			t.Errorf("New(%+v) = %v, want ErrConfig", cfg, err)
@@ -291,7 +293,7 @@ func TestDestinationLayout(t *testing.T) {
 	}
 	for i, sb := range src.Blocks() {
 		db := dst.Blocks()[i]
-		if sb.Name != db.Name || len(sb.Mem) != len(db.Mem) || sb.PageSize != db.PageSize || db.FD < 0 {
+		if sb.Name != db.Name || len(sb.Mem) != len(db.Mem) || sb.PageSize != db.PageSize {
 			t.Fatalf("block %d: source %s/%d/%d, dest %s/%d/%d fd %d", i, sb.Name, len(sb.Mem), sb.PageSize, db.Name, len(db.Mem), db.PageSize, db.FD)
 		}
 		if !bytes.Equal(db.Mem, make([]byte, len(db.Mem))) {
@@ -485,7 +487,13 @@ func TestDevicesChangeWhileRunning(t *testing.T) {
 }
 
 func TestCloseAndErrors(t *testing.T) {
-	g, err := New(Config{Size: 1 * mib, DirtyRate: 1 << 20})
+	for _, backing := range []string{BackingAnon, BackingMemfd} {
+		t.Run(backing, func(t *testing.T) { testCloseAndErrors(t, backing) })
+	}
+}
+
+func testCloseAndErrors(t *testing.T, backing string) {
+	g, err := New(Config{Size: 4 * mib, DirtyRate: 1 << 20, Backing: backing, Prealloc: true})
 	mustOK(t, err)
 	mustOK(t, g.Start())
 	mustOK(t, g.Close()) // stops the writers too (goleak checks)
@@ -493,10 +501,12 @@ func TestCloseAndErrors(t *testing.T) {
 	if g.Running() {
 		t.Fatal("closed guest still running")
 	}
+	_, hugeErr := g.HugePageBytes()
 	for name, err := range map[string]error{
-		"Start":    g.Start(),
-		"Verify":   g.Verify(),
-		"Populate": g.Populate(context.Background(), 0),
+		"Start":         g.Start(),
+		"Verify":        g.Verify(),
+		"Populate":      g.Populate(context.Background(), 0),
+		"HugePageBytes": hugeErr,
 	} {
 		if !errors.Is(err, ErrClosed) {
 			t.Errorf("%s after Close = %v, want ErrClosed", name, err)
@@ -512,10 +522,11 @@ func TestCloseAndErrors(t *testing.T) {
 	}
 }
 
-// TestMemfdShared: the FD maps the same pages, directly or through
-// /proc/self/fd/N as another process would, and its size is sealed.
+// TestMemfdShared: with the memfd backing, the FD maps the same pages,
+// directly or through /proc/self/fd/N as another process would, and its
+// size is sealed.
 func TestMemfdShared(t *testing.T) {
-	g := newGuest(t, Config{Size: 1 * mib, Seed: 12})
+	g := newGuest(t, Config{Size: 1 * mib, Seed: 12, Backing: BackingMemfd})
 	b := g.Blocks()[0]
 	m1, err := unix.Mmap(b.FD, 0, len(b.Mem), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 	mustOK(t, err)
@@ -553,7 +564,13 @@ func resident(t *testing.T, mem []byte) int {
 }
 
 func TestPopulate(t *testing.T) {
-	cfg := Config{Size: 16 * mib, Seed: 4}
+	for _, backing := range []string{BackingAnon, BackingMemfd} {
+		t.Run(backing, func(t *testing.T) { testPopulate(t, backing) })
+	}
+}
+
+func testPopulate(t *testing.T, backing string) {
+	cfg := Config{Size: 16 * mib, Seed: 4, Backing: backing}
 	src := newGuest(t, cfg)
 	dst := newDest(t, cfg)
 	ram := dst.Blocks()[0]

@@ -46,7 +46,34 @@ type Config struct {
 	// VRAM is the size of the second block, "vga.vram": 0 means
 	// [DefaultVRAM] (1 MiB), a negative value means no second block.
 	VRAM int64
+	// Backing chooses what holds the guest's RAM: [BackingAnon] (the
+	// default, also for "") or [BackingMemfd]. It is not part of the
+	// identity: a guest on one backing migrates into a guest on the other.
+	// See "Memory backing" in the package documentation.
+	Backing string `json:",omitempty"`
+	// Prealloc makes New and NewDestination fault in all of RAM before they
+	// return, as QEMU's -mem-prealloc does, and record how long it took
+	// ([Builtin.PrepareTime]). Without it, RAM is faulted in as it is
+	// first written (a source's fill pre-faults as it goes; a destination
+	// is left to its loader's Populate). Not part of the identity.
+	Prealloc bool `json:",omitempty"`
 }
+
+// Values of [Config.Backing].
+const (
+	// BackingAnon: private anonymous memory advised with MADV_HUGEPAGE,
+	// as QEMU allocates RAM without a memory-backend file. Faults come in
+	// 2 MiB huge pages where the host's transparent huge pages allow it
+	// (enabled = always or madvise). Only this process can map it:
+	// Block.FD is -1.
+	BackingAnon = "anon"
+	// BackingMemfd: a sealed memfd mapped shared; Block.FD is the memfd,
+	// which another process (the vCPU process of postcopy, package
+	// guest/proc) maps to share the pages. It is shmem: it gets huge pages
+	// only where /sys/kernel/mm/transparent_hugepage/shmem_enabled allows
+	// (on this project's machines it is "never": 4 KiB faults only).
+	BackingMemfd = "memfd"
+)
 
 func (c *Config) validate() error {
 	if c.Size <= 0 || c.Size%PageSize != 0 {
@@ -64,6 +91,9 @@ func (c *Config) validate() error {
 	if c.Writers < 0 || c.Writers > MaxWriters {
 		return fmt.Errorf("guest: Writers %d: use 0..%d: %w", c.Writers, MaxWriters, ErrConfig)
 	}
+	if c.Backing != "" && c.Backing != BackingAnon && c.Backing != BackingMemfd {
+		return fmt.Errorf("guest: Backing %q: use %q (the default) or %q: %w", c.Backing, BackingAnon, BackingMemfd, ErrConfig)
+	}
 	if math.IsNaN(c.ZeroFraction) || c.ZeroFraction < 0 || c.ZeroFraction > 1 {
 		return fmt.Errorf("guest: ZeroFraction %v: use a fraction in 0..1: %w", c.ZeroFraction, ErrConfig)
 	}
@@ -75,6 +105,14 @@ func (c *Config) writers() int {
 		return 1
 	}
 	return c.Writers
+}
+
+// backing returns Backing with the default applied.
+func (c *Config) backing() string {
+	if c.Backing == "" {
+		return BackingAnon
+	}
+	return c.Backing
 }
 
 func (c *Config) vram() int64 {

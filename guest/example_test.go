@@ -59,3 +59,22 @@ func Example() {
 	// same ID: true
 	// verified: true checksums equal: true
 }
+
+// A destination prepared as QEMU's -mem-prealloc prepares one: check that
+// the host has the memory, fault in all of RAM before listening, and report
+// the preparation apart from the migration.
+func ExampleNewDestination_prealloc() {
+	cfg := guest.Config{Size: 16 << 20, Seed: 1, VRAM: -1, Prealloc: true}
+	if err := guest.CheckMemory(cfg.Size); err != nil {
+		log.Fatal(err) // e.g. "guest: need ... bytes ... but the host has ... available"
+	}
+	dst, err := guest.NewDestination(cfg)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer dst.Close()
+	p := dst.Preparation()
+	fmt.Println("backing:", p.Backing, "faulted in:", p.Bytes>>20, "MiB", "timed:", dst.PrepareTime() > 0)
+	// Output:
+	// backing: anon faulted in: 16 MiB timed: true
+}

@@ -34,7 +34,10 @@ const (
 // Config describes a guest process. [Spawn] hands it to the child.
 type Config struct {
 	// Guest is the built-in guest's configuration; its writers (DirtyRate,
-	// Writers) run in the guest process.
+	// Writers) run in the guest process. Its RAM must be shared with
+	// migctl's process, so Guest.Backing must be guest.BackingMemfd (""
+	// means it here); Guest.Prealloc is refused for RoleDestination, whose
+	// holes must stay holes until migctl installs each page.
 	Guest guest.Config `json:"guest"`
 	// Role: RoleSource or RoleDestination.
 	Role Role `json:"role"`
@@ -61,6 +64,9 @@ type Config struct {
 
 func (c *Config) withDefaults() Config {
 	d := *c
+	if d.Guest.Backing == "" {
+		d.Guest.Backing = guest.BackingMemfd
+	}
 	if d.AttachTimeout <= 0 {
 		d.AttachTimeout = DefaultAttachTimeout
 	}
@@ -79,6 +85,12 @@ func (c *Config) validate() error {
 	}
 	if c.Readers < 0 || c.Readers > MaxReaders {
 		return fmt.Errorf("guest process: %d readers: use 0..%d", c.Readers, MaxReaders)
+	}
+	if c.Guest.Backing != guest.BackingMemfd {
+		return fmt.Errorf("guest process: guest backing %q: a guest process shares its RAM with migctl through memfds: use %q: %w", c.Guest.Backing, guest.BackingMemfd, guest.ErrConfig)
+	}
+	if c.Guest.Prealloc && c.Role == RoleDestination {
+		return fmt.Errorf("guest process: Prealloc on a destination would fill the holes userfaultfd must catch (the guest would read zeros for pages never received): turn it off: %w", guest.ErrConfig)
 	}
 	if c.Guest.Size <= 0 {
 		return fmt.Errorf("guest process: guest size %d: %w", c.Guest.Size, guest.ErrConfig)

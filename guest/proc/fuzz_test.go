@@ -169,3 +169,33 @@ func FuzzRequest(f *testing.F) {
 		}
 	})
 }
+
+// TestConfigBacking: a guest process shares its RAM through memfds, so the
+// default backing there is memfd and anonymous memory is refused; a
+// destination refuses Prealloc (it would fill the holes userfaultfd must
+// catch), a source accepts it.
+func TestConfigBacking(t *testing.T) {
+	for _, c := range []struct {
+		guest guest.Config
+		role  Role
+		ok    bool
+	}{
+		{guest.Config{Size: 1 << 20}, RoleSource, true},
+		{guest.Config{Size: 1 << 20}, RoleDestination, true},
+		{guest.Config{Size: 1 << 20, Backing: guest.BackingMemfd}, RoleSource, true},
+		{guest.Config{Size: 1 << 20, Backing: guest.BackingAnon}, RoleSource, false},
+		{guest.Config{Size: 1 << 20, Backing: guest.BackingAnon}, RoleDestination, false},
+		{guest.Config{Size: 1 << 20, Prealloc: true}, RoleSource, true},
+		{guest.Config{Size: 1 << 20, Prealloc: true}, RoleDestination, false},
+	} {
+		raw := Config{Guest: c.guest, Role: c.role}
+		cfg := raw.withDefaults()
+		err := cfg.validate()
+		if (err == nil) != c.ok || (err != nil && !errors.Is(err, guest.ErrConfig)) {
+			t.Errorf("%s %+v: validate = %v, want ok=%v", c.role, c.guest, err, c.ok)
+		}
+		if c.guest.Backing == "" && cfg.Guest.Backing != guest.BackingMemfd {
+			t.Errorf("default backing in a guest process = %q, want %q", cfg.Guest.Backing, guest.BackingMemfd)
+		}
+	}
+}
