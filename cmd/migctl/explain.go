@@ -126,20 +126,6 @@ func newExplain() *cobra.Command {
 	return cmd
 }
 
-// parseOnOff reads on/off (and true/false, yes/no, 1/0); empty means on
-// when the value was left out.
-func parseOnOff(v string, missing bool) (on, ok bool) {
-	switch strings.ToLower(v) {
-	case "on", "true", "yes", "1":
-		return true, true
-	case "off", "false", "no", "0":
-		return false, true
-	case "":
-		return true, missing
-	}
-	return false, false
-}
-
 // printVerdicts prints the refusing rules first, then the ones that apply
 // and allow, then (with all) the rest; it returns how many refused.
 func printVerdicts(w io.Writer, vs []guards.Verdict, all bool) int {
