@@ -78,7 +78,7 @@ func gatherInfo(ctx context.Context, cl *qmp.Client) (infoReport, error) {
 	var settings qmp.SettingsInfo
 	for _, q := range []struct {
 		cmd  string
-		args map[string]any
+		args any // nil: no arguments member
 		into any
 	}{
 		{"query-status", nil, &rep.Guest},
