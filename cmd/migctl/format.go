@@ -35,10 +35,11 @@ func formatRate(bps float64) string {
 	return formatBytes(uint64(bps)) + "/s"
 }
 
-// formatDuration rounds a duration for people: ms below 10 s, then s.
+// formatDuration rounds a duration for people: ms below a second, then
+// seconds with one decimal, then whole seconds past ten minutes.
 func formatDuration(d time.Duration) string {
 	switch {
-	case d < 10*time.Second:
+	case d < time.Second:
 		return fmt.Sprintf("%d ms", d.Milliseconds())
 	case d < 10*time.Minute:
 		return fmt.Sprintf("%.1f s", d.Seconds())

@@ -162,6 +162,10 @@ func (pr *progress) update(s progressSnap) {
 		return
 	}
 	pr.lastLine, pr.lastStatus, pr.lastPass = now, s.Status, s.Pass
+	if s.Pass == 0 && s.Total == 0 {
+		fmt.Fprintln(pr.w, s.Status) // no statistics yet
+		return
+	}
 	fmt.Fprintf(pr.w, "%-14s pass %d  %s\n", s.Status, s.Pass, progressFields(v))
 }
 
