@@ -5,6 +5,7 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/migctl/migctl/internal/intent"
 )
@@ -204,4 +205,48 @@ func TestQuerySettings(t *testing.T) {
 	}
 	run(t, s, "migrate-set-parameters", map[string]any{"max-bandwidth": 0})
 	waitStatus(t, s, "completed")
+}
+
+// FuzzHMPCommandLine: any command line gets an answer (the monitor's
+// text, CRLF-terminated lines) or a QMP error, never a panic; and every
+// answer is valid UTF-8 JSON once encoded.
+func FuzzHMPCommandLine(f *testing.F) {
+	for _, s := range []string{"info migrate", "info", "help info", "help", "?", "c", "stop", "migrate_continue pre-switchover",
+		"info migrate_parameters", "info  status  extra", "\x00", "info \xff", strings.Repeat("info ", 2000)} {
+		f.Add(s)
+	}
+	n := newNode(f, nodeOpts{})
+	f.Fuzz(func(t *testing.T, line string) {
+		raw, _ := json.Marshal(line)
+		var ret any
+		var err error
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			ret, _, err = cmdHMP(n.s, nil, newArgs(map[string]json.RawMessage{"command-line": raw}))
+		}()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%q: no answer within 10 s", line)
+		}
+		if err != nil {
+			var seen string // what the server got: invalid UTF-8 became U+FFFD
+			_ = json.Unmarshal(raw, &seen)
+			if len(seen) <= hmpMaxCommandLine {
+				t.Fatalf("%.80q…: error %v for a line within the limit", line, err)
+			}
+			return
+		}
+		out, ok := ret.(string)
+		if !ok {
+			t.Fatalf("%q: return %T", line, ret)
+		}
+		if out != "" && !strings.HasSuffix(out, "\r\n") {
+			t.Fatalf("%q: output %q does not end in CRLF", line, out)
+		}
+		if b := encodeReply(out, nil); !json.Valid(b) {
+			t.Fatalf("%q: reply %q is not JSON", line, b)
+		}
+	})
 }

@@ -531,3 +531,24 @@ func TestExitStatusesDocumented(t *testing.T) {
 	}
 }
 
+// docs/protocol.md's example refusal is the text a serve really sends
+// (only the port differs).
+func TestProtocolDocExample(t *testing.T) {
+	doc, err := os.ReadFile("../../docs/protocol.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`(?m)^\{"error":\{"class":"GenericError","desc":"capability mapped-ram[^\n]*$`).Find(doc)
+	if m == nil {
+		t.Fatal("docs/protocol.md has no example refusal of mapped-ram")
+	}
+	dst := startServe(t, "dst", "--guest=size=16M", "--destination")
+	if _, errOut, code := runIn(t, nil, "incoming", "-s", dst.sock, "tcp:127.0.0.1:0"); code != 0 {
+		t.Fatalf("incoming: %s", errOut)
+	}
+	out, _, code := runIn(t, nil, "qmp", "-s", dst.sock, `{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"mapped-ram","state":true}]}}`)
+	real := regexp.MustCompile(`127\.0\.0\.1:[0-9]+`).ReplaceAllString(strings.TrimSpace(out), "127.0.0.1:41233")
+	if code != exitFailed || real != string(m) {
+		t.Errorf("exit %d\nserve sends: %s\ndocs show:   %s", code, real, m)
+	}
+}
