@@ -46,9 +46,10 @@ type progress struct {
 	mu  sync.Mutex
 	cur progressView
 
-	// Terminal mode.
-	p   *mpb.Progress
-	bar *mpb.Bar
+	// Terminal mode: tty says to draw a bar, created at the first update.
+	tty, forceTTY bool
+	p             *mpb.Progress
+	bar           *mpb.Bar
 	// Plain mode.
 	lastLine   time.Time
 	lastStatus string
@@ -88,10 +89,15 @@ func (v progressView) eta() (time.Duration, bool) {
 // newProgress renders on w: a bar when w is a terminal (forceTTY makes
 // it one, for tests), plain lines otherwise, nothing when quiet.
 func newProgress(w io.Writer, quiet, forceTTY bool) *progress {
-	pr := &progress{w: w, quiet: quiet, now: time.Now}
-	if quiet || !(forceTTY || isTerminal(w)) {
-		return pr
-	}
+	pr := &progress{w: w, quiet: quiet, now: time.Now, tty: !quiet && (forceTTY || isTerminal(w)), forceTTY: forceTTY}
+	return pr
+}
+
+// startBar creates the bar at the first reading (so that nothing is drawn
+// while the command prepares).
+func (pr *progress) startBar() {
+	forceTTY := pr.forceTTY
+	w := pr.w
 	pr.p = mpb.New(mpb.WithOutput(w), mpb.WithWidth(100), mpb.WithRefreshRate(150*time.Millisecond),
 		mpb.ContainerOptional(mpb.ForceTTY(), forceTTY), mpb.ContainerOptional(mpb.WithAutoRefresh(), forceTTY))
 	text := func(fn func(v progressView) string) decor.Decorator {
@@ -109,7 +115,6 @@ func newProgress(w io.Writer, quiet, forceTTY bool) *progress {
 			text(func(v progressView) string { return " " + progressFields(v) }),
 		),
 	)
-	return pr
 }
 
 // isTerminal reports whether w is a terminal (golang.org/x/term).
@@ -152,6 +157,9 @@ func (pr *progress) update(s progressSnap) {
 	pr.cur = v
 	pr.mu.Unlock()
 
+	if pr.tty && pr.bar == nil {
+		pr.startBar()
+	}
 	if pr.bar != nil {
 		pr.bar.SetTotal(int64(v.passStart), false)
 		pr.bar.SetCurrent(int64(v.sentThisPass()))

@@ -59,10 +59,10 @@ func TestProgressPlainLines(t *testing.T) {
 func TestProgressBar(t *testing.T) {
 	var buf bytes.Buffer
 	pr := newProgress(&buf, false, true)
+	pr.update(progressSnap{Status: "active", Pass: 3, Total: 64 << 20, Remaining: 16 << 20, Rate: 32 << 20, ExpectedDowntime: 20 * time.Millisecond})
 	if pr.bar == nil {
 		t.Fatal("forceTTY did not make a bar")
 	}
-	pr.update(progressSnap{Status: "active", Pass: 3, Total: 64 << 20, Remaining: 16 << 20, Rate: 32 << 20, ExpectedDowntime: 20 * time.Millisecond})
 	pr.note("paused in pre-switchover")
 	pr.update(progressSnap{Status: "active", Pass: 3, Total: 64 << 20, Remaining: 8 << 20, Rate: 32 << 20, ExpectedDowntime: 20 * time.Millisecond})
 	pr.finish(true)
