@@ -9,8 +9,9 @@ import (
 	"github.com/migctl/migctl/spec"
 )
 
-// TestGeneratedDocs fails when docs/states.md or docs/rules.md no longer
-// match what the embedded transitions.yaml generates.
+// TestGeneratedDocs fails when docs/states.md, docs/rules.md or the
+// README's generated state diagram no longer match what the embedded
+// transitions.yaml generates.
 func TestGeneratedDocs(t *testing.T) {
 	s, err := spec.Load("transitions.yaml", DefaultSpec, nil)
 	if err != nil {
@@ -28,6 +29,17 @@ func TestGeneratedDocs(t *testing.T) {
 		if string(got) != f.want {
 			t.Errorf("%s is out of date with transitions.yaml (%s); run `go generate ./...`", f.path, firstDifference(string(got), f.want))
 		}
+	}
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := spec.SpliceGenerated(string(readme), "states", spec.ReadmeDiagram(s))
+	if err != nil {
+		t.Fatalf("README.md: %v", err)
+	}
+	if string(readme) != want {
+		t.Errorf("README.md's state diagram is out of date with transitions.yaml (%s); run `go generate ./...`", firstDifference(string(readme), want))
 	}
 }
 

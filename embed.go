@@ -14,7 +14,7 @@ import (
 	"github.com/migctl/migctl/spec"
 )
 
-//go:generate go run ./cmd/specdocs -o docs
+//go:generate go run ./cmd/specdocs -o docs -readme README.md
 
 // DefaultSpec is the text of transitions.yaml, the spec migctl runs with
 // unless told otherwise: both sides' state graphs, the guards on their

@@ -24,7 +24,11 @@
 // Commands keep QEMU's names and argument shapes (migrate, migrate-incoming,
 // migrate-set-capabilities, query-migrate, migrate_cancel, …); the list is
 // in [Commands]. migctl's own additions are extra commands whose names
-// start with query-migctl-; no QEMU shape is changed. Events MIGRATION and
+// start with query-migctl- (stable) or x-migctl- (unstable, as QEMU's x-
+// commands); no QEMU shape is changed. human-monitor-command answers the
+// HMP commands an operator types about migration (info migrate, info
+// migrate_capabilities, info migrate_parameters, info status, …) in
+// QEMU's text, so QEMU's qmp-shell -H works (hmp.go). Events MIGRATION and
 // MIGRATION_PASS are emitted, as in QEMU, only while the capability events
 // is on.
 //

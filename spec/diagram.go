@@ -98,48 +98,96 @@ func Mermaid(s *Spec, side string) string {
 	if sd == nil {
 		return ""
 	}
-	ids := mermaidIDs(sd)
-	id := func(name string) string {
-		if v, ok := ids[name]; ok {
-			return v
-		}
-		return "undeclared_" + mermaidText(strings.ReplaceAll(name, "-", "_"))
-	}
 	var b strings.Builder
 	b.WriteString("stateDiagram-v2\n")
 	fmt.Fprintf(&b, "    %%%% %s side, generated from the spec by spec.Mermaid\n", side)
 	b.WriteString("    classDef frozen fill:#d9d9d9,stroke:#595959,color:#000000\n")
-	for _, st := range sd.States {
-		if ids[st.Name] != st.Name {
-			fmt.Fprintf(&b, "    state \"%s\" as %s\n", mermaidText(st.Name), ids[st.Name])
-		} else {
-			fmt.Fprintf(&b, "    %s\n", st.Name)
-		}
+	frozen := mermaidBody(&b, sd, "", "    ")
+	if len(frozen) > 0 {
+		fmt.Fprintf(&b, "    class %s frozen\n", strings.Join(frozen, ","))
 	}
-	fmt.Fprintf(&b, "    [*] --> %s\n", id(sd.Initial))
-	for i := range sd.Transitions {
-		t := &sd.Transitions[i]
-		if !t.isPermit() {
-			continue
-		}
-		fmt.Fprintf(&b, "    %s --> %s : %s\n", id(t.From), id(t.To), mermaidText(edgeLabel(t, false)))
-		if t.Else != "" {
-			fmt.Fprintf(&b, "    %s --> %s : %s\n", id(t.From), id(t.Else), mermaidText(edgeLabel(t, true)))
-		}
-	}
+	return b.String()
+}
+
+// MermaidSides returns the graphs of several sides as one Mermaid
+// stateDiagram-v2 (one diagram, so one block renders it): each side is a
+// composite state named after it, its states' identifiers prefixed with
+// the side's initial ("i_", "o_") to keep them apart. Otherwise as
+// Mermaid. It returns "" if a side is unknown.
+func MermaidSides(s *Spec, sides ...string) string {
+	var b strings.Builder
+	b.WriteString("stateDiagram-v2\n")
+	fmt.Fprintf(&b, "    %%%% %s sides, generated from the spec by spec.MermaidSides\n", strings.Join(sides, " and "))
+	b.WriteString("    classDef frozen fill:#d9d9d9,stroke:#595959,color:#000000\n")
 	var frozen []string
-	for _, st := range sd.States {
-		if st.Terminal {
-			fmt.Fprintf(&b, "    %s --> [*]\n", ids[st.Name])
+	for _, side := range sides {
+		sd := s.Side(side)
+		if sd == nil {
+			return ""
 		}
-		if st.Config == ConfigFrozen {
-			frozen = append(frozen, ids[st.Name])
-		}
+		fmt.Fprintf(&b, "    state \"%s side\" as %s {\n", mermaidText(side), sidePrefix(side)+"side")
+		frozen = append(frozen, mermaidBody(&b, sd, sidePrefix(side), "        ")...)
+		b.WriteString("    }\n")
 	}
 	if len(frozen) > 0 {
 		fmt.Fprintf(&b, "    class %s frozen\n", strings.Join(frozen, ","))
 	}
 	return b.String()
+}
+
+// sidePrefix is the identifier prefix of a side's states in a diagram of
+// several sides: its first letter and '_'.
+func sidePrefix(side string) string {
+	if side == "" {
+		return "s_"
+	}
+	return strings.ToLower(side[:1]) + "_"
+}
+
+// mermaidBody writes sd's states and edges, identifiers prefixed with
+// prefix and lines indented with indent; it returns the identifiers of the
+// frozen states.
+func mermaidBody(b *strings.Builder, sd *Side, prefix, indent string) []string {
+	ids := mermaidIDs(sd)
+	if prefix != "" {
+		for k, v := range ids {
+			ids[k] = prefix + v
+		}
+	}
+	id := func(name string) string {
+		if v, ok := ids[name]; ok {
+			return v
+		}
+		return prefix + "undeclared_" + mermaidText(strings.ReplaceAll(name, "-", "_"))
+	}
+	for _, st := range sd.States {
+		if ids[st.Name] != st.Name {
+			fmt.Fprintf(b, "%sstate \"%s\" as %s\n", indent, mermaidText(st.Name), ids[st.Name])
+		} else {
+			fmt.Fprintf(b, "%s%s\n", indent, st.Name)
+		}
+	}
+	fmt.Fprintf(b, "%s[*] --> %s\n", indent, id(sd.Initial))
+	for i := range sd.Transitions {
+		t := &sd.Transitions[i]
+		if !t.isPermit() {
+			continue
+		}
+		fmt.Fprintf(b, "%s%s --> %s : %s\n", indent, id(t.From), id(t.To), mermaidText(edgeLabel(t, false)))
+		if t.Else != "" {
+			fmt.Fprintf(b, "%s%s --> %s : %s\n", indent, id(t.From), id(t.Else), mermaidText(edgeLabel(t, true)))
+		}
+	}
+	var frozen []string
+	for _, st := range sd.States {
+		if st.Terminal {
+			fmt.Fprintf(b, "%s%s --> [*]\n", indent, ids[st.Name])
+		}
+		if st.Config == ConfigFrozen {
+			frozen = append(frozen, ids[st.Name])
+		}
+	}
+	return frozen
 }
 
 // dotQuote quotes s as a DOT string.
@@ -161,10 +209,46 @@ func DOT(s *Spec, side string) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "// %s side, generated from the spec by spec.DOT\n", side)
 	fmt.Fprintf(&b, "digraph %s {\n", dotQuote(side))
+	dotHeader(&b)
+	dotBody(&b, sd, "", "\t")
+	b.WriteString("}\n")
+	return b.String()
+}
+
+// DOTSides returns the graphs of several sides as one DOT digraph (one
+// document, so one SVG renders it): each side a cluster labelled with its
+// name, its node identifiers prefixed with "SIDE/". Otherwise as DOT. It
+// returns "" if a side is unknown.
+func DOTSides(s *Spec, sides ...string) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "// %s sides, generated from the spec by spec.DOTSides\n", strings.Join(sides, " and "))
+	b.WriteString("digraph \"migctl\" {\n")
+	dotHeader(&b)
+	for _, side := range sides {
+		sd := s.Side(side)
+		if sd == nil {
+			return ""
+		}
+		fmt.Fprintf(&b, "\tsubgraph %s {\n", dotQuote("cluster_"+side))
+		fmt.Fprintf(&b, "\t\tlabel=%s;\n\t\tfontname=\"Helvetica\";\n", dotQuote(side+" side"))
+		dotBody(&b, sd, side+"/", "\t\t")
+		b.WriteString("\t}\n")
+	}
+	b.WriteString("}\n")
+	return b.String()
+}
+
+func dotHeader(b *strings.Builder) {
 	b.WriteString("\trankdir=TB;\n")
 	b.WriteString("\tnode [shape=box, style=rounded, fontname=\"Helvetica\"];\n")
 	b.WriteString("\tedge [fontname=\"Helvetica\", fontsize=10];\n")
-	b.WriteString("\t\"__start\" [shape=point, label=\"\", width=0.15];\n")
+}
+
+// dotBody writes sd's nodes and edges, identifiers prefixed with prefix
+// (labels keep the state names) and lines indented with indent.
+func dotBody(b *strings.Builder, sd *Side, prefix, indent string) {
+	q := func(name string) string { return dotQuote(prefix + name) }
+	fmt.Fprintf(b, "%s%s [shape=point, label=\"\", width=0.15];\n", indent, q("__start"))
 	ignored, refused := sd.ignoredTriggers(), sd.refusedTriggers()
 	for _, st := range sd.States {
 		label := st.Name
@@ -181,19 +265,17 @@ func DOT(s *Spec, side string) string {
 		if st.Terminal {
 			attrs = append(attrs, "peripheries=2")
 		}
-		fmt.Fprintf(&b, "\t%s [%s];\n", dotQuote(st.Name), strings.Join(attrs, ", "))
+		fmt.Fprintf(b, "%s%s [%s];\n", indent, q(st.Name), strings.Join(attrs, ", "))
 	}
-	fmt.Fprintf(&b, "\t\"__start\" -> %s;\n", dotQuote(sd.Initial))
+	fmt.Fprintf(b, "%s%s -> %s;\n", indent, q("__start"), q(sd.Initial))
 	for i := range sd.Transitions {
 		t := &sd.Transitions[i]
 		if !t.isPermit() {
 			continue
 		}
-		fmt.Fprintf(&b, "\t%s -> %s [label=%s];\n", dotQuote(t.From), dotQuote(t.To), dotQuote(edgeLabel(t, false)))
+		fmt.Fprintf(b, "%s%s -> %s [label=%s];\n", indent, q(t.From), q(t.To), dotQuote(edgeLabel(t, false)))
 		if t.Else != "" {
-			fmt.Fprintf(&b, "\t%s -> %s [label=%s, style=dashed, color=red, fontcolor=red];\n", dotQuote(t.From), dotQuote(t.Else), dotQuote(edgeLabel(t, true)))
+			fmt.Fprintf(b, "%s%s -> %s [label=%s, style=dashed, color=red, fontcolor=red];\n", indent, q(t.From), q(t.Else), dotQuote(edgeLabel(t, true)))
 		}
 	}
-	b.WriteString("}\n")
-	return b.String()
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -12,6 +13,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -25,44 +27,6 @@ import (
 	"github.com/migctl/migctl/spec"
 )
 
-// guestFlags are the built-in guest's settings, shared by both processes
-// of the demo (the destination must build the same layout).
-type guestFlags struct {
-	size, dirtyRate string
-	seed            uint64
-	zero            float64
-	random          bool
-}
-
-func (f *guestFlags) add(cmd *cobra.Command) {
-	cmd.Flags().StringVar(&f.size, "size", "1G", "guest RAM size (K, M, G suffixes)")
-	cmd.Flags().StringVar(&f.dirtyRate, "dirty-rate", "64M", "bytes per second the guest's writers dirty (0: idle)")
-	cmd.Flags().Uint64Var(&f.seed, "seed", 1, "seed of the guest's memory pattern")
-	cmd.Flags().Float64Var(&f.zero, "zero-fraction", 0.1, "fraction of pages that stay zero")
-	cmd.Flags().BoolVar(&f.random, "random", false, "fill memory with incompressible random content")
-}
-
-func (f *guestFlags) config() (guest.Config, error) {
-	size, err := spec.ParseSize(f.size)
-	if err != nil {
-		return guest.Config{}, fmt.Errorf("--size: %w", err)
-	}
-	rate, err := spec.ParseSize(f.dirtyRate)
-	if err != nil {
-		return guest.Config{}, fmt.Errorf("--dirty-rate: %w", err)
-	}
-	return guest.Config{Size: int64(size), DirtyRate: int64(rate), Seed: f.seed, ZeroFraction: f.zero, Random: f.random}, nil
-}
-
-func (f *guestFlags) args() []string {
-	a := []string{"--size", f.size, "--dirty-rate", f.dirtyRate, "--seed", strconv.FormatUint(f.seed, 10),
-		"--zero-fraction", strconv.FormatFloat(f.zero, 'g', -1, 64)}
-	if f.random {
-		a = append(a, "--random")
-	}
-	return a
-}
-
 // configFlags are --cap and --param, applied to a controller.
 type configFlags struct {
 	caps, params []string
@@ -70,8 +34,8 @@ type configFlags struct {
 }
 
 func (f *configFlags) add(cmd *cobra.Command) {
-	cmd.Flags().StringArrayVar(&f.caps, "cap", nil, "capability NAME=on|off, set on both sides (repeatable)")
-	cmd.Flags().StringArrayVar(&f.params, "param", nil, "parameter NAME=VALUE, set on both sides (repeatable)")
+	cmd.Flags().StringArrayVar(&f.caps, "cap", nil, "capability `NAME=on|off`, set on both sides (repeatable; also yes|no, true|false)")
+	cmd.Flags().StringArrayVar(&f.params, "param", nil, "parameter `NAME=VALUE`, set on both sides (repeatable; sizes take K/M/G)")
 }
 
 func (f *configFlags) args() []string {
@@ -85,35 +49,58 @@ func (f *configFlags) args() []string {
 	return a
 }
 
-// apply sets the capabilities and parameters; unless the user set
+// demoConfig is what --cap and --param ask for, checked against the spec.
+type demoConfig struct {
+	caps   map[string]bool
+	params map[string]any
+}
+
+// check parses and checks every --cap and --param against the spec
+// (names, the boolean vocabulary, each parameter's type and range), as a
+// usage error, before anything is prepared. Unless the user set
 // max-bandwidth, the demo lifts QEMU's default 128 MiB/s limit.
-func (f *configFlags) apply(ctx context.Context, c *machine.Controller) error {
-	caps := map[string]bool{}
-	for _, s := range f.caps {
-		name, val, _ := strings.Cut(s, "=")
-		switch val {
-		case "", "on", "true":
-			caps[name] = true
-		case "off", "false":
-			caps[name] = false
-		default:
-			return fmt.Errorf("--cap %s: want NAME=on|off", s)
-		}
+func (f *configFlags) check(s *spec.Spec, withDest bool) (demoConfig, error) {
+	dc := demoConfig{caps: map[string]bool{}, params: map[string]any{"max-bandwidth": "0"}}
+	list := f.caps
+	if withDest {
+		list = append(slices.Clone(f.caps), f.destCaps...)
 	}
-	params := map[string]any{"max-bandwidth": "0"}
-	for _, s := range f.params {
-		name, val, ok := strings.Cut(s, "=")
+	for _, c := range list {
+		name, on, err := parseCapArg(c)
+		if err != nil {
+			return dc, &usageError{err: err}
+		}
+		if s.Capability(name) == nil {
+			return dc, usagef("--cap %s: unknown capability (`migctl info` or docs/rules.md lists them)", name)
+		}
+		dc.caps[name] = on
+	}
+	for _, p := range f.params {
+		name, val, ok := strings.Cut(p, "=")
 		if !ok {
-			return fmt.Errorf("--param %s: want NAME=VALUE", s)
+			return dc, usagef("--param %q: want NAME=VALUE", p)
 		}
-		params[name] = val
+		par := s.Parameter(name)
+		if par == nil {
+			return dc, usagef("--param %s: unknown parameter (`migctl info` or docs/rules.md lists them)", name)
+		}
+		v, err := par.Normalize(val)
+		if err != nil {
+			return dc, usagef("--param %s=%s: %v (expects %s)", name, val, err, par.Range())
+		}
+		dc.params[name] = v
 	}
-	if len(caps) > 0 {
-		if err := c.SetCapabilities(ctx, caps); err != nil {
+	return dc, nil
+}
+
+// apply sets the checked capabilities and parameters on a controller.
+func (dc demoConfig) apply(ctx context.Context, c *machine.Controller) error {
+	if len(dc.caps) > 0 {
+		if err := c.SetCapabilities(ctx, dc.caps); err != nil {
 			return err
 		}
 	}
-	return c.SetParameters(ctx, params)
+	return c.SetParameters(ctx, dc.params)
 }
 
 // newController builds the controller a migctl process runs with: the
@@ -165,21 +152,49 @@ func newDemo() *cobra.Command {
 	var transportName string
 	var asJSON bool
 	cmd := &cobra.Command{
-		Use:   "demo",
+		Use:   "demo [--guest size=1G,dirty-rate=64M] [--transport tcp|unix|fd|file|exec] [--cap NAME=on]... [--param NAME=VALUE]...",
 		Short: "Migrate the built-in guest between two processes and verify the result",
 		Long: "demo starts a second migctl process as the destination, migrates a running built-in guest to it\n" +
-			"(default 1 GiB dirtying 64 MiB/s, over loopback TCP) with live progress, then prints a summary and\n" +
-			"checks that the destination's memory and device state equal the source's. Exit status 0 only when\n" +
-			"verified. The demo lifts QEMU's default 128 MiB/s bandwidth limit unless --param max-bandwidth=… is given.",
+			"(over loopback TCP by default) with live progress, then prints a summary and checks that the\n" +
+			"destination's memory and device state equal the source's. Exit status 0 only when verified.\n" +
+			"The demo lifts QEMU's default 128 MiB/s bandwidth limit unless --param max-bandwidth=… is given.\n\n" +
+			"Every flag is checked against the spec before any guest memory is prepared, and the host must have\n" +
+			"about twice the guest's RAM available (source and destination each hold a copy).\n\n" +
+			"With --cap pause-before-switchover=on the source pauses in pre-switchover before its last pass, as\n" +
+			"QEMU does; the demo shows the pause and sends migrate-continue itself (on a `migctl serve` the\n" +
+			"operator types `migctl migrate-continue`).\n\n" + guestHelp,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			// Everything the flags say is checked first: a typo costs
+			// no time and no memory.
+			cfg, err := gf.config(cmd)
+			if err != nil {
+				return &usageError{err: err}
+			}
+			if !slices.Contains(demoTransports, transportName) {
+				return usagef("--transport %q: want %s", transportName, strings.Join(demoTransports, ", "))
+			}
 			s, err := loadSpec(cmd, nil)
 			if err != nil {
 				printSpecErrors(cmd.ErrOrStderr(), err)
-				return &exitError{code: 1}
+				return &exitError{code: exitFailed}
+			}
+			if _, err := cf.check(s, true); err != nil {
+				return err
+			}
+			dc, _ := cf.check(s, false)
+			if err := checkHostMemory(cfg); err != nil {
+				fmt.Fprintln(cmd.ErrOrStderr(), "migctl demo:", err)
+				return &exitError{code: exitFailed}
 			}
 			specPath, _ := cmd.Flags().GetString("spec")
-			res, err := runDemo(cmd.Context(), s, specPath, &gf, &cf, transportName, cmd.ErrOrStderr())
+			pr := newProgress(cmd.ErrOrStderr(), quiet(cmd), false)
+			res, err := runDemo(cmd.Context(), s, specPath, cfg, &cf, dc, transportName, pr)
+			if cmd.Context().Err() != nil {
+				// Interrupted: no summary, no verdict (nothing was
+				// verified, nothing failed); main says "interrupted".
+				return errInterrupted
+			}
 			if err != nil && res.Error == "" {
 				res.Error = err.Error()
 			}
@@ -194,20 +209,59 @@ func newDemo() *cobra.Command {
 				if !asJSON {
 					fmt.Fprintln(cmd.ErrOrStderr(), "migctl demo:", err)
 				}
-				return &exitError{code: 1}
+				return &exitError{code: exitFailed}
 			}
 			if !res.Verified {
-				return &exitError{code: 1}
+				return &exitError{code: exitFailed}
 			}
 			return nil
 		},
 	}
-	gf.add(cmd)
+	gf.add(cmd, true)
 	cf.add(cmd)
-	cmd.Flags().StringArrayVar(&cf.destCaps, "destination-cap", nil, "capability NAME=on|off set on the destination only, after --cap (shows how a mismatch fails)")
-	cmd.Flags().StringVar(&transportName, "transport", "tcp", "tcp, unix, fd (a socketpair), file (save, then restore) or exec (cat > file, then cat file)")
+	cmd.Flags().StringArrayVar(&cf.destCaps, "destination-cap", nil, "capability `NAME=on|off` set on the destination only, after --cap (shows how a mismatch fails)")
+	cmd.Flags().StringVar(&transportName, "transport", "tcp", "`NAME`: tcp, unix, fd (a socketpair), file (save, then restore) or exec (cat > file, then cat file)")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print one JSON object instead of the summary (progress still goes to stderr)")
 	return cmd
+}
+
+// demoTransports are the demo's --transport values.
+var demoTransports = []string{"tcp", "unix", "fd", "file", "exec"}
+
+// checkHostMemory refuses a demo the host cannot hold: the source and the
+// destination each hold the guest's RAM, so it needs about twice it
+// available (MemAvailable in /proc/meminfo).
+func checkHostMemory(cfg guest.Config) error {
+	ram := uint64(cfg.Size) + guest.DefaultVRAM
+	need := 2 * ram
+	avail, err := memAvailable()
+	if err != nil {
+		return nil // not Linux's /proc: nothing to check against
+	}
+	if need > avail {
+		return fmt.Errorf("the demo needs about %s of memory (twice the %s guest: the source and the destination each hold it), "+
+			"but this host has %s available (MemAvailable in /proc/meminfo); use a smaller --guest size=…",
+			formatBytes(need), formatBytes(uint64(cfg.Size)), formatBytes(avail))
+	}
+	return nil
+}
+
+// memAvailable reads MemAvailable from /proc/meminfo.
+func memAvailable() (uint64, error) {
+	data, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if rest, ok := strings.CutPrefix(line, "MemAvailable:"); ok {
+			kb, err := strconv.ParseUint(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("/proc/meminfo: MemAvailable %q: %w", rest, err)
+			}
+			return kb << 10, nil
+		}
+	}
+	return 0, errors.New("/proc/meminfo has no MemAvailable")
 }
 
 func printSummary(w io.Writer, r demoResult) {
@@ -215,13 +269,13 @@ func printSummary(w io.Writer, r demoResult) {
 		return // the migration never started; the error says why
 	}
 	fmt.Fprintf(w, "\nmigration %s over %s\n", r.Status, r.Transport)
-	fmt.Fprintf(w, "  guest          %s, dirtying %s/s\n", human(r.SizeBytes), human(r.DirtyRateBytes))
+	fmt.Fprintf(w, "  guest          %s, dirtying %s\n", formatBytes(r.SizeBytes), formatRate(float64(r.DirtyRateBytes)))
 	fmt.Fprintf(w, "  total time     %.0f ms\n", r.TotalTimeMS)
 	fmt.Fprintf(w, "  downtime       %.1f ms (QEMU's: guest stopped on the source → its last byte sent)\n", r.DowntimeMS)
 	if r.TrueDowntimeMS > 0 {
 		fmt.Fprintf(w, "  true downtime  %.1f ms (guest stopped on the source → the destination confirms it runs)\n", r.TrueDowntimeMS)
 	}
-	fmt.Fprintf(w, "  throughput     %.0f MiB/s\n", r.ThroughputMiBs)
+	fmt.Fprintf(w, "  throughput     %s\n", formatRate(r.ThroughputMiBs*(1<<20)))
 	fmt.Fprintf(w, "  passes         %d\n", r.Passes)
 	fmt.Fprintf(w, "  pages          %d sent, %d zero\n", r.PagesSent, r.PagesZero)
 	fmt.Fprintf(w, "  checksums      source %s, destination %s\n", r.SourceChecksum, r.DestinationChecksum)
@@ -234,18 +288,6 @@ func printSummary(w io.Writer, r demoResult) {
 	if r.Error != "" {
 		fmt.Fprintf(w, "  error          %s\n", r.Error)
 	}
-}
-
-func human(n uint64) string {
-	switch {
-	case n >= 1<<30 && n%(1<<30) == 0:
-		return fmt.Sprintf("%d GiB", n>>30)
-	case n >= 1<<20:
-		return fmt.Sprintf("%d MiB", n>>20)
-	case n >= 1<<10:
-		return fmt.Sprintf("%d KiB", n>>10)
-	}
-	return fmt.Sprintf("%d B", n)
 }
 
 // destProc is the destination process of the demo.
@@ -273,6 +315,10 @@ func startDest(ctx context.Context, args []string, extra []*os.File) (*destProc,
 	}
 	d := &destProc{lines: make(chan destLine, 4)}
 	d.cmd = exec.CommandContext(ctx, self, append([]string{"demo-destination"}, args...)...)
+	// On an interrupt the destination is asked to stop (it aborts its
+	// incoming migration), then killed if it has not within WaitDelay.
+	d.cmd.Cancel = func() error { return d.cmd.Process.Signal(syscall.SIGTERM) }
+	d.cmd.WaitDelay = 10 * time.Second
 	d.cmd.ExtraFiles = extra
 	d.cmd.Stderr = &d.stderr
 	out, err := d.cmd.StdoutPipe()
@@ -295,35 +341,60 @@ func startDest(ctx context.Context, args []string, extra []*os.File) (*destProc,
 	return d, nil
 }
 
-// next waits for the destination's next line of the given event.
-func (d *destProc) next(event string) (destLine, error) {
-	for l := range d.lines {
-		if l.Event == event {
-			return l, nil
-		}
-		if l.Event == "done" && l.Error != "" {
-			return l, fmt.Errorf("the destination failed: %s", l.Error)
+// next waits for the destination's next line of the given event, at most
+// destReportTimeout; ctx's end stops the process (startDest) and so the
+// wait.
+func (d *destProc) next(ctx context.Context, event string) (destLine, error) {
+	timer := time.NewTimer(destReportTimeout)
+	defer timer.Stop()
+	for {
+		select {
+		case l, ok := <-d.lines:
+			if !ok {
+				_ = d.cmd.Wait()
+				if err := ctx.Err(); err != nil {
+					return destLine{}, err
+				}
+				return destLine{}, fmt.Errorf("the destination process ended without reporting %q: %s", event, strings.TrimSpace(d.stderr.String()))
+			}
+			if l.Event == event {
+				return l, nil
+			}
+			if l.Event == "done" && l.Error != "" {
+				return l, fmt.Errorf("the destination failed: %s", l.Error)
+			}
+		case <-timer.C:
+			_ = d.cmd.Process.Kill()
+			return destLine{}, fmt.Errorf("the destination did not report %q within %s; it was killed", event, destReportTimeout)
 		}
 	}
-	_ = d.cmd.Wait()
-	return destLine{}, fmt.Errorf("the destination process ended without reporting %q: %s", event, strings.TrimSpace(d.stderr.String()))
 }
 
 func (d *destProc) wait() { _ = d.cmd.Wait() }
 
-func runDemo(ctx context.Context, s *spec.Spec, specPath string, gf *guestFlags, cf *configFlags, transportName string, progress io.Writer) (demoResult, error) {
-	res := demoResult{Transport: transportName}
-	cfg, err := gf.config()
-	if err != nil {
-		return res, err
+// Bounds of the demo's waits. A migration itself is unbounded (it ends by
+// converging, failing or an interrupt); these bound the waits around it.
+const (
+	// destReportTimeout bounds waiting for the destination's listening or
+	// done line once it has what it needs.
+	destReportTimeout = 5 * time.Minute
+	// cancelTimeout bounds the wind-down after an interrupt.
+	cancelTimeout = 30 * time.Second
+)
+
+func runDemo(ctx context.Context, s *spec.Spec, specPath string, cfg guest.Config, cf *configFlags, dc demoConfig, transportName string, pr *progress) (demoResult, error) {
+	res := demoResult{Transport: transportName, SizeBytes: uint64(cfg.Size), DirtyRateBytes: uint64(cfg.DirtyRate)}
+	if !pr.quiet {
+		fmt.Fprintf(pr.w, "preparing a %s guest (pre-faulting and filling memory)...\n", formatBytes(uint64(cfg.Size)))
 	}
-	res.SizeBytes, res.DirtyRateBytes = uint64(cfg.Size), uint64(cfg.DirtyRate)
-	fmt.Fprintf(progress, "preparing a %s guest (pre-faulting and filling memory)...\n", human(uint64(cfg.Size)))
 	g, err := guest.New(cfg)
 	if err != nil {
 		return res, err
 	}
 	defer g.Close()
+	if err := ctx.Err(); err != nil {
+		return res, err
+	}
 	if err := g.Start(); err != nil {
 		return res, err
 	}
@@ -332,7 +403,7 @@ func runDemo(ctx context.Context, s *spec.Spec, specPath string, gf *guestFlags,
 		return res, err
 	}
 	defer c.Close()
-	if err := cf.apply(ctx, c); err != nil {
+	if err := dc.apply(ctx, c); err != nil {
 		return res, err
 	}
 
@@ -341,7 +412,7 @@ func runDemo(ctx context.Context, s *spec.Spec, specPath string, gf *guestFlags,
 		return res, err
 	}
 	defer os.RemoveAll(tmp)
-	destArgs := append(gf.args(), cf.args()...)
+	destArgs := append([]string{"--guest", formatGuest(cfg)}, cf.args()...)
 	if specPath != "" {
 		destArgs = append(destArgs, "--spec", specPath) // both ends judge by the same rules
 	}
@@ -374,7 +445,7 @@ func runDemo(ctx context.Context, s *spec.Spec, specPath string, gf *guestFlags,
 			return res, err
 		}
 		defer dest.wait()
-		l, err := dest.next("listening")
+		l, err := dest.next(ctx, "listening")
 		if err != nil {
 			return res, err
 		}
@@ -386,16 +457,21 @@ func runDemo(ctx context.Context, s *spec.Spec, specPath string, gf *guestFlags,
 	case "exec":
 		srcURI = "exec:cat > " + filepath.Join(tmp, "guest.mig")
 	default:
-		return res, fmt.Errorf("--transport %q: want tcp, unix, fd, file or exec", transportName)
+		return res, usagef("--transport %q: want %s", transportName, strings.Join(demoTransports, ", "))
 	}
 
+	sub := c.Subscribe(256)
 	m, err := engine.Start(ctx, c, g, srcURI, engine.Options{Checksum: g.Checksum})
 	if err != nil {
+		sub.Close()
 		return res, fmt.Errorf("migrate %s: %w", srcURI, err)
 	}
-	stopProgress := showProgress(c, progress)
-	sr, _ := m.Wait(context.Background())
-	stopProgress()
+	sr, err := followDemo(ctx, c, m, sub, pr)
+	sub.Close()
+	pr.finish(err == nil && sr.Err == nil)
+	if err != nil {
+		return res, err
+	}
 	st := sr.Stats
 	res.TotalTimeMS = float64(st.TotalTime.Microseconds()) / 1000
 	res.DowntimeMS = float64(st.Downtime.Microseconds()) / 1000
@@ -415,14 +491,16 @@ func runDemo(ctx context.Context, s *spec.Spec, specPath string, gf *guestFlags,
 		if transportName == "exec" {
 			restore = "exec:cat " + filepath.Join(tmp, "guest.mig")
 		}
-		fmt.Fprintf(progress, "restoring from %s in a fresh process...\n", restore)
+		if !pr.quiet {
+			fmt.Fprintf(pr.w, "restoring from %s in a fresh process...\n", restore)
+		}
 		dest, err = startDest(ctx, append(destArgs, "--listen", restore), nil)
 		if err != nil {
 			return res, err
 		}
 		defer dest.wait()
 	}
-	done, err := dest.next("done")
+	done, err := dest.next(ctx, "done")
 	if err != nil {
 		return res, err
 	}
@@ -446,59 +524,56 @@ func runDemo(ctx context.Context, s *spec.Spec, specPath string, gf *guestFlags,
 	return res, nil
 }
 
-// showProgress prints the source's progress from controller events until
-// the returned function is called.
-func showProgress(c *machine.Controller, w io.Writer) func() {
-	sub := c.Subscribe(256)
-	tty := isTerminal(w)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		var last time.Time
-		var st machine.Stats
-		state, _ := c.State(spec.Outgoing)
-		print := func(force bool) {
-			if !force && time.Since(last) < 250*time.Millisecond {
-				return
+// followDemo renders the source's progress from the controller's events
+// until the migration ends. At pre-switchover (capability
+// pause-before-switchover) it says so and continues the migration itself,
+// as the operator would with migrate-continue. When ctx ends (SIGINT,
+// SIGTERM) it cancels the migration, waits a bounded time for it to wind
+// down and returns ctx's error.
+func followDemo(ctx context.Context, c *machine.Controller, m *engine.Migration, sub *machine.Subscription, pr *progress) (engine.Result, error) {
+	state, _ := c.State(spec.Outgoing)
+	var st machine.Stats
+	show := func() {
+		pr.update(progressSnap{Status: string(state), Pass: st.DirtySyncCount, Transferred: st.Transferred,
+			Remaining: st.Remaining, Total: st.Total, Rate: st.Mbps * 1e6 / 8, ExpectedDowntime: st.ExpectedDowntime})
+	}
+	events := sub.C()
+	for {
+		select {
+		case ev, ok := <-events:
+			if !ok {
+				events = nil // closed (overflow): wait for the end alone
+				continue
 			}
-			last = time.Now()
-			line := fmt.Sprintf("%-10s pass %d  sent %s  remaining %s  rate %.0f MiB/s  expected downtime %d ms",
-				state, st.DirtySyncCount, human(st.Transferred), human(st.Remaining), st.Mbps/8*1e6/(1<<20), st.ExpectedDowntime.Milliseconds())
-			if tty {
-				fmt.Fprintf(w, "\r\033[K%s", line)
-			} else {
-				fmt.Fprintln(w, line)
+			if ev.Side != spec.Outgoing {
+				continue
 			}
-		}
-		for ev := range sub.C() {
 			switch ev.Kind {
 			case machine.EventStats:
-				if ev.Side == spec.Outgoing {
-					st = *ev.Stats
-					print(false)
-				}
+				st = *ev.Stats
+				show()
 			case machine.EventState:
-				if ev.Side == spec.Outgoing {
-					state = ev.To
-					print(true)
+				state = ev.To
+				show()
+				if ev.To == machine.StatePreSwitchover {
+					pr.note("paused in %s (capability pause-before-switchover): the guest is stopped and its last pass waits; "+
+						"the demo continues by itself, as `migctl migrate-continue %s` would on a serve", ev.To, ev.To)
+					if err := m.Continue(ctx); err != nil && ctx.Err() == nil {
+						return engine.Result{}, fmt.Errorf("migrate-continue: %w", err)
+					}
 				}
 			}
+		case <-m.Done():
+			r, _ := m.Wait(context.Background()) // Done is closed: returns at once
+			return r, nil
+		case <-ctx.Done():
+			cctx, cancel := context.WithTimeout(context.Background(), cancelTimeout)
+			defer cancel()
+			_ = m.Cancel(cctx)
+			_, _ = m.Wait(cctx)
+			return engine.Result{}, ctx.Err()
 		}
-		print(true)
-		if tty {
-			fmt.Fprintln(w)
-		}
-	}()
-	return func() { sub.Close(); <-done }
-}
-
-func isTerminal(w io.Writer) bool {
-	f, ok := w.(*os.File)
-	if !ok {
-		return false
 	}
-	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
-	return err == nil
 }
 
 // newDemoDestination is the destination half of the demo, run as a child
@@ -519,9 +594,17 @@ func newDemoDestination() *cobra.Command {
 			s, err := loadSpec(cmd, nil)
 			if err != nil {
 				printSpecErrors(cmd.ErrOrStderr(), err)
-				return &exitError{code: 1}
+				return &exitError{code: exitFailed}
 			}
-			err = demoDestination(cmd.Context(), s, &gf, &cf, listen, report)
+			cfg, err := gf.config(cmd)
+			if err != nil {
+				return &usageError{err: err}
+			}
+			dc, err := cf.check(s, false)
+			if err != nil {
+				return err
+			}
+			err = demoDestination(cmd.Context(), s, cfg, dc, listen, report)
 			if err != nil {
 				report(destLine{Event: "done", Error: err.Error()})
 				return &exitError{code: 1}
@@ -529,17 +612,13 @@ func newDemoDestination() *cobra.Command {
 			return nil
 		},
 	}
-	gf.add(cmd)
+	gf.add(cmd, true)
 	cf.add(cmd)
-	cmd.Flags().StringVar(&listen, "listen", "tcp:127.0.0.1:0", "URI to receive the migration on")
+	cmd.Flags().StringVar(&listen, "listen", "tcp:127.0.0.1:0", "`URI` to receive the migration on")
 	return cmd
 }
 
-func demoDestination(ctx context.Context, s *spec.Spec, gf *guestFlags, cf *configFlags, listen string, report func(destLine)) error {
-	cfg, err := gf.config()
-	if err != nil {
-		return err
-	}
+func demoDestination(ctx context.Context, s *spec.Spec, cfg guest.Config, dc demoConfig, listen string, report func(destLine)) error {
 	g, err := guest.NewDestination(cfg)
 	if err != nil {
 		return err
@@ -550,7 +629,7 @@ func demoDestination(ctx context.Context, s *spec.Spec, gf *guestFlags, cf *conf
 		return err
 	}
 	defer c.Close()
-	if err := cf.apply(ctx, c); err != nil {
+	if err := dc.apply(ctx, c); err != nil {
 		return err
 	}
 	var checksum uint64

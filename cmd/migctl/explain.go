@@ -71,7 +71,7 @@ func newExplain() *cobra.Command {
 				return &exitError{code: 1}
 			}
 			if side != spec.Incoming && side != spec.Outgoing {
-				return fmt.Errorf("--side %q: want incoming or outgoing", side)
+				return usagef("--side %q: want incoming or outgoing", side)
 			}
 			tr := startTriggers[side]
 			if trigger != "" {
@@ -82,11 +82,11 @@ func newExplain() *cobra.Command {
 			for _, c := range caps {
 				name, val, hasVal := strings.Cut(c, "=")
 				if s.Capability(name) == nil {
-					return fmt.Errorf("--cap %s: unknown capability (docs/rules.md lists them)", name)
+					return usagef("--cap %s: unknown capability (docs/rules.md lists them)", name)
 				}
 				on, ok := parseOnOff(val, !hasVal)
 				if !ok {
-					return fmt.Errorf("--cap %s: want on or off, got %q", name, val)
+					return usagef("--cap %s: want %s, got %q", name, onOffWords, val)
 				}
 				cfg.Caps[name] = on
 				set.Caps[name] = on
@@ -95,11 +95,11 @@ func newExplain() *cobra.Command {
 				name, val, ok := strings.Cut(p, "=")
 				par := s.Parameter(name)
 				if !ok || par == nil {
-					return fmt.Errorf("--param %q: want NAME=VALUE with a declared parameter", p)
+					return usagef("--param %q: want NAME=VALUE with a declared parameter", p)
 				}
 				v, err := par.Normalize(val)
 				if err != nil {
-					return fmt.Errorf("--param %s: %w (expects %s)", name, err, par.Range())
+					return usagef("--param %s: %w (expects %s)", name, err, par.Range())
 				}
 				cfg.Params[name] = v
 				set.Params[name] = v
@@ -175,29 +175,15 @@ func newExplain() *cobra.Command {
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&uri, "transport", "", "migration URI (tcp:HOST:PORT, unix:PATH, fd:N, file:PATH, exec:CMD, rdma:HOST:PORT)")
-	cmd.Flags().StringArrayVar(&caps, "cap", nil, "capability to set, NAME or NAME=on|off (repeatable)")
-	cmd.Flags().StringArrayVar(&params, "param", nil, "parameter to set, NAME=VALUE (repeatable)")
-	cmd.Flags().StringArrayVar(&features, "feature", nil, "host feature to assume present besides the ones this host has, e.g. kvm-dirty-ring (repeatable)")
-	cmd.Flags().StringVar(&side, "side", spec.Outgoing, "side to judge: incoming or outgoing")
-	cmd.Flags().StringVar(&trigger, "trigger", "", "trigger to judge (default: migrate for outgoing, incoming for incoming; also set-capabilities, set-parameters)")
+	cmd.Flags().StringVar(&uri, "transport", "", "migration `URI` (tcp:HOST:PORT, unix:PATH, fd:N, file:PATH, exec:CMD, rdma:HOST:PORT)")
+	cmd.Flags().StringArrayVar(&caps, "cap", nil, "capability to set, `NAME[=on|off]` (repeatable; also yes|no, true|false)")
+	cmd.Flags().StringArrayVar(&params, "param", nil, "parameter to set, `NAME=VALUE` (repeatable)")
+	cmd.Flags().StringArrayVar(&features, "feature", nil, "host `FEATURE` to assume present besides the ones this host has, e.g. kvm-dirty-ring (repeatable)")
+	cmd.Flags().StringVar(&side, "side", spec.Outgoing, "`SIDE` to judge: incoming or outgoing")
+	cmd.Flags().StringVar(&trigger, "trigger", "", "`TRIGGER` to judge (default: migrate for outgoing, incoming for incoming; also set-capabilities, set-parameters)")
 	cmd.Flags().BoolVar(&all, "all", false, "also list the rules that do not apply")
 	cmd.Flags().StringVar(&runState, "run-state", "", "the guest's run state to judge in (default: running for outgoing, inmigrate for incoming; also paused, postmigrate, inmigrate-paused, finish-migrate)")
 	return cmd
-}
-
-// parseOnOff reads on/off (and true/false, yes/no, 1/0); empty means on
-// when the value was left out.
-func parseOnOff(v string, missing bool) (on, ok bool) {
-	switch strings.ToLower(v) {
-	case "on", "true", "yes", "1":
-		return true, true
-	case "off", "false", "no", "0":
-		return false, true
-	case "":
-		return true, missing
-	}
-	return false, false
 }
 
 // printVerdicts prints the refusing rules first, then the ones that apply

@@ -7,15 +7,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math"
 	"os"
-	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
-	"golang.org/x/sys/unix"
 
 	"github.com/migctl/migctl/guest"
 	"github.com/migctl/migctl/qmp"
@@ -25,22 +22,21 @@ import (
 
 // addQMPCommands adds `migctl serve` (a QMP server hosting the built-in
 // guest) and the client commands that talk to it: incoming, migrate,
-// status, set-cap, set-param, cancel, events and qmp.
+// status, info, set-cap, set-param, cancel, migrate-continue, stop, cont,
+// events and qmp.
 func addQMPCommands(root *cobra.Command) {
 	root.AddCommand(qmpServeCmd(), qmpIncomingCmd(), qmpMigrateCmd(), qmpStatusCmd(),
 		qmpSetCapCmd(), qmpSetParamCmd(), qmpCancelCmd(), qmpEventsCmd(), qmpRawCmd())
+	root.AddCommand(runStateCmds()...)
+	root.AddCommand(qmpInfoCmd())
 }
-
-// qmpDefaultGuest is the built-in guest `migctl serve` hosts by default.
-// Source and destination must be given the same size and seed.
-const qmpDefaultGuest = "size=256M,dirty-rate=16M,seed=1"
 
 func qmpServeCmd() *cobra.Command {
 	var addrs []string
 	var guestSpec string
 	var dest bool
 	cmd := &cobra.Command{
-		Use:   "serve --qmp unix:PATH [--qmp tcp:HOST:PORT] [--guest size=1G,dirty-rate=64M,seed=N] [--destination]",
+		Use:   "serve --qmp unix:PATH [--qmp tcp:HOST:PORT] [--guest size=1G,dirty-rate=64M,seed=1] [--destination]",
 		Short: "Host the built-in guest and serve QMP, as a QEMU process does",
 		Long: "serve hosts the built-in guest and answers QMP (the QEMU Machine Protocol) on the given sockets, so that\n" +
 			"QMP clients (and migctl's own migrate, incoming, status... commands) drive its migrations.\n\n" +
@@ -48,23 +44,21 @@ func qmpServeCmd() *cobra.Command {
 			"migrate-incoming (QEMU's -incoming defer). Source and destination need the same --guest size and seed.\n" +
 			"The unix socket is created with mode 0600; a TCP address must be loopback. serve runs until the QMP\n" +
 			"command quit, SIGINT or SIGTERM, and removes its sockets. It exits with status 1 when an incoming\n" +
-			"migration started with exit-on-error (the default) fails.\n\n" +
-			"--guest takes comma-separated KEY=VALUE: size (bytes, K/M/G suffixes), dirty-rate (bytes per second\n" +
-			"the guest rewrites), seed, writers, zero (fraction of zero pages). Default: " + qmpDefaultGuest + ".",
+			"migration started with exit-on-error (the default) fails.\n\n" + guestHelp,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if len(addrs) == 0 {
-				return errors.New("give at least one --qmp unix:PATH or --qmp tcp:127.0.0.1:PORT to serve on")
+				return usagef("give at least one --qmp unix:PATH or --qmp tcp:127.0.0.1:PORT to serve on")
 			}
-			cfg, err := qmpParseGuest(guestSpec)
+			cfg, err := parseGuest(guestSpec)
 			if err != nil {
-				return err
+				return &usageError{err: err}
 			}
 			return qmpRunServe(cmd, addrs, cfg, dest)
 		},
 	}
-	cmd.Flags().StringArrayVar(&addrs, "qmp", nil, "QMP address to serve on: unix:PATH or tcp:HOST:PORT (repeatable)")
-	cmd.Flags().StringVar(&guestSpec, "guest", qmpDefaultGuest, "built-in guest: size=…,dirty-rate=…,seed=…[,writers=…][,zero=…]")
+	cmd.Flags().StringArrayVar(&addrs, "qmp", nil, "QMP `ADDRESS` to serve on: unix:PATH or tcp:HOST:PORT (repeatable)")
+	cmd.Flags().StringVar(&guestSpec, "guest", "", "the built-in guest: `size=…,dirty-rate=…,seed=…[,writers=…][,zero=…][,random=on]` (default "+guestDefaults+")")
 	cmd.Flags().BoolVar(&dest, "destination", false, "host an empty guest that waits for an incoming migration")
 	return cmd
 }
@@ -139,51 +133,11 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest bool
 	}
 }
 
-// qmpParseGuest parses --guest.
-func qmpParseGuest(s string) (guest.Config, error) {
-	cfg := guest.Config{}
-	for _, kv := range strings.Split(s, ",") {
-		if kv == "" {
-			continue
-		}
-		k, v, ok := strings.Cut(kv, "=")
-		if !ok {
-			return cfg, fmt.Errorf("--guest %q: want KEY=VALUE pairs such as size=1G,dirty-rate=64M,seed=1", kv)
-		}
-		var err error
-		switch k {
-		case "size":
-			var n uint64
-			n, err = spec.ParseSize(v)
-			cfg.Size = int64(min(n, math.MaxInt64))
-		case "dirty-rate":
-			var n uint64
-			n, err = spec.ParseSize(v)
-			cfg.DirtyRate = int64(min(n, math.MaxInt64))
-		case "seed":
-			cfg.Seed, err = strconv.ParseUint(v, 0, 64)
-		case "writers":
-			cfg.Writers, err = strconv.Atoi(v)
-		case "zero":
-			cfg.ZeroFraction, err = strconv.ParseFloat(v, 64)
-		default:
-			return cfg, fmt.Errorf("--guest: unknown key %q; use size, dirty-rate, seed, writers or zero", k)
-		}
-		if err != nil {
-			return cfg, fmt.Errorf("--guest %s=%s: %v", k, v, err)
-		}
-	}
-	if cfg.Size == 0 {
-		return cfg, errors.New("--guest: size is required (e.g. size=256M)")
-	}
-	return cfg, nil
-}
-
 // qmpSocketFlag adds -s/--socket to a client command.
 func qmpSocketFlag(cmd *cobra.Command) *string {
 	var sock string
 	cmd.Flags().StringVarP(&sock, "socket", "s", os.Getenv("MIGCTL_SOCKET"),
-		"QMP socket of `migctl serve`: PATH, unix:PATH or tcp:HOST:PORT (default $MIGCTL_SOCKET)")
+		"QMP `SOCKET` of a migctl serve: PATH, unix:PATH or tcp:HOST:PORT (default $MIGCTL_SOCKET)")
 	return &sock
 }
 
@@ -194,7 +148,7 @@ func qmpConnect(cmd *cobra.Command, sock string) (*qmp.Client, context.Context, 
 		ctx = context.Background()
 	}
 	if sock == "" {
-		return nil, ctx, errors.New("give the QMP socket of `migctl serve` with -s PATH (or set MIGCTL_SOCKET)")
+		return nil, ctx, usagef("give the QMP socket of `migctl serve` with -s PATH (or set MIGCTL_SOCKET)")
 	}
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
@@ -278,9 +232,11 @@ func qmpMigrateCmd() *cobra.Command {
 	cmd := qmpClientCmd("migrate URI [--cap NAME=on|off]... [--param NAME=VALUE]... [--no-wait]",
 		"Start a migration on a source (QMP migrate) and follow it to the end",
 		"migrate sets the given capabilities and parameters, sends migrate to a `migctl serve`, then prints\n"+
-			"progress (sent, remaining, rate, pass, expected downtime) until the migration ends. Exit status 0\n"+
-			"only when it completed; 1 when it failed or was cancelled (the error is printed). --no-wait returns\n"+
-			"once the migration started.",
+			"progress on stderr (a bar on a terminal: RAM sent this pass, rate, remaining, pass, expected downtime,\n"+
+			"ETA) until the migration ends, and the outcome on stdout. Exit status 0 only when it completed; 1 when\n"+
+			"it failed or was cancelled (the error is printed); 130 when interrupted (the migration goes on).\n"+
+			"At pre-switchover (capability pause-before-switchover) it says what to type to continue.\n"+
+			"--no-wait returns once the migration started.",
 		cobra.ExactArgs(1),
 		func(cmd *cobra.Command, ctx context.Context, cl *qmp.Client, args []string) error {
 			if len(capArgs) > 0 {
@@ -310,126 +266,115 @@ func qmpMigrateCmd() *cobra.Command {
 			}
 			return qmpFollow(cmd, ctx, cl)
 		})
-	cmd.Flags().StringArrayVar(&capArgs, "cap", nil, "set a capability first: NAME=on|off (repeatable)")
-	cmd.Flags().StringArrayVar(&paramArgs, "param", nil, "set a parameter first: NAME=VALUE (repeatable; sizes take K/M/G)")
+	cmd.Flags().StringArrayVar(&capArgs, "cap", nil, "set a capability first: `NAME=on|off` (repeatable; also yes|no, true|false)")
+	cmd.Flags().StringArrayVar(&paramArgs, "param", nil, "set a parameter first: `NAME=VALUE` (repeatable; sizes take K/M/G)")
 	cmd.Flags().BoolVar(&noWait, "no-wait", false, "return once the migration started")
 	return cmd
 }
 
-// qmpFollow polls query-migrate and prints progress until the migration
-// ends: one line rewritten in place on a terminal, a line a second
-// otherwise.
+// qmpFollow polls query-migrate and renders the progress (the one
+// renderer, on stderr) until the migration ends, then prints the outcome
+// on stdout. At pre-switchover it tells the operator what to type; after a
+// completed migration that left the source's guest paused it says how to
+// resume it. An interrupt stops following, not the migration.
 func qmpFollow(cmd *cobra.Command, ctx context.Context, cl *qmp.Client) error {
-	out := cmd.OutOrStdout()
-	tty := qmpIsTTY(out)
+	sock, _ := cmd.Flags().GetString("socket")
+	pr := newProgress(cmd.ErrOrStderr(), quiet(cmd), false)
 	tick := time.NewTicker(200 * time.Millisecond)
 	defer tick.Stop()
-	var lastPrint time.Time
-	lastStatus := ""
+	hinted := false
 	for {
 		info, err := qmpQueryMigrate(ctx, cl)
 		if err != nil {
-			if tty {
-				fmt.Fprintln(out)
+			pr.finish(false)
+			if ctx.Err() != nil {
+				return qmpStoppedFollowing(cmd, sock)
 			}
 			return err
 		}
-		line := qmpProgressLine(info)
-		switch {
-		case tty:
-			fmt.Fprintf(out, "\r%s\033[K", line)
-		case info.Status != lastStatus || time.Since(lastPrint) >= time.Second:
-			fmt.Fprintln(out, line)
-			lastPrint = time.Now()
-		}
-		lastStatus = info.Status
+		pr.update(snapFromInfo(info))
 		switch info.Status {
+		case "pre-switchover":
+			if !hinted {
+				hinted = true
+				pr.note("paused in pre-switchover (capability pause-before-switchover is on): the source's guest is stopped before\n"+
+					"its last pass. Switch over with:\n    migctl migrate-continue -s %s pre-switchover\nor give up (the guest runs on here) with:\n    migctl cancel -s %s", sock, sock)
+			}
 		case "completed":
-			if tty {
-				fmt.Fprintln(out)
+			pr.finish(true)
+			fmt.Fprintln(cmd.OutOrStdout(), qmpOutcome(info))
+			var rs qmp.RunState
+			if r, err := cl.Execute(ctx, "query-status", nil); err == nil && json.Unmarshal(r, &rs) == nil && !rs.Running && rs.Status != "" {
+				fmt.Fprintf(cmd.ErrOrStderr(), "the source's guest is paused (%s), as QEMU leaves it after a migration. Run it here again with:\n"+
+					"    migctl cont -s %s\nor end the source process with:\n    migctl qmp -s %s '{\"execute\":\"quit\"}'\n", rs.Status, sock, sock)
 			}
 			return nil
 		case "failed", "cancelled":
-			if tty {
-				fmt.Fprintln(out)
-			}
+			pr.finish(false)
 			msg := "migration " + info.Status
 			if info.ErrorDesc != "" {
 				msg += ": " + info.ErrorDesc
 			}
 			fmt.Fprintln(cmd.ErrOrStderr(), msg)
-			return &exitError{code: 1}
+			return &exitError{code: exitFailed}
 		}
 		select {
 		case <-tick.C:
 		case <-ctx.Done():
-			if tty {
-				fmt.Fprintln(out)
-			}
-			fmt.Fprintln(cmd.ErrOrStderr(), "stopped following; the migration goes on (see `migctl status`, stop it with `migctl cancel`)")
-			return &exitError{code: 1}
+			pr.finish(false)
+			return qmpStoppedFollowing(cmd, sock)
 		case <-cl.Done():
+			pr.finish(false)
 			return fmt.Errorf("lost the QMP connection: %w", cl.Err())
 		}
 	}
 }
 
-func qmpProgressLine(info qmp.MigrationInfo) string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "%-10s", info.Status)
+func qmpStoppedFollowing(cmd *cobra.Command, sock string) error {
+	fmt.Fprintf(cmd.ErrOrStderr(), "stopped following; the migration goes on (see `migctl status -s %s`, stop it with `migctl cancel -s %s`)\n", sock, sock)
+	return errInterrupted
+}
+
+// snapFromInfo is query-migrate's answer as a progress reading.
+func snapFromInfo(info qmp.MigrationInfo) progressSnap {
+	s := progressSnap{Status: info.Status}
 	if r := info.RAM; r != nil {
-		fmt.Fprintf(&b, " sent %s  remaining %s  rate %.1f Mbps  pass %d", qmpBytes(r.Transferred), qmpBytes(r.Remaining), r.Mbps, r.DirtySyncCount)
+		s.Pass, s.Transferred, s.Remaining, s.Total = r.DirtySyncCount, r.Transferred, r.Remaining, r.Total
+		s.Rate = r.Mbps * 1e6 / 8 // QEMU's mbps: megabits per second
 	}
 	if info.ExpectedDowntime != nil {
-		fmt.Fprintf(&b, "  expected downtime %d ms", *info.ExpectedDowntime)
+		s.ExpectedDowntime = time.Duration(*info.ExpectedDowntime) * time.Millisecond
+	}
+	return s
+}
+
+// qmpOutcome is the one line migrate prints when the migration ended.
+func qmpOutcome(info qmp.MigrationInfo) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "migration %s", info.Status)
+	if r := info.RAM; r != nil {
+		fmt.Fprintf(&b, ": %s sent", formatBytes(r.Transferred))
+		if info.TotalTime != nil && *info.TotalTime > 0 {
+			secs := float64(*info.TotalTime) / 1000
+			fmt.Fprintf(&b, " in %.1f s (%s)", secs, formatRate(float64(r.Transferred)/secs))
+		}
+		fmt.Fprintf(&b, ", %d passes", r.DirtySyncCount)
 	}
 	if info.Downtime != nil {
-		fmt.Fprintf(&b, "  downtime %d ms", *info.Downtime)
-	}
-	if info.TotalTime != nil {
-		fmt.Fprintf(&b, "  total %.1f s", float64(*info.TotalTime)/1000)
+		fmt.Fprintf(&b, ", downtime %d ms", *info.Downtime)
 	}
 	return b.String()
-}
-
-func qmpBytes(n uint64) string {
-	switch {
-	case n >= 1<<30:
-		return fmt.Sprintf("%.2f GiB", float64(n)/(1<<30))
-	case n >= 1<<20:
-		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
-	case n >= 1<<10:
-		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
-	}
-	return fmt.Sprintf("%d B", n)
-}
-
-func qmpIsTTY(w io.Writer) bool {
-	f, ok := w.(*os.File)
-	if !ok {
-		return false
-	}
-	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
-	return err == nil
 }
 
 // qmpCapsArgs turns NAME=on|off into migrate-set-capabilities arguments.
 func qmpCapsArgs(kvs []string) (map[string]any, error) {
 	var list []map[string]any
 	for _, kv := range kvs {
-		name, val, ok := strings.Cut(kv, "=")
-		if !ok {
-			val = "on"
+		name, on, err := parseCapArg(kv)
+		if err != nil {
+			return nil, &usageError{err: err}
 		}
-		var state bool
-		switch strings.ToLower(val) {
-		case "on", "true", "yes", "1":
-			state = true
-		case "off", "false", "no", "0":
-		default:
-			return nil, fmt.Errorf("capability %s: want on or off, got %q", name, val)
-		}
-		list = append(list, map[string]any{"capability": name, "state": state})
+		list = append(list, map[string]any{"capability": name, "state": on})
 	}
 	return map[string]any{"capabilities": list}, nil
 }
@@ -465,14 +410,11 @@ func qmpTypedParams(ctx context.Context, cl *qmp.Client, kvs []string) (map[stri
 			}
 			out[name] = json.RawMessage(val)
 		case kind == 't' || kind == 'f':
-			switch strings.ToLower(val) {
-			case "on", "true", "yes", "1":
-				out[name] = true
-			case "off", "false", "no", "0":
-				out[name] = false
-			default:
-				return nil, fmt.Errorf("parameter %s: want on or off, got %q", name, val)
+			on, ok := parseOnOff(val, false)
+			if !ok {
+				return nil, usagef("parameter %s: want %s, got %q", name, onOffWords, val)
 			}
+			out[name] = on
 		case kind >= '0' && kind <= '9':
 			n, err := spec.ParseSize(val)
 			if err != nil {
@@ -491,7 +433,9 @@ func qmpTypedParams(ctx context.Context, cl *qmp.Client, kvs []string) (map[stri
 func qmpStatusCmd() *cobra.Command {
 	var format string
 	cmd := qmpClientCmd("status [-o json]", "Show the migration's state and statistics (QMP query-migrate)",
-		"status prints query-migrate as a table, or with -o json as the server returned it.",
+		"status prints query-migrate as a table, with the state of migctl's machine on each side beside QEMU's\n"+
+			"status (a destination listening shows QEMU's setup), or with -o json query-migrate as the server\n"+
+			"returned it. `migctl info` shows capabilities, parameters and the permitted triggers.",
 		cobra.NoArgs,
 		func(cmd *cobra.Command, ctx context.Context, cl *qmp.Client, _ []string) error {
 			raw, err := cl.Execute(ctx, "query-migrate", nil)
@@ -509,7 +453,7 @@ func qmpStatusCmd() *cobra.Command {
 				return nil
 			case "", "table":
 			default:
-				return fmt.Errorf("-o %q: want table or json", format)
+				return usagef("-o %q: want table or json", format)
 			}
 			var info qmp.MigrationInfo
 			if err := json.Unmarshal(raw, &info); err != nil {
@@ -519,14 +463,23 @@ func qmpStatusCmd() *cobra.Command {
 			if r, err := cl.Execute(ctx, "query-status", nil); err == nil {
 				_ = json.Unmarshal(r, &rs)
 			}
-			qmpPrintStatus(cmd.OutOrStdout(), info, rs)
+			var mi *qmp.MachineInfo
+			if r, err := cl.Execute(ctx, "query-migctl-machine", map[string]any{"history": 0}); err == nil {
+				mi = &qmp.MachineInfo{}
+				if json.Unmarshal(r, mi) != nil {
+					mi = nil
+				}
+			}
+			qmpPrintStatus(cmd.OutOrStdout(), info, rs, mi)
 			return nil
 		})
-	cmd.Flags().StringVarP(&format, "output", "o", "table", "output format: table or json")
+	cmd.Flags().StringVarP(&format, "output", "o", "table", "output `FORMAT`: table or json")
 	return cmd
 }
 
-func qmpPrintStatus(w io.Writer, info qmp.MigrationInfo, rs qmp.RunState) {
+// qmpPrintStatus prints query-migrate, with migctl's machine states (mi,
+// nil for a server without query-migctl-machine) beside QEMU's status.
+func qmpPrintStatus(w io.Writer, info qmp.MigrationInfo, rs qmp.RunState, mi *qmp.MachineInfo) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	defer tw.Flush()
 	status := info.Status
@@ -534,6 +487,9 @@ func qmpPrintStatus(w io.Writer, info qmp.MigrationInfo, rs qmp.RunState) {
 		status = "none (no migration has run)"
 	}
 	fmt.Fprintf(tw, "status\t%s\n", status)
+	if mi != nil {
+		fmt.Fprintf(tw, "machine\tincoming %s, outgoing %s\n", mi.Incoming.State, mi.Outgoing.State)
+	}
 	if rs.Status != "" {
 		fmt.Fprintf(tw, "guest\t%s\n", rs.Status)
 	}
@@ -550,10 +506,10 @@ func qmpPrintStatus(w io.Writer, info qmp.MigrationInfo, rs qmp.RunState) {
 	msField("expected downtime", info.ExpectedDowntime)
 	msField("downtime", info.Downtime)
 	if r := info.RAM; r != nil {
-		fmt.Fprintf(tw, "transferred\t%s\n", qmpBytes(r.Transferred))
-		fmt.Fprintf(tw, "remaining\t%s\n", qmpBytes(r.Remaining))
-		fmt.Fprintf(tw, "total\t%s\n", qmpBytes(r.Total))
-		fmt.Fprintf(tw, "throughput\t%.1f Mbps\n", r.Mbps)
+		fmt.Fprintf(tw, "transferred\t%s\n", formatBytes(r.Transferred))
+		fmt.Fprintf(tw, "remaining\t%s\n", formatBytes(r.Remaining))
+		fmt.Fprintf(tw, "total\t%s\n", formatBytes(r.Total))
+		fmt.Fprintf(tw, "throughput\t%s (%.1f Mbps)\n", formatRate(r.Mbps*1e6/8), r.Mbps)
 		fmt.Fprintf(tw, "pass (dirty-sync-count)\t%d\n", r.DirtySyncCount)
 		fmt.Fprintf(tw, "pages: normal / zero\t%d / %d\n", r.Normal, r.Duplicate)
 		fmt.Fprintf(tw, "dirty pages rate\t%d pages/s\n", r.DirtyPagesRate)

@@ -90,3 +90,21 @@ func moduleRoot() (string, error) {
 		dir = parent
 	}
 }
+
+// PythonDir returns the folder that holds QEMU's python package qemu (so
+// `PYTHONPATH=dir python3 -m qemu.qmp.qmp_shell` runs QEMU's qmp-shell),
+// fetched with AnalyzeScript's source. The error says why it is not
+// available; callers skip their test with it.
+func PythonDir() (string, error) {
+	script, err := AnalyzeScript()
+	if err != nil {
+		return "", err
+	}
+	dirs, _ := filepath.Glob(filepath.Join(filepath.Dir(script), "src", "qemu-*", "python"))
+	for _, d := range dirs {
+		if _, err := os.Stat(filepath.Join(d, "qemu", "qmp", "qmp_shell.py")); err == nil {
+			return d, nil
+		}
+	}
+	return "", fmt.Errorf("no qemu-*/python/qemu/qmp/qmp_shell.py beside %s (an older qemu-src.sh cache? delete %s and rerun)", script, filepath.Dir(script))
+}
