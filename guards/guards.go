@@ -17,6 +17,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/migctl/migctl/internal/safe"
 	"github.com/migctl/migctl/spec"
 )
 
@@ -240,7 +241,7 @@ func peerMismatches(in *Input) []Refusal {
 		if mine := in.Config.Params[p.Name]; mine != theirs {
 			rs = append(rs, Refusal{Rule: p.Name + "/must-match-peer", Reason: fmt.Sprintf(
 				"parameter %s must be the same on both sides: %s has %s, %s has %s",
-				p.Name, them, theirs, me, mine)})
+				p.Name, them, peerText(theirs), me, peerText(mine))})
 		}
 	}
 	for _, f := range in.Spec.Facts {
@@ -250,11 +251,19 @@ func peerMismatches(in *Input) []Refusal {
 		}
 		if mine, ok := in.Facts[f.Name]; ok && mine != theirs {
 			rs = append(rs, Refusal{Rule: "fact/" + f.Name, Reason: fmt.Sprintf(
-				"%s differs: %s has %s, %s has %s", f.Name, them, theirs, me, mine)})
+				"%s differs: %s has %s, %s has %s", f.Name, them, peerText(theirs), me, peerText(mine))})
 		}
 	}
 	return rs
 }
+
+// MaxPeerText bounds each value a peer announced (a parameter, a fact
+// such as its guest ID) when a refusal quotes it: the peer chose those
+// bytes, and a refusal becomes the side's error-desc, a history entry and
+// a log line. Values are also made printable (internal/safe).
+const MaxPeerText = 256
+
+func peerText(s string) string { return safe.Printable(s, MaxPeerText) }
 
 func sideWords(side string) (me, them string) {
 	if side == spec.Outgoing {

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/migctl/migctl/guards"
+	"github.com/migctl/migctl/internal/safe"
 	"github.com/migctl/migctl/machine"
 	"github.com/migctl/migctl/spec"
 	"github.com/migctl/migctl/transport"
@@ -758,7 +759,7 @@ func cmdQueryMachine(s *Server, _ *client, a *args) (any, func(), error) {
 			Permitted:     []string{},
 			ConfigMutable: st.Mutable,
 			Terminal:      st.Terminal,
-			ErrorDesc:     st.Error,
+			ErrorDesc:     peerDesc(st.Error),
 			History:       []Transition{},
 		}
 		for _, t := range st.Permitted {
@@ -768,7 +769,7 @@ func cmdQueryMachine(s *Server, _ *client, a *args) (any, func(), error) {
 			si.Transport, si.URI = st.Endpoint.Transport, st.Endpoint.URI
 		}
 		for _, r := range st.History {
-			si.History = append(si.History, Transition{Time: r.Time.Format(time.RFC3339Nano), From: string(r.From), To: string(r.To), Trigger: string(r.Trigger), Detail: truncate(r.Detail, 256)})
+			si.History = append(si.History, Transition{Time: r.Time.Format(time.RFC3339Nano), From: string(r.From), To: string(r.To), Trigger: string(r.Trigger), Detail: safe.Printable(r.Detail, 256)})
 		}
 		if side == spec.Incoming {
 			out.Incoming = si
@@ -777,11 +778,4 @@ func cmdQueryMachine(s *Server, _ *client, a *args) (any, func(), error) {
 		}
 	}
 	return out, nil, nil
-}
-
-func truncate(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return s[:n] + "…"
 }
