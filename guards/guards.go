@@ -116,6 +116,26 @@ type Input struct {
 	// GuestState is the guest graph's current state ("" when the spec has
 	// no guest graph).
 	GuestState string
+	// Objects are the named objects the process holds (QMP object-add:
+	// TLS credentials, authorization lists), by id, as they are at this
+	// Fire; nil when the process keeps no object registry. The
+	// tls-objects guard checks that tls-creds and tls-authz name objects
+	// that exist and fit this side.
+	Objects map[string]Object
+}
+
+// Object is one named object of the process, as a guard sees it: its
+// type and, for TLS credentials, which end of a TLS connection they are
+// for.
+type Object struct {
+	// Type is the object's qom-type (tls-creds-x509, authz-list,
+	// authz-simple).
+	Type string
+	// Endpoint is a tls-creds-x509's endpoint: client (a migration source)
+	// or server (a destination); "" for other types.
+	Endpoint string
+	// VerifyPeer is a tls-creds-x509's verify-peer.
+	VerifyPeer bool
 }
 
 // Refusal is one reason a guard refused.
@@ -162,6 +182,7 @@ const (
 	TransportCompatible   = "transport-compatible"
 	ConfigMutable         = "config-mutable"
 	PauseBeforeSwitchover = "pause-before-switchover"
+	TLSObjects            = "tls-objects"
 )
 
 // Default returns the registry of every guard migctl implements.
@@ -170,6 +191,7 @@ func Default() Registry {
 		TransportCompatible:   transportCompatible,
 		ConfigMutable:         configMutable,
 		PauseBeforeSwitchover: pauseBeforeSwitchover,
+		TLSObjects:            tlsObjects,
 	}
 }
 
