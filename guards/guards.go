@@ -272,8 +272,11 @@ func peerMismatches(in *Input) []Refusal {
 			continue
 		}
 		if mine, ok := in.Facts[f.Name]; ok && mine != theirs {
-			rs = append(rs, Refusal{Rule: "fact/" + f.Name, Reason: fmt.Sprintf(
-				"%s differs: %s has %s, %s has %s", f.Name, them, peerText(theirs), me, peerText(mine))})
+			reason := fmt.Sprintf("%s differs: %s has %s, %s has %s", f.Name, them, peerText(theirs), me, peerText(mine))
+			if f.Message != "" {
+				reason = strings.NewReplacer("{peer}", peerText(theirs), "{local}", peerText(mine)).Replace(f.Message)
+			}
+			rs = append(rs, Refusal{Rule: "fact/" + f.Name, Reason: reason})
 		}
 	}
 	return rs

@@ -37,3 +37,38 @@ func TestPeerMismatchQuotesBoundedPrintableText(t *testing.T) {
 		t.Errorf("refusal is %d bytes: the peer's text is not bounded", len(msg))
 	}
 }
+
+// The uuid fact (validate-uuid): compared when both ends have one, with
+// QEMU's words; a destination without a UUID, or a source that sent none,
+// is accepted.
+func TestUUIDFact(t *testing.T) {
+	s := defaultSpec(t)
+	const one, two = "11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222"
+	for _, c := range []struct {
+		name        string
+		local, peer string // "" = none
+		refuse      string
+	}{
+		{"match", one, one, ""},
+		{"mismatch", two, one, "UUID received is " + one + " and local is " + two},
+		{"destination without", "", one, ""},
+		{"source without", two, "", ""},
+	} {
+		in := &guards.Input{Spec: s, Side: spec.Incoming, State: "listening", Trigger: "connect",
+			Config: guards.DefaultConfig(s), Facts: map[string]string{}, Peer: &guards.Peer{Facts: map[string]string{}}}
+		in.Previous = in.Config
+		if c.local != "" {
+			in.Facts["uuid"] = c.local
+		}
+		if c.peer != "" {
+			in.Peer.Facts["uuid"] = c.peer
+		}
+		err := guards.Default().Run(guards.TransportCompatible, in)
+		switch {
+		case c.refuse == "" && err != nil:
+			t.Errorf("%s: %v", c.name, err)
+		case c.refuse != "" && (err == nil || !strings.Contains(err.Error(), c.refuse)):
+			t.Errorf("%s: %v, want %q", c.name, err, c.refuse)
+		}
+	}
+}

@@ -46,6 +46,11 @@ type Config struct {
 	// VRAM is the size of the second block, "vga.vram": 0 means
 	// [DefaultVRAM] (1 MiB), a negative value means no second block.
 	VRAM int64
+	// UUID is the guest's UUID (QEMU's -uuid); zero means none, as QEMU
+	// without -uuid. It is not part of [Builtin.ID]: two guests with
+	// different UUIDs have the same layout, and whether a migration
+	// between them is refused is the capability validate-uuid's business.
+	UUID UUID
 }
 
 func (c *Config) validate() error {

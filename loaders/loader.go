@@ -281,6 +281,12 @@ func (l *loader) load() error {
 		"page-size": strconv.FormatUint(hs.PageSize, 10),
 		"guest":     hs.GuestID,
 	}}
+	if hs.UUID != "" { // compared with this side's uuid fact (validate-uuid)
+		peer.Facts["uuid"] = hs.UUID
+		if _, ok := guest.UUIDOf(in.g); !ok {
+			in.log.Warn("UUID is received " + hs.UUID + ", but local uuid isn't set")
+		}
+	}
 	if _, err := in.c.Fire(in.ioCtx, spec.Incoming, machine.TriggerConnect, &machine.Args{Peer: peer}); err != nil {
 		return err
 	}

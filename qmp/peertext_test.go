@@ -33,6 +33,9 @@ func hostileSource(t *testing.T, uri, id string) {
 		Capabilities: map[string]bool{}, Parameters: map[string]string{}, RAMBlocks: map[string]uint64{}}); err != nil {
 		t.Fatal(err)
 	}
+	if err := enc.Flush(); err != nil {
+		t.Fatal(err)
+	}
 	// Wait for the destination to hang up: it refused at connect.
 	var b [4096]byte
 	for {

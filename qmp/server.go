@@ -60,6 +60,9 @@ type Options struct {
 	// socket may put unix: and file: migration addresses (Policy); check
 	// it with CheckMigrationDir. "" allows them none.
 	MigrationDir string
+	// UUID is the guest's UUID in canonical form, for query-uuid; "" shows
+	// the zero UUID, as QEMU without -uuid.
+	UUID string
 	// FDs is the server's descriptor table: getfd adds to it, and fd:
 	// addresses are resolved from it (give the same table to the Host's
 	// transport, as transport.Config.Descriptors). Nil makes the server

@@ -31,6 +31,9 @@ func TestServeHostilePeerText(t *testing.T) {
 		Parameters: map[string]string{}, RAMBlocks: map[string]uint64{}}); err != nil {
 		t.Fatal(err)
 	}
+	if err := enc.Flush(); err != nil {
+		t.Fatal(err)
+	}
 	dst.waitStatus("failed")
 	desc, _ := dst.info()["error-desc"].(string) // go-qemu read the reply
 	if !strings.Contains(desc, "guest differs") || len(desc) > 8<<10 {

@@ -55,7 +55,9 @@ func qmpServeCmd() *cobra.Command {
 			"command quit, SIGINT or SIGTERM, and removes its sockets. It exits with status 1 when an incoming\n" +
 			"migration started with exit-on-error (the default) fails.\n\n" +
 			"--guest takes comma-separated KEY=VALUE: size (bytes, K/M/G suffixes), dirty-rate (bytes per second\n" +
-			"the guest rewrites), seed, writers, zero (fraction of zero pages). Default: " + qmpDefaultGuest + "." + serveHelp,
+			"the guest rewrites), seed, writers, zero (fraction of zero pages), uuid (the guest's UUID, QEMU's -uuid:\n" +
+			"default none, shown as all zeros by query-uuid; with the capability validate-uuid on, a source sends it and the\n" +
+			"destination refuses a different one). Default: " + qmpDefaultGuest + "." + serveHelp,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if len(addrs) == 0 {
@@ -70,7 +72,7 @@ func qmpServeCmd() *cobra.Command {
 	}
 	sf.add(cmd)
 	cmd.Flags().StringArrayVar(&addrs, "qmp", nil, "QMP address to serve on: unix:PATH or tcp:HOST:PORT (repeatable)")
-	cmd.Flags().StringVar(&guestSpec, "guest", qmpDefaultGuest, "built-in guest: size=…,dirty-rate=…,seed=…[,writers=…][,zero=…]")
+	cmd.Flags().StringVar(&guestSpec, "guest", qmpDefaultGuest, "built-in guest: size=…,dirty-rate=…,seed=…[,writers=…][,zero=…][,uuid=…]")
 	cmd.Flags().BoolVar(&dest, "destination", false, "host an empty guest that waits for an incoming migration")
 	return cmd
 }
@@ -122,8 +124,8 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest bool
 	// fd: addresses are resolved from the server's descriptor table only.
 	tc := &transport.Config{Descriptors: fds}
 	h := vmm.New(c, g, vmm.Options{
-		Engine: engine.Options{Dial: tc.Dial},
-		Loader: loaders.Options{Listen: tc.Listen},
+		Engine: engine.Options{Dial: tc.Dial, Logger: log},
+		Loader: loaders.Options{Listen: tc.Listen, Logger: log},
 		Exit: func(err error) {
 			select {
 			case exitCh <- err:
@@ -134,6 +136,9 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest bool
 	})
 	defer h.Close()
 	qopts.Logger, qopts.Objects, qopts.FDs = log, objs, fds
+	if u, ok := guest.UUIDOf(g); ok {
+		qopts.UUID = u.String()
+	}
 	srv := qmp.NewServer(c, h, qopts)
 	defer srv.Close()
 	for _, a := range addrs {
@@ -197,8 +202,10 @@ func qmpParseGuest(s string) (guest.Config, error) {
 			cfg.Writers, err = strconv.Atoi(v)
 		case "zero":
 			cfg.ZeroFraction, err = strconv.ParseFloat(v, 64)
+		case "uuid":
+			cfg.UUID, err = guest.ParseUUID(v)
 		default:
-			return cfg, fmt.Errorf("--guest: unknown key %q; use size, dirty-rate, seed, writers or zero", k)
+			return cfg, fmt.Errorf("--guest: unknown key %q; use size, dirty-rate, seed, writers, zero or uuid", k)
 		}
 		if err != nil {
 			return cfg, fmt.Errorf("--guest %s=%s: %v", k, v, err)

@@ -134,9 +134,13 @@ func serveController(s *spec.Spec, g *guest.Builtin, dest bool, objs *creds.Obje
 	if bs := g.Blocks(); len(bs) > 0 {
 		ps = strconv.Itoa(bs[0].PageSize)
 	}
+	facts := map[string]string{"page-size": ps, "guest": g.ID()}
+	if u, ok := guest.UUIDOf(g); ok {
+		facts["uuid"] = u.String() // compared at connect when the source sends its UUID
+	}
 	return machine.New(s, machine.Options{
 		Features: host.Features(),
-		Facts:    map[string]string{"page-size": ps, "guest": g.ID()},
+		Facts:    facts,
 		Incoming: dest,
 		Objects:  qmp.GuardObjects(objs),
 	})
