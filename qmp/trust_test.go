@@ -406,3 +406,42 @@ func TestSocketDir(t *testing.T) {
 		t.Errorf("a directory of another user: %v", err)
 	}
 }
+
+// FuzzPolicyCheck: whatever address a client of an unauthenticated TCP
+// socket sends, Check allows only the network transports, fd:NAME, and
+// unix:/file: paths that are clean, absolute and strictly under the
+// migration directory; it never panics, and an owner is always allowed.
+func FuzzPolicyCheck(f *testing.F) {
+	for _, s := range []string{"tcp:1.2.3.4:5", "exec:id", "file:/srv/mig/x", "file:/srv/mig/../x", "unix:/srv/mig//a",
+		"fd:3", "fd:name", "vsock:1:2", "rdma:h:1", "file:/srv/mig/a,offset=0x10", "file:/srv/migx", "unix:relative"} {
+		f.Add(s)
+	}
+	const dir = "/srv/mig"
+	pol := Policy{MigrationDir: dir}
+	f.Fuzz(func(t *testing.T, uri string) {
+		a, err := transport.Parse(uri)
+		if err != nil {
+			return
+		}
+		if err := pol.Check(Owner, "migrate", a); err != nil {
+			t.Fatalf("owner refused %q: %v", uri, err)
+		}
+		if pol.Check(LocalUser, "migrate", a) != nil {
+			return
+		}
+		switch a.Scheme {
+		case transport.SchemeTCP, transport.SchemeRDMA, transport.SchemeVsock:
+		case transport.SchemeFD:
+			if a.FDName == "" {
+				t.Fatalf("fd:%d allowed to a local user", a.FD)
+			}
+		case transport.SchemeUnix, transport.SchemeFile:
+			p := a.Path
+			if !strings.HasPrefix(p, dir+"/") || filepath.Clean(p) != p || strings.Contains(p, "/../") || len(p) <= len(dir)+1 {
+				t.Fatalf("%q allowed to a local user: path %q", uri, p)
+			}
+		default:
+			t.Fatalf("%q (scheme %s) allowed to a local user", uri, a.Scheme)
+		}
+	})
+}
