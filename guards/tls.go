@@ -52,15 +52,15 @@ func tlsObjects(in *Input) error {
 	if id == "" {
 		return nil
 	}
-	verb, want := "migrate", endpointClient
+	want := endpointClient
 	if in.Side == spec.Incoming {
-		verb, want = "migrate-incoming", endpointServer
+		want = endpointServer
 	}
 	var rs []Refusal
 	obj, found := in.Objects[id]
 	switch {
 	case !found:
-		rs = append(rs, Refusal{Reason: fmt.Sprintf("No TLS credentials with id '%s': add them with object-add (qom-type %s, endpoint=%s) before %s, or clear tls-creds", id, objTLSCredsX509, want, verb)})
+		rs = append(rs, Refusal{Reason: fmt.Sprintf("No TLS credentials with id '%s': add them with object-add (qom-type %s, endpoint=%s) before the migration starts, or clear tls-creds", id, objTLSCredsX509, want)})
 	case obj.Type != objTLSCredsX509:
 		rs = append(rs, Refusal{Reason: fmt.Sprintf("Object with id '%s' is not TLS credentials (its qom-type is %s): set tls-creds to a %s object", id, obj.Type, objTLSCredsX509)})
 	case obj.Endpoint != want:

@@ -33,7 +33,7 @@ func TestTLSObjects(t *testing.T) {
 		{"no TLS", out, "tcp", nil, nil, ""},
 		{"idle side, unknown creds", out, "", map[string]string{"tls-creds": "nope"}, nil, ""},
 		{"source, unknown creds", out, "tcp", map[string]string{"tls-creds": "nope"}, nil,
-			"No TLS credentials with id 'nope': add them with object-add (qom-type tls-creds-x509, endpoint=client) before migrate"},
+			"No TLS credentials with id 'nope': add them with object-add (qom-type tls-creds-x509, endpoint=client) before the migration starts"},
 		{"source, authz as creds", out, "tcp", map[string]string{"tls-creds": "az"}, nil,
 			"Object with id 'az' is not TLS credentials (its qom-type is authz-list)"},
 		{"source, server creds", out, "tcp", map[string]string{"tls-creds": "srv"}, nil,
