@@ -207,6 +207,9 @@ func (s *Server) ListenWith(addr string, lo ListenOptions) (net.Addr, error) {
 	if !ok {
 		return nil, fmt.Errorf("QMP address %q: want unix:PATH or tcp:HOST:PORT", addr)
 	}
+	if lo.Authz != nil && lo.TLS == nil {
+		return nil, fmt.Errorf("QMP address %q: an authorization list needs TLS credentials (ListenOptions.TLS) to check client certificates against", addr)
+	}
 	l := &listener{}
 	switch scheme {
 	case "unix":

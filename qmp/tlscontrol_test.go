@@ -138,4 +138,8 @@ func TestTLSControlRefusesWeakCredentials(t *testing.T) {
 			t.Errorf("%s: %v, want %q", tc.name, err, tc.want)
 		}
 	}
+	authz, _ := creds.NewList("a", creds.Allow, nil)
+	if _, err := s.ListenWith("tcp:127.0.0.1:0", ListenOptions{Authz: authz}); err == nil || !strings.Contains(err.Error(), "needs TLS credentials") {
+		t.Errorf("authz without TLS: %v", err)
+	}
 }
