@@ -8,6 +8,8 @@ import (
 	"maps"
 	"slices"
 	"sync"
+
+	"github.com/migctl/migctl/internal/safe"
 )
 
 // Object types, as QEMU names them in object-add's qom-type.
@@ -86,7 +88,7 @@ func (o *Objects) Add(args json.RawMessage) error {
 	case TypeAuthzPAM:
 		return &UnsupportedError{What: "object type " + TypeAuthzPAM, Reason: "migctl authorizes TLS peers by certificate name: use authz-list"}
 	default:
-		return fmt.Errorf("Invalid parameter value for 'qom-type': migctl knows %s, %s and %s", TypeX509, TypeAuthzList, TypeAuthzSimp)
+		return fmt.Errorf("Parameter 'qom-type' does not accept value '%s' (migctl implements %s, %s and %s)", safe.Printable(typ, maxShown), TypeX509, TypeAuthzList, TypeAuthzSimp)
 	}
 	if err != nil {
 		return err
@@ -94,7 +96,7 @@ func (o *Objects) Add(args json.RawMessage) error {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	if _, dup := o.m[id]; dup {
-		return fmt.Errorf("attempt to add duplicate object '%s': object-del it first", id)
+		return fmt.Errorf("attempt to add duplicate property '%s' to object (type 'container'): object-del it first", id)
 	}
 	if len(o.m) >= maxObjects {
 		return fmt.Errorf("too many objects (%d): object-del some first", maxObjects)

@@ -846,6 +846,11 @@ func handshake(s *spec.Spec, cfg guards.Config, g guest.Guest, pageSize uint64) 
 	for _, b := range g.Blocks() {
 		h.RAMBlocks[b.Name] = uint64(len(b.Mem))
 	}
+	// validate-uuid is the source's: it decides whether the guest's UUID
+	// (when it has one) is sent; the destination compares what arrives.
+	if u, ok := guest.UUIDOf(g); ok && cfg.Caps["validate-uuid"] {
+		h.UUID = u.String()
+	}
 	return h
 }
 

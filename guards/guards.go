@@ -17,6 +17,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/migctl/migctl/internal/safe"
 	"github.com/migctl/migctl/spec"
 )
 
@@ -115,6 +116,26 @@ type Input struct {
 	// GuestState is the guest graph's current state ("" when the spec has
 	// no guest graph).
 	GuestState string
+	// Objects are the named objects the process holds (QMP object-add:
+	// TLS credentials, authorization lists), by id, as they are at this
+	// Fire; nil when the process keeps no object registry. The
+	// tls-objects guard checks that tls-creds and tls-authz name objects
+	// that exist and fit this side.
+	Objects map[string]Object
+}
+
+// Object is one named object of the process, as a guard sees it: its
+// type and, for TLS credentials, which end of a TLS connection they are
+// for.
+type Object struct {
+	// Type is the object's qom-type (tls-creds-x509, authz-list,
+	// authz-simple).
+	Type string
+	// Endpoint is a tls-creds-x509's endpoint: client (a migration source)
+	// or server (a destination); "" for other types.
+	Endpoint string
+	// VerifyPeer is a tls-creds-x509's verify-peer.
+	VerifyPeer bool
 }
 
 // Refusal is one reason a guard refused.
@@ -161,6 +182,7 @@ const (
 	TransportCompatible   = "transport-compatible"
 	ConfigMutable         = "config-mutable"
 	PauseBeforeSwitchover = "pause-before-switchover"
+	TLSObjects            = "tls-objects"
 )
 
 // Default returns the registry of every guard migctl implements.
@@ -169,6 +191,7 @@ func Default() Registry {
 		TransportCompatible:   transportCompatible,
 		ConfigMutable:         configMutable,
 		PauseBeforeSwitchover: pauseBeforeSwitchover,
+		TLSObjects:            tlsObjects,
 	}
 }
 
@@ -240,7 +263,7 @@ func peerMismatches(in *Input) []Refusal {
 		if mine := in.Config.Params[p.Name]; mine != theirs {
 			rs = append(rs, Refusal{Rule: p.Name + "/must-match-peer", Reason: fmt.Sprintf(
 				"parameter %s must be the same on both sides: %s has %s, %s has %s",
-				p.Name, them, theirs, me, mine)})
+				p.Name, them, peerText(theirs), me, peerText(mine))})
 		}
 	}
 	for _, f := range in.Spec.Facts {
@@ -249,12 +272,23 @@ func peerMismatches(in *Input) []Refusal {
 			continue
 		}
 		if mine, ok := in.Facts[f.Name]; ok && mine != theirs {
-			rs = append(rs, Refusal{Rule: "fact/" + f.Name, Reason: fmt.Sprintf(
-				"%s differs: %s has %s, %s has %s", f.Name, them, theirs, me, mine)})
+			reason := fmt.Sprintf("%s differs: %s has %s, %s has %s", f.Name, them, peerText(theirs), me, peerText(mine))
+			if f.Message != "" {
+				reason = strings.NewReplacer("{peer}", peerText(theirs), "{local}", peerText(mine)).Replace(f.Message)
+			}
+			rs = append(rs, Refusal{Rule: "fact/" + f.Name, Reason: reason})
 		}
 	}
 	return rs
 }
+
+// MaxPeerText bounds each value a peer announced (a parameter, a fact
+// such as its guest ID) when a refusal quotes it: the peer chose those
+// bytes, and a refusal becomes the side's error-desc, a history entry and
+// a log line. Values are also made printable (internal/safe).
+const MaxPeerText = 256
+
+func peerText(s string) string { return safe.Printable(s, MaxPeerText) }
 
 func sideWords(side string) (me, them string) {
 	if side == spec.Outgoing {

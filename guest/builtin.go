@@ -64,6 +64,7 @@ type Builtin struct {
 var (
 	_ Guest     = (*Builtin)(nil)
 	_ Throttler = (*Builtin)(nil)
+	_ HasUUID   = (*Builtin)(nil)
 )
 
 // New builds a source guest: RAM filled with the pattern for cfg.Seed,
@@ -163,6 +164,9 @@ func build(cfg Config) (*Builtin, error) {
 // sizes, devices and their versions) and its content rule (seed, zero
 // fraction, content mode), on which Verify on a destination relies.
 func (g *Builtin) ID() string { return g.id }
+
+// UUID returns the guest's UUID (Config.UUID; zero when none was set).
+func (g *Builtin) UUID() UUID { return g.cfg.UUID }
 
 // Config returns the configuration the guest was built from.
 func (g *Builtin) Config() Config { return g.cfg }

@@ -57,6 +57,11 @@ type Config struct {
 	// first written (a source's fill pre-faults as it goes; a destination
 	// is left to its loader's Populate). Not part of the identity.
 	Prealloc bool `json:",omitempty"`
+	// UUID is the guest's UUID (QEMU's -uuid); zero means none, as QEMU
+	// without -uuid. It is not part of [Builtin.ID]: two guests with
+	// different UUIDs have the same layout, and whether a migration
+	// between them is refused is the capability validate-uuid's business.
+	UUID UUID
 }
 
 // Values of [Config.Backing].

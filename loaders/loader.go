@@ -61,6 +61,10 @@ type Options struct {
 	// only then does the destination send SWITCHOVER_ACK. Nil means ready
 	// at once.
 	SwitchoverReady <-chan struct{}
+	// Listen opens the listener (default transport.Listen); migctl serve
+	// passes a transport.Config's Listen whose Descriptors resolve fd:
+	// addresses from QMP's getfd table.
+	Listen func(ctx context.Context, a transport.Addr) (transport.Listener, error)
 	// LockedBatch, for measurement only, makes the loader hold the
 	// controller lock while it reads and applies batches of this many
 	// records — what QEMU's destination did before its loader thread — so
@@ -135,7 +139,10 @@ func Listen(ctx context.Context, c *machine.Controller, g guest.Guest, uri strin
 	if _, err := c.Fire(ctx, spec.Incoming, machine.TriggerIncoming, &machine.Args{Endpoint: ep}); err != nil {
 		return nil, err
 	}
-	ln, err := transport.Listen(ctx, a)
+	if opts.Listen == nil {
+		opts.Listen = transport.Listen
+	}
+	ln, err := opts.Listen(ctx, a)
 	if err != nil {
 		_, _ = c.Fire(context.Background(), spec.Incoming, machine.TriggerListenFailed, &machine.Args{Reason: err.Error()})
 		return nil, err
@@ -294,6 +301,12 @@ func (l *loader) load() error {
 		"page-size": strconv.FormatUint(hs.PageSize, 10),
 		"guest":     hs.GuestID,
 	}}
+	if hs.UUID != "" { // compared with this side's uuid fact (validate-uuid)
+		peer.Facts["uuid"] = hs.UUID
+		if _, ok := guest.UUIDOf(in.g); !ok {
+			in.log.Warn("UUID is received " + hs.UUID + ", but local uuid isn't set")
+		}
+	}
 	if _, err := in.c.Fire(in.ioCtx, spec.Incoming, machine.TriggerConnect, &machine.Args{Peer: peer}); err != nil {
 		closeAll(early)
 		return err

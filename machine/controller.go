@@ -67,6 +67,12 @@ type Options struct {
 	// Facts are this end's facts (page-size, guest) the connect guard
 	// compares with the peer's.
 	Facts map[string]string
+	// Objects, when set, returns the process's named objects (QMP
+	// object-add) for the guards (guards.Input.Objects): the tls-objects
+	// guard checks that tls-creds and tls-authz name objects that exist
+	// and fit the side. It is called under the controller lock, once per
+	// Fire or Judge: it must be quick and must not call the controller.
+	Objects func() map[string]guards.Object
 	// Incoming: this process waits for an incoming migration (QEMU's
 	// -incoming): New fires await-incoming on the guest graph. Otherwise
 	// it fires boot: the caller runs the guest.
@@ -514,6 +520,9 @@ func (c *Controller) input(sd *side, trigger string) *guards.Input {
 	}
 	if g := c.sides[spec.Guest]; g != nil {
 		in.GuestState = g.state
+	}
+	if c.opts.Objects != nil {
+		in.Objects = c.opts.Objects()
 	}
 	return in
 }

@@ -230,7 +230,7 @@ func (c *Client) Execute(ctx context.Context, cmd string, arguments any) (json.R
 		return nil, fmt.Errorf("encode %s: %w", cmd, err)
 	}
 	idJSON, _ := json.Marshal(id)
-	line, err := c.roundTrip(ctx, raw, string(idJSON))
+	line, err := c.roundTrip(ctx, raw, string(idJSON), nil)
 	if err != nil {
 		return nil, err
 	}
@@ -264,10 +264,12 @@ func (c *Client) Raw(ctx context.Context, req []byte) ([]byte, error) {
 	if err := json.Compact(&b, req); err != nil {
 		return nil, err
 	}
-	return c.roundTrip(ctx, b.Bytes(), key)
+	return c.roundTrip(ctx, b.Bytes(), key, nil)
 }
 
-func (c *Client) roundTrip(ctx context.Context, req []byte, key string) ([]byte, error) {
+// roundTrip sends req (with the control message oob, on a unix socket)
+// and waits for the reply with id key ("": the next reply without id).
+func (c *Client) roundTrip(ctx context.Context, req []byte, key string, oob []byte) ([]byte, error) {
 	ch := make(chan result, 1)
 	c.mu.Lock()
 	if c.err != nil {
@@ -301,7 +303,7 @@ func (c *Client) roundTrip(ctx context.Context, req []byte, key string) ([]byte,
 	}
 	dl, _ := ctx.Deadline() // zero: no deadline
 	_ = c.conn.SetWriteDeadline(dl)
-	if _, err := c.conn.Write(append(req, '\n')); err != nil {
+	if err := c.write(append(req, '\n'), oob); err != nil {
 		forget()
 		return nil, fmt.Errorf("send to the QMP server: %w", err)
 	}

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/migctl/migctl/guards"
+	"github.com/migctl/migctl/internal/safe"
 	"github.com/migctl/migctl/machine"
 	"github.com/migctl/migctl/spec"
 	"github.com/migctl/migctl/transport"
@@ -55,6 +56,17 @@ func init() {
 		"migrate-recover":            {run: cmdRecover, oob: true},
 		"query-migctl-machine":       {run: cmdQueryMachine},
 	}
+	maps.Copy(commands, extraCommands)
+}
+
+// extraCommands holds the commands defined in other files (objects.go,
+// fds.go, …), added by addCommands from package-level initializers, which
+// run before init.
+var extraCommands = map[string]command{}
+
+func addCommands(m map[string]command) bool {
+	maps.Copy(extraCommands, m)
+	return true
 }
 
 // Commands returns the names of every command the server accepts, sorted.
@@ -254,55 +266,59 @@ func cmdQuit(s *Server, _ *client, a *args) (any, func(), error) {
 }
 
 // migrationURI reads the uri xor channels arguments of migrate and
-// migrate-incoming and returns the URI of the main channel and the channel
-// types given (nil for a plain uri). Whether a channel type may be used is
-// the spec's rules' call (migctl/no-cpr-channel), not this parser's.
-func migrationURI(cmd string, a *args) (string, []string, *Error) {
+// migrate-incoming and returns the URI of the main channel, the channel
+// types given (nil for a plain uri) and every address (for the trust
+// policy). Whether a channel type may be used is the spec's rules' call
+// (migctl/no-cpr-channel), not this parser's.
+func migrationURI(cmd string, a *args) (string, []string, []transport.Addr, *Error) {
 	uri, hasURI := a.str("uri", false)
 	rawCh, hasCh := a.get("channels")
 	if a.err != nil {
-		return "", nil, a.err
+		return "", nil, nil, a.err
 	}
 	switch {
 	case hasURI && hasCh:
-		return "", nil, genericf("'uri' and 'channels' arguments are mutually exclusive; exactly one of the two should be present in '%s' qmp command", cmd)
+		return "", nil, nil, genericf("'uri' and 'channels' arguments are mutually exclusive; exactly one of the two should be present in '%s' qmp command", cmd)
 	case !hasURI && !hasCh:
-		return "", nil, genericf("One of 'uri' or 'channels' arguments should be present in '%s' qmp command", cmd)
+		return "", nil, nil, genericf("One of 'uri' or 'channels' arguments should be present in '%s' qmp command", cmd)
 	case hasURI:
-		if _, err := transport.Parse(uri); err != nil {
-			return "", nil, genericf("%s", err.Error())
+		addr, err := transport.Parse(uri)
+		if err != nil {
+			return "", nil, nil, genericf("%s", err.Error())
 		}
-		return uri, nil, nil
+		return uri, nil, []transport.Addr{addr}, nil
 	}
 	list, e := decodeArray("channels", rawCh)
 	if e != nil {
-		return "", nil, e
+		return "", nil, nil, e
 	}
 	if len(list) == 0 {
-		return "", nil, genericf("Channel list is empty: give one channel of type main")
+		return "", nil, nil, genericf("Channel list is empty: give one channel of type main")
 	}
 	if cmd == "migrate-incoming" && len(list) > 1 {
-		return "", nil, genericf("Channel list must have only one entry, for type 'main'")
+		return "", nil, nil, genericf("Channel list must have only one entry, for type 'main'")
 	}
 	var types []string
+	var addrs []transport.Addr
 	main := ""
 	for i, el := range list {
 		typ, addr, e := decodeChannel(fmt.Sprintf("channels[%d]", i), el)
 		if e != nil {
-			return "", nil, e
+			return "", nil, nil, e
 		}
 		if slices.Contains(types, typ) {
-			return "", nil, genericf("Channel list has more than one %s entry", typ)
+			return "", nil, nil, genericf("Channel list has more than one %s entry", typ)
 		}
 		types = append(types, typ)
+		addrs = append(addrs, addr)
 		if typ == "main" || len(list) == 1 {
 			main = addr.String()
 		}
 	}
 	if main == "" {
-		return "", nil, genericf("Channel list has no main entry")
+		return "", nil, nil, genericf("Channel list has no main entry")
 	}
-	return main, types, nil
+	return main, types, addrs, nil
 }
 
 // decodeChannel decodes a MigrationChannel strictly, naming the member at
@@ -404,8 +420,8 @@ func jsonKind(t reflect.Type) string {
 	return "integer"
 }
 
-func cmdMigrate(s *Server, _ *client, a *args) (any, func(), error) {
-	uri, channels, e := migrationURI("migrate", a)
+func cmdMigrate(s *Server, cl *client, a *args) (any, func(), error) {
+	uri, channels, addrs, e := migrationURI("migrate", a)
 	a.boolean("detach", false) // accepted and ignored, as in QEMU
 	resume := a.boolean("resume", false)
 	if e == nil {
@@ -417,16 +433,22 @@ func cmdMigrate(s *Server, _ *client, a *args) (any, func(), error) {
 	if resume {
 		return nil, nil, genericf("migrate with resume is not supported yet: postcopy lands in a later release")
 	}
+	if e := s.checkMigration(cl, "migrate", addrs); e != nil {
+		return nil, nil, e
+	}
 	return struct{}{}, nil, s.h.Migrate(s.ctx, uri, channels)
 }
 
-func cmdMigrateIncoming(s *Server, _ *client, a *args) (any, func(), error) {
-	uri, channels, e := migrationURI("migrate-incoming", a)
+func cmdMigrateIncoming(s *Server, cl *client, a *args) (any, func(), error) {
+	uri, channels, addrs, e := migrationURI("migrate-incoming", a)
 	exitOnError := a.boolean("exit-on-error", true)
 	if e == nil {
 		e = a.done()
 	}
 	if e != nil {
+		return nil, nil, e
+	}
+	if e := s.checkMigration(cl, "migrate-incoming", addrs); e != nil {
 		return nil, nil, e
 	}
 	return struct{}{}, nil, s.h.Incoming(s.ctx, uri, channels, exitOnError)
@@ -758,7 +780,7 @@ func cmdQueryMachine(s *Server, _ *client, a *args) (any, func(), error) {
 			Permitted:     []string{},
 			ConfigMutable: st.Mutable,
 			Terminal:      st.Terminal,
-			ErrorDesc:     st.Error,
+			ErrorDesc:     peerDesc(st.Error),
 			History:       []Transition{},
 		}
 		for _, t := range st.Permitted {
@@ -768,7 +790,7 @@ func cmdQueryMachine(s *Server, _ *client, a *args) (any, func(), error) {
 			si.Transport, si.URI = st.Endpoint.Transport, st.Endpoint.URI
 		}
 		for _, r := range st.History {
-			si.History = append(si.History, Transition{Time: r.Time.Format(time.RFC3339Nano), From: string(r.From), To: string(r.To), Trigger: string(r.Trigger), Detail: truncate(r.Detail, 256)})
+			si.History = append(si.History, Transition{Time: r.Time.Format(time.RFC3339Nano), From: string(r.From), To: string(r.To), Trigger: string(r.Trigger), Detail: safe.Printable(r.Detail, 256)})
 		}
 		if side == spec.Incoming {
 			out.Incoming = si
@@ -777,11 +799,4 @@ func cmdQueryMachine(s *Server, _ *client, a *args) (any, func(), error) {
 		}
 	}
 	return out, nil, nil
-}
-
-func truncate(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return s[:n] + "…"
 }

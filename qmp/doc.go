@@ -64,6 +64,28 @@
 // connections never lock an operator out) and NegotiationTimeout (default
 // 30 s from connecting to a successful qmp_capabilities).
 //
+// # Trust
+//
+// What a client may do is decided by the listener it came in on
+// ([Privilege]): the unix socket (mode 0600, refused in a directory others
+// could replace it in) and a TCP socket whose clients present a TLS
+// certificate ([Server.ListenWith]) give [Owner], who may do everything; a
+// plain loopback TCP socket gives [LocalUser] (any user of the host; a
+// warning is logged), limited by [Policy] to network migrations, fd:NAME
+// and unix:/file: paths under Options.MigrationDir, before the Host is
+// called. docs/protocol.md ("Trust model") has the whole picture.
+//
+// # Objects and descriptors
+//
+// object-add and object-del keep QEMU's shapes for the objects package
+// creds implements (TLS credentials, authorization lists), in one
+// registry per process (Options.Objects) that the controller's
+// tls-objects guard also sees ([GuardObjects]). getfd and closefd keep
+// descriptors passed with SCM_RIGHTS over the unix socket in the server's
+// [FDTable], from which fd: addresses are resolved (it is the transports'
+// transport.Descriptors); fd:N names only descriptors inherited at startup
+// ([FDTable.Inherit]).
+//
 // # Concurrency
 //
 // A [Server] has one goroutine per listener (accepting), two per client (a

@@ -5,6 +5,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/migctl/migctl/internal/safe"
 	"github.com/migctl/migctl/machine"
 	"github.com/migctl/migctl/spec"
 	"github.com/migctl/migctl/transport"
@@ -97,7 +98,7 @@ func migrationInfo(in, out machine.Status, now time.Time) *MigrationInfo {
 	}
 	if in.Report != spec.ReportNone {
 		info.Status = in.QMPStatus
-		info.ErrorDesc = in.Error
+		info.ErrorDesc = peerDesc(in.Error)
 	}
 	// Source (fill_source_migration_info).
 	switch out.Report {
@@ -122,10 +123,15 @@ func migrationInfo(in, out machine.Status, now time.Time) *MigrationInfo {
 	}
 	info.Status = out.QMPStatus
 	if out.Error != "" {
-		info.ErrorDesc = out.Error
+		info.ErrorDesc = peerDesc(out.Error)
 	}
 	return info
 }
+
+// peerDesc bounds and makes printable a side's error description, which
+// may quote what a migration peer sent (a guest ID, a failure reason):
+// like an error reply's desc, at most MaxDesc bytes (internal/safe).
+func peerDesc(s string) string { return safe.Printable(s, MaxDesc) }
 
 // socketAddress converts a listening endpoint's URI to QEMU's
 // SocketAddress; ok is false for transports that are not sockets.

@@ -12,9 +12,11 @@ import (
 	"go.uber.org/goleak"
 
 	migctl "github.com/migctl/migctl"
+	"github.com/migctl/migctl/creds"
 	"github.com/migctl/migctl/guest"
 	"github.com/migctl/migctl/machine"
 	"github.com/migctl/migctl/spec"
+	"github.com/migctl/migctl/transport"
 	"github.com/migctl/migctl/vmm"
 )
 
@@ -54,6 +56,7 @@ type nodeOpts struct {
 	host   vmm.Options
 	server Options
 	guest  *guest.Config
+	spec   *spec.Spec // default: the repository's
 }
 
 func newNode(t testing.TB, o nodeOpts) *node {
@@ -72,7 +75,27 @@ func newNode(t testing.TB, o nodeOpts) *node {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := machine.New(testSpec(t), machine.Options{Facts: map[string]string{"page-size": "4096", "guest": g.ID()}, Incoming: o.dest})
+	sp := o.spec
+	if sp == nil {
+		sp = testSpec(t)
+	}
+	// As migctl serve wires them: one object registry for the server and
+	// the guards, one descriptor table for the server and the transports.
+	if o.server.Objects == nil {
+		o.server.Objects = creds.NewObjects()
+	}
+	if o.server.FDs == nil {
+		o.server.FDs = NewFDTable()
+	}
+	tc := &transport.Config{Descriptors: o.server.FDs}
+	if o.host.Engine.Dial == nil {
+		o.host.Engine.Dial = tc.Dial
+	}
+	if o.host.Loader.Listen == nil {
+		o.host.Loader.Listen = tc.Listen
+	}
+	c, err := machine.New(sp, machine.Options{Facts: map[string]string{"page-size": "4096", "guest": g.ID()}, Incoming: o.dest,
+		Objects: GuardObjects(o.server.Objects)})
 	if err != nil {
 		g.Close()
 		t.Fatal(err)

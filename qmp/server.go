@@ -2,6 +2,7 @@ package qmp
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -17,6 +18,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/migctl/migctl/creds"
 	"github.com/migctl/migctl/machine"
 	"github.com/migctl/migctl/spec"
 )
@@ -27,8 +29,8 @@ type Options struct {
 	Package string
 	// MaxRequest bounds one request in bytes (default DefaultMaxRequest).
 	MaxRequest int
-	// MaxClients bounds the clients connected at once (default 256); one
-	// more is told so and disconnected.
+	// MaxClients bounds the clients connected at once (default
+	// DefaultMaxClients); one more is told so and disconnected.
 	MaxClients int
 	// MaxPending bounds the clients connected but not yet through
 	// capabilities negotiation (default DefaultMaxPending). When one more
@@ -49,11 +51,29 @@ type Options struct {
 	WriteTimeout time.Duration
 	// Logger receives connection and error lines (default: discard).
 	Logger *slog.Logger
+	// Objects is the process's object registry: object-add and object-del
+	// change it, and the controller's tls-objects guard should see the same
+	// one (machine.Options.Objects = GuardObjects(Objects)). Nil makes the
+	// server use a registry of its own.
+	Objects *creds.Objects
+	// MigrationDir is where clients of an unauthenticated TCP control
+	// socket may put unix: and file: migration addresses (Policy); check
+	// it with CheckMigrationDir. "" allows them none.
+	MigrationDir string
+	// UUID is the guest's UUID in canonical form, for query-uuid; "" shows
+	// the zero UUID, as QEMU without -uuid.
+	UUID string
+	// FDs is the server's descriptor table: getfd adds to it, and fd:
+	// addresses are resolved from it (give the same table to the Host's
+	// transport, as transport.Config.Descriptors). Nil makes the server
+	// use a table of its own. Close closes what is left in it.
+	FDs *FDTable
 }
 
 // Defaults of the Options that bound what unauthenticated connections
 // cost: how many may wait for capabilities negotiation, and for how long.
 const (
+	DefaultMaxClients         = 256
 	DefaultMaxPending         = 16
 	DefaultNegotiationTimeout = 30 * time.Second
 )
@@ -69,6 +89,9 @@ type Server struct {
 	ctx  context.Context // cancelled by Close; commands run with it
 	stop context.CancelFunc
 	sub  *machine.Subscription
+	objs *creds.Objects // the object registry (object-add); safe for concurrent use
+	pol  Policy         // what LocalUser clients may migrate to; read-only
+	fds  *FDTable       // getfd's table; safe for concurrent use
 
 	// mu guards the fields below; never held while calling the controller
 	// or the host, nor while writing to a connection.
@@ -93,7 +116,7 @@ func NewServer(c *machine.Controller, h Host, opts Options) *Server {
 		opts.MaxRequest = DefaultMaxRequest
 	}
 	if opts.MaxClients <= 0 {
-		opts.MaxClients = 256
+		opts.MaxClients = DefaultMaxClients
 	}
 	if opts.MaxPending <= 0 {
 		opts.MaxPending = DefaultMaxPending
@@ -110,7 +133,14 @@ func NewServer(c *machine.Controller, h Host, opts Options) *Server {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{c: c, h: h, opts: opts, log: opts.Logger, clients: map[*client]struct{}{}, quit: make(chan struct{})}
+	if opts.Objects == nil {
+		opts.Objects = creds.NewObjects()
+	}
+	if opts.FDs == nil {
+		opts.FDs = NewFDTable()
+	}
+	s := &Server{c: c, h: h, opts: opts, log: opts.Logger, clients: map[*client]struct{}{}, quit: make(chan struct{}),
+		objs: opts.Objects, pol: Policy{MigrationDir: opts.MigrationDir}, fds: opts.FDs}
 	s.ctx, s.stop = context.WithCancel(context.Background())
 	// Read the starting point before subscribing: a change in between
 	// then shows up as an event rather than being lost.
@@ -129,31 +159,71 @@ func NewServer(c *machine.Controller, h Host, opts Options) *Server {
 // Done is closed when a client sent quit. The owner then calls Close.
 func (s *Server) Done() <-chan struct{} { return s.quit }
 
-// listener is one socket the server accepts on.
+// listener is one socket the server accepts on. Its fields are set
+// before its accept goroutine starts and not changed after.
 type listener struct {
 	ln     net.Listener
 	unix   *socketFile // nil for TCP
+	tls    *tls.Config // TCP with client certificates; nil otherwise
+	priv   Privilege   // what its clients may do (see Privilege)
 	closed atomic.Bool
 }
 
-// Listen opens a listener and starts accepting on it. addr is
-// unix:PATH (the socket file is created with mode 0600; a stale file left
-// by a dead server is replaced; Close removes it) or tcp:HOST:PORT, where
-// HOST must be a loopback address since QMP has no authentication (port 0
-// picks a free port: see the returned address).
+// Listen opens a listener and starts accepting on it, with the default
+// ListenOptions. See ListenWith.
 func (s *Server) Listen(addr string) (net.Addr, error) {
+	return s.ListenWith(addr, ListenOptions{})
+}
+
+// ListenOptions tune one listener.
+type ListenOptions struct {
+	// TLS, for a tcp: address, makes clients authenticate with a TLS
+	// client certificate: these credentials (endpoint=server, verify-peer
+	// on) present the server's certificate and require a client
+	// certificate signed by their ca-cert.pem. Such clients are Owners.
+	TLS *creds.X509
+	// Authz, with TLS, further limits clients to certificates whose
+	// distinguished name it allows (authz-list, authz-simple).
+	Authz creds.Authorizer
+}
+
+// ListenWith opens a listener and starts accepting on it. addr is
+// unix:PATH or tcp:HOST:PORT; what a client may do is decided by the
+// listener it came in on (Privilege):
+//
+//   - unix:PATH: the socket file is created with mode 0600, so only the
+//     server's user (and root) can connect: Owner. It is refused in a
+//     directory that other users can write to unless the directory has
+//     the sticky bit (they could replace the socket), and in a directory
+//     that belongs to another user. A stale socket file left by a dead
+//     server is replaced; Close removes the file.
+//   - tcp:HOST:PORT: HOST must be a loopback address. Without
+//     ListenOptions.TLS every local user can connect: LocalUser, and a
+//     warning saying so is logged. With it, clients must present a
+//     certificate the credentials verify (and Authz allows): Owner. Port 0
+//     picks a free port: see the returned address.
+func (s *Server) ListenWith(addr string, lo ListenOptions) (net.Addr, error) {
 	scheme, rest, ok := strings.Cut(addr, ":")
 	if !ok {
 		return nil, fmt.Errorf("QMP address %q: want unix:PATH or tcp:HOST:PORT", addr)
 	}
+	if lo.Authz != nil && lo.TLS == nil {
+		return nil, fmt.Errorf("QMP address %q: an authorization list needs TLS credentials (ListenOptions.TLS) to check client certificates against", addr)
+	}
 	l := &listener{}
 	switch scheme {
 	case "unix":
+		if lo.TLS != nil {
+			return nil, fmt.Errorf("QMP address %q: TLS is for tcp: control sockets; a unix socket is already limited to its owner", addr)
+		}
+		if err := checkSocketDir(rest); err != nil {
+			return nil, err
+		}
 		ln, f, err := listenUnix(rest)
 		if err != nil {
 			return nil, err
 		}
-		l.ln, l.unix = ln, f
+		l.ln, l.unix, l.priv = ln, f, Owner
 	case "tcp":
 		host, _, err := net.SplitHostPort(rest)
 		if err != nil {
@@ -162,11 +232,23 @@ func (s *Server) Listen(addr string) (net.Addr, error) {
 		if !isLoopback(host) {
 			return nil, fmt.Errorf("QMP address %q: QMP has no authentication; listen on a loopback address (127.0.0.1, ::1 or localhost) and tunnel it if you need it elsewhere", addr)
 		}
+		if lo.TLS != nil {
+			cfg, err := controlTLS(lo.TLS, lo.Authz)
+			if err != nil {
+				return nil, fmt.Errorf("QMP address %q: %w", addr, err)
+			}
+			l.tls, l.priv = cfg, Owner
+		}
 		ln, err := net.Listen("tcp", rest)
 		if err != nil {
 			return nil, err
 		}
 		l.ln = ln
+		if l.tls == nil {
+			s.log.Warn("QMP on "+ln.Addr().String()+" has no client authentication: every local user can connect and drive migrations "+
+				"(network migrations, fd:NAME, and unix:/file: under --migration-dir; never exec: or other paths); "+
+				"use the unix socket, or client certificates (--qmp-tls-creds)", "addr", ln.Addr().String())
+		}
 	default:
 		return nil, fmt.Errorf("QMP address %q: unknown scheme %q; want unix:PATH or tcp:HOST:PORT", addr, scheme)
 	}
@@ -236,15 +318,26 @@ func (s *Server) accept(l *listener) {
 			continue
 		}
 		backoff = 5 * time.Millisecond
-		s.ServeConn(conn)
+		s.serveConn(conn, l.priv, l.tls)
 	}
 }
 
 // ServeConn serves one already connected client (for example one end of
-// a socketpair) until it disconnects or the server closes. It returns at
+// a socketpair) with privilege p until it disconnects or the server
+// closes: the caller vouches for who is at the other end. It returns at
 // once; the server owns conn from here on.
-func (s *Server) ServeConn(conn net.Conn) {
-	cl := &client{s: s, conn: conn, out: make(chan []byte, s.opts.QueueLen), done: make(chan struct{})}
+func (s *Server) ServeConn(conn net.Conn, p Privilege) {
+	s.serveConn(conn, p, nil)
+}
+
+// serveConn serves conn; with tlsCfg, the client's reader runs the TLS
+// handshake (bounded by NegotiationTimeout) before anything else.
+func (s *Server) serveConn(conn net.Conn, p Privilege, tlsCfg *tls.Config) {
+	cl := &client{s: s, conn: conn, rw: conn, priv: p, tls: tlsCfg, up: make(chan struct{}),
+		out: make(chan []byte, s.opts.QueueLen), done: make(chan struct{})}
+	if tlsCfg == nil {
+		close(cl.up)
+	}
 	s.mu.Lock()
 	switch {
 	case s.closed:
@@ -311,7 +404,7 @@ func (s *Server) Close() error {
 	s.stop()
 	s.sub.Close()
 	s.wg.Wait()
-	return nil
+	return s.fds.Close()
 }
 
 func (s *Server) removeClient(cl *client) {
@@ -382,8 +475,20 @@ func (s *Server) broadcast(name string, data any, t time.Time) {
 // runs the client's commands in order; the writer goroutine owns the write
 // side and drains out.
 type client struct {
-	s    *Server
+	s *Server
+	// conn is the connection as accepted: drop closes it. rw is what
+	// requests are read from and replies written to: conn, or the TLS
+	// connection over it, set by the reader before it closes up (the
+	// writer waits for up before its first write).
 	conn net.Conn
+	rw   net.Conn
+	up   chan struct{}
+	tls  *tls.Config // run the TLS handshake first; nil for none
+	priv Privilege   // decided by the listener; never changes
+	// pendingFDs holds the descriptors that came with the latest read on
+	// a unix socket (SCM_RIGHTS), for getfd. Owned by the reader
+	// goroutine, which closes what is left when it ends.
+	pendingFDs []*os.File
 	// out carries encoded messages to the writer; a nil message means
 	// "close after what came before". The reader blocks when it is full
 	// (its own replies); the event goroutine never does (it drops the
@@ -408,6 +513,9 @@ func (cl *client) drop(why string) {
 }
 
 func remoteName(c net.Conn) string {
+	if c == nil {
+		return "?"
+	}
 	if a := c.RemoteAddr(); a != nil {
 		return a.Network() + ":" + a.String()
 	}
@@ -415,8 +523,15 @@ func remoteName(c net.Conn) string {
 }
 
 // evict tells the client why and disconnects it once that is written
-// (bounded by WriteTimeout).
+// (bounded by WriteTimeout). A client still in its TLS handshake is
+// dropped at once.
 func (cl *client) evict(e *Error) {
+	select {
+	case <-cl.up:
+	default:
+		cl.drop("evicted during the TLS handshake")
+		return
+	}
 	select {
 	case cl.out <- encodeError(e, nil):
 	default:
@@ -465,6 +580,11 @@ func (cl *client) sendEvent(msg []byte) {
 
 func (cl *client) writer() {
 	defer cl.s.wg.Done()
+	select {
+	case <-cl.up:
+	case <-cl.done:
+		return
+	}
 	for {
 		select {
 		case msg := <-cl.out:
@@ -473,7 +593,7 @@ func (cl *client) writer() {
 				return
 			}
 			_ = cl.conn.SetWriteDeadline(time.Now().Add(cl.s.opts.WriteTimeout))
-			if _, err := cl.conn.Write(msg); err != nil {
+			if _, err := cl.rw.Write(msg); err != nil {
 				cl.drop("write: " + err.Error())
 				return
 			}
@@ -487,13 +607,18 @@ func (cl *client) reader() {
 	defer cl.s.wg.Done()
 	defer cl.s.removeClient(cl)
 	defer cl.drop("")
+	defer cl.closePendingFDs()
+	// The negotiation deadline is a read deadline; the reader clears it
+	// in emitNegotiated, before its next read. It bounds the TLS handshake
+	// too.
+	_ = cl.conn.SetReadDeadline(time.Now().Add(cl.s.opts.NegotiationTimeout))
+	if cl.tls != nil && !cl.handshake() {
+		return
+	}
 	if !cl.send(encodeLine(newGreeting(cl.s.opts.Package))) {
 		return
 	}
-	// The negotiation deadline is a read deadline; the reader clears it
-	// in emitNegotiated, before its next read.
-	_ = cl.conn.SetReadDeadline(time.Now().Add(cl.s.opts.NegotiationTimeout))
-	err := cl.s.serveStream(cl.conn, cl, cl.send)
+	err := cl.s.serveStream(cl.reader0(), cl, cl.send)
 	switch {
 	case errors.Is(err, os.ErrDeadlineExceeded) && !cl.negotiated.Load():
 		cl.send(encodeError(genericf("Expecting capabilities negotiation with 'qmp_capabilities' within %v of connecting; the connection is closed", cl.s.opts.NegotiationTimeout), nil))

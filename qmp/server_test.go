@@ -626,7 +626,7 @@ func TestSlowEventReaderIsDropped(t *testing.T) {
 	// handshake: every write blocks, so its queue fills up.
 	srvEnd, cliEnd := net.Pipe()
 	defer cliEnd.Close()
-	n.s.ServeConn(srvEnd)
+	n.s.ServeConn(srvEnd, Owner)
 	r := bufio.NewReader(cliEnd)
 	r.ReadBytes('\n')
 	go cliEnd.Write([]byte(`{"execute":"qmp_capabilities"}`))

@@ -201,10 +201,13 @@ func edgeString(t Transition) string {
 func TestDefaultGraphs(t *testing.T) {
 	s := loadDefault(t)
 	tc := "[transport-compatible]"
+	// Edges that start a migration (or a recovery) also check the TLS
+	// objects the parameters name.
+	st := "[transport-compatible,tls-objects]"
 	const noCancel = "Postcopy migration in progress, cannot cancel." // QEMU's migrate_cancel in postcopy
 	want := map[string][]string{
 		Incoming: {
-			"none --incoming " + tc + "--> setup",
+			"none --incoming " + st + "--> setup",
 			"setup --listen--> listening", "setup --listen-failed--> none",
 			"listening --connect " + tc + " else failed--> connected",
 			"listening --fail--> failed",
@@ -215,13 +218,13 @@ func TestDefaultGraphs(t *testing.T) {
 			"connected --load--> active", "connected --fail--> failed",
 			"active --complete--> completed", "active --fail--> failed", "active --postcopy--> postcopy-active",
 			"postcopy-active --complete--> completed", "postcopy-active --pause--> postcopy-paused", "postcopy-active --fail--> failed",
-			"postcopy-paused --recover " + tc + "--> postcopy-recover", "postcopy-paused --fail--> failed",
+			"postcopy-paused --recover " + st + "--> postcopy-recover", "postcopy-paused --fail--> failed",
 			"postcopy-recover --resume--> postcopy-active", "postcopy-recover --pause--> postcopy-paused", "postcopy-recover --fail--> failed",
 			"completed --cancel--> (ignore)", "failed --cancel--> (ignore)", "cancelled --cancel--> (ignore)",
 		},
 		Outgoing: {
-			"none --migrate " + tc + "--> setup", "failed --migrate " + tc + "--> setup", "cancelled --migrate " + tc + "--> setup",
-			"completed --migrate " + tc + "--> setup",
+			"none --migrate " + st + "--> setup", "failed --migrate " + st + "--> setup", "cancelled --migrate " + st + "--> setup",
+			"completed --migrate " + st + "--> setup",
 			"cancelling --fail--> (ignore)",
 			"postcopy-active --cancel--> (refuse: " + noCancel + ")", "postcopy-paused --cancel--> (refuse: " + noCancel + ")",
 			"postcopy-recover-setup --cancel--> (refuse: " + noCancel + ")", "postcopy-recover --cancel--> (refuse: " + noCancel + ")",
@@ -234,7 +237,7 @@ func TestDefaultGraphs(t *testing.T) {
 			"setup --fail--> failing", "active --fail--> failing", "pre-switchover --fail--> failing", "device --fail--> failing", "postcopy-active --fail--> failing",
 			"failing --cleanup--> failed",
 			"postcopy-active --complete--> completed", "postcopy-active --pause--> postcopy-paused",
-			"postcopy-paused --resume " + tc + "--> postcopy-recover-setup", "postcopy-paused --fail--> failing",
+			"postcopy-paused --resume " + st + "--> postcopy-recover-setup", "postcopy-paused --fail--> failing",
 			"postcopy-recover-setup --connect--> postcopy-recover", "postcopy-recover-setup --connect-failed--> postcopy-paused",
 			"postcopy-recover --resume-ack--> postcopy-active", "postcopy-recover --pause--> postcopy-paused", "postcopy-recover --fail--> failing",
 			"none --cancel--> (ignore)", "cancelling --cancel--> (ignore)", "cancelled --cancel--> (ignore)",
@@ -250,7 +253,7 @@ func TestDefaultGraphs(t *testing.T) {
 	}
 	for _, side := range SideNames {
 		sd := s.Side(side)
-		if sd.Initial != "none" || !slices.Equal(sd.Configure, []string{"config-mutable", "transport-compatible"}) {
+		if sd.Initial != "none" || !slices.Equal(sd.Configure, []string{"config-mutable", "transport-compatible", "tls-objects"}) {
 			t.Errorf("%s: initial %q, configure %v", side, sd.Initial, sd.Configure)
 		}
 		var states []string

@@ -63,6 +63,11 @@ type Feature struct {
 type Fact struct {
 	Name string `yaml:"name" validate:"required,ident"`
 	Doc  string `yaml:"doc" validate:"required"`
+	// Message, when set, is the refusal when the two ends differ, with
+	// {peer} and {local} replaced by the peer's value and this end's
+	// (QEMU's wording where QEMU has one); otherwise a generic text names
+	// the fact and both values.
+	Message string `yaml:"message"`
 }
 
 // Capability is one boolean migration option and its compatibility

@@ -497,8 +497,8 @@ func (d *Decoder) readSectionHeader(pos int64, typ byte) (Record, error) {
 			return Record{}, d.corrupt(pos, nil, "%q section after other sections: it must be the first", HandshakeIDStr)
 		case instance != 0:
 			return Record{}, d.corrupt(pos, nil, "%q section with instance %d, want 0", HandshakeIDStr, instance)
-		case version != HandshakeVersion:
-			return Record{}, d.unsupported(pos, "%q section version %d, this build reads version %d", HandshakeIDStr, version, HandshakeVersion)
+		case version != HandshakeVersion && version != HandshakeVersionUUID:
+			return Record{}, d.unsupported(pos, "%q section version %d, this build reads versions %d and %d", HandshakeIDStr, version, HandshakeVersion, HandshakeVersionUUID)
 		}
 		d.handshake = true
 	}
@@ -724,7 +724,7 @@ func (d *Decoder) nextPayload() (Record, error) {
 	if !d.isHS {
 		return Record{Kind: KindDevice, Pos: pos, Section: sec, Data: data}, nil
 	}
-	h, msg := parseHandshake(data)
+	h, msg := parseHandshake(data, sec.Version)
 	if msg != "" {
 		return Record{}, d.corrupt(pos+4, nil, "%s", msg)
 	}

@@ -116,7 +116,7 @@ func TestDecoderErrors(t *testing.T) {
 		{"handshake no protocol", hsStream(`{"side":"source"}`), lim, ErrCorrupt, nil, 8 + 34, "handshake protocol 0"},
 		{"handshake not first", new(raw).header().sectionHeader(SecFull, 0, "dev", 0, 1).be32(0).footer(0).sectionHeader(SecFull, 1, HandshakeIDStr, 0, 1).Bytes(), lim,
 			ErrCorrupt, nil, 8 + 17 + 4 + 5, "must be the first"},
-		{"handshake version 2", new(raw).header().sectionHeader(SecFull, 0, HandshakeIDStr, 0, 2).Bytes(), lim, ErrUnsupported, nil, 8, "version 2, this build reads version 1"},
+		{"handshake version 3", new(raw).header().sectionHeader(SecFull, 0, HandshakeIDStr, 0, 3).Bytes(), lim, ErrUnsupported, nil, 8, "version 3, this build reads versions 1 and 2"},
 		{"handshake instance 1", new(raw).header().sectionHeader(SecFull, 0, HandshakeIDStr, 1, 1).Bytes(), lim, ErrCorrupt, nil, 8, "instance 1"},
 		{"handshake required", base().Bytes(), withLim(func(l *Limits) { l.RequireHandshake = true }), ErrMismatch, nil, 8, "does not start with the \"migctl/handshake\" section"},
 		{"handshake required, none at all", new(raw).header().u8(SecEOF).Bytes(), withLim(func(l *Limits) { l.RequireHandshake = true }), ErrMismatch, nil, 8, "the source is not migctl"},

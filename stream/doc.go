@@ -67,6 +67,15 @@
 // Handshake.Check. To analyze-migration.py it is an ordinary described
 // device; a QEMU destination fails cleanly on the unknown section.
 //
+// The guest's UUID. With the capability validate-uuid on and a guest that
+// has a UUID, the source adds "uuid":"11111111-2222-3333-4444-555555555555"
+// (canonical lowercase) and writes the section with version 2; without a
+// UUID it stays version 1, so a destination that reads only version 1 still
+// reads it, and refuses a version 2 section cleanly rather than skip a check
+// the source asked for (as QEMU refuses an unknown configuration subsection).
+// A version 1 section carrying a UUID, or a version 2 one without a valid UUID,
+// is corrupt.
+//
 // The fail reason. On the return path, message type 0x7f00
 // (RPFailReason) carries up to 4096 bytes of UTF-8 text explaining why the
 // destination fails the migration, sent before SHUT with a non-zero status.

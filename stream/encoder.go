@@ -218,7 +218,8 @@ func (e *Encoder) WriteHeader(machine string) error {
 }
 
 // WriteHandshake writes h as the first FULL section (idstr HandshakeIDStr,
-// instance 0, version HandshakeVersion), with a JSON payload. It must come
+// instance 0, version HandshakeVersion, or HandshakeVersionUUID when h
+// carries a UUID), with a JSON payload. It must come
 // after WriteHeader and before any other section (commands may precede it).
 // A zero Protocol is written as HandshakeProtocol and an empty Side as
 // SideSource; PageSize must be a valid page size. If h.RAMBlocks is not nil,
@@ -243,6 +244,9 @@ func (e *Encoder) WriteHandshake(h *Handshake) error {
 	if hs.Side != SideSource && hs.Side != SideDestination {
 		return invalidf("handshake side %q is neither %q nor %q", hs.Side, SideSource, SideDestination)
 	}
+	if hs.UUID != "" && !validUUID(hs.UUID) {
+		return invalidf("handshake UUID %.64q: write it in canonical lowercase form (8-4-4-4-12 hexadecimal digits)", hs.UUID)
+	}
 	if !validPageSize(hs.PageSize) {
 		return invalidf("handshake page size %d is not a power of two between %d and %d", hs.PageSize, MinPageSize, MaxPageSize)
 	}
@@ -253,7 +257,7 @@ func (e *Encoder) WriteHandshake(h *Handshake) error {
 	if len(js) > DefaultMaxJSON {
 		return invalidf("handshake JSON is %d bytes, more than a default decoder accepts (%d)", len(js), DefaultMaxJSON)
 	}
-	e.writeFull(HandshakeIDStr, 0, HandshakeVersion, js)
+	e.writeFull(HandshakeIDStr, 0, hs.sectionVersion(), js)
 	e.handshake = &hs
 	e.pageSize = hs.PageSize
 	return e.err

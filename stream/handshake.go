@@ -13,8 +13,16 @@ const (
 	// QEMU's own loader fails cleanly on it ("Unknown savevm section"), and
 	// analyze-migration.py shows it as an ordinary described device.
 	HandshakeIDStr = "migctl/handshake"
-	// HandshakeVersion is the section version of the handshake section.
+	// HandshakeVersion is the section version of a handshake without a
+	// UUID, the form every migctl reads.
 	HandshakeVersion = 1
+	// HandshakeVersionUUID is the section version of a handshake that
+	// carries the guest's UUID (Handshake.UUID, capability validate-uuid).
+	// A decoder that reads only version 1 refuses it cleanly, as a QEMU
+	// destination refuses a configuration subsection it does not know,
+	// rather than skipping a check the source asked for. Streams without a
+	// UUID keep version 1, so older destinations still read them.
+	HandshakeVersionUUID = 2
 	// HandshakeProtocol is the protocol version written in Handshake.Protocol.
 	HandshakeProtocol = 1
 
@@ -46,6 +54,41 @@ type Handshake struct {
 	RAMBlocks map[string]uint64 `json:"ram_blocks"`
 	// Extra carries free-form information that is shown but never compared.
 	Extra map[string]string `json:"extra,omitempty"`
+	// UUID is the guest's UUID in the canonical lowercase 8-4-4-4-12 form,
+	// sent by a source whose guest has one when the capability
+	// validate-uuid is on (QEMU's configuration/uuid subsection); "" when
+	// not sent. The destination compares it with its own whenever it
+	// arrives. Only a version 2 section (HandshakeVersionUUID) carries it.
+	UUID string `json:"uuid,omitempty"`
+}
+
+// sectionVersion is the section version h is written with.
+func (h *Handshake) sectionVersion() uint32 {
+	if h.UUID != "" {
+		return HandshakeVersionUUID
+	}
+	return HandshakeVersion
+}
+
+// validUUID reports whether s is a UUID in the canonical lowercase form.
+func validUUID(s string) bool {
+	if len(s) != 36 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch i {
+		case 8, 13, 18, 23:
+			if c != '-' {
+				return false
+			}
+		default:
+			if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // Check compares a handshake received from the peer with this side's own and
@@ -96,6 +139,9 @@ func (h *Handshake) Check(peer *Handshake) error {
 	if h.GuestID != "" && peer.GuestID != "" && h.GuestID != peer.GuestID {
 		add("peer migrates guest %q, this side expects %q", peer.GuestID, h.GuestID)
 	}
+	if h.UUID != "" && peer.UUID != "" && h.UUID != peer.UUID {
+		add("UUID received is %s and local is %s", peer.UUID, h.UUID)
+	}
 	for _, k := range unionKeys(h.RAMBlocks, peer.RAMBlocks) {
 		mine, okMine := h.RAMBlocks[k]
 		theirs, okTheirs := peer.RAMBlocks[k]
@@ -135,12 +181,18 @@ func unionKeys[V any](a, b map[string]V) []string {
 	return keys
 }
 
-// parseHandshake decodes the handshake JSON; detail describes the first
-// problem, "" if none.
-func parseHandshake(data []byte) (*Handshake, string) {
+// parseHandshake decodes the handshake JSON of a section of the given
+// version; detail describes the first problem, "" if none.
+func parseHandshake(data []byte, version uint32) (*Handshake, string) {
 	var h Handshake
 	if err := json.Unmarshal(data, &h); err != nil {
 		return nil, "handshake is not valid JSON: " + err.Error()
+	}
+	switch {
+	case version == HandshakeVersion && h.UUID != "":
+		return nil, fmt.Sprintf("a version %d handshake carries a UUID; only version %d does", HandshakeVersion, HandshakeVersionUUID)
+	case version == HandshakeVersionUUID && !validUUID(h.UUID):
+		return nil, fmt.Sprintf("handshake UUID %.64q is not a UUID in canonical lowercase form", h.UUID)
 	}
 	if h.Protocol < 1 {
 		return nil, fmt.Sprintf("handshake protocol %d is not a version", h.Protocol)

@@ -25,6 +25,12 @@ type Config struct {
 	// resolver, fd:NAME fails.
 	ResolveFD func(name string) (int, error)
 
+	// Descriptors, when set, resolves every fd: address, named or
+	// numbered, from the caller's table (see Descriptors); ResolveFD is
+	// then not used and no descriptor is taken by number from the
+	// process.
+	Descriptors Descriptors
+
 	// SocketBuffer sets SO_SNDBUF and SO_RCVBUF on tcp: and unix: sockets,
 	// in bytes; the kernel caps it (net.core.wmem_max/rmem_max, 4 MiB on
 	// the machines measured). Zero picks what measured best on loopback
@@ -150,11 +156,7 @@ func (c *Config) dial(ctx context.Context, a Addr) (Conn, error) {
 		}
 		return &sockConn{c: nc, addr: a}, nil
 	case SchemeFD:
-		fd, err := c.resolveFD(a)
-		if err != nil {
-			return nil, err
-		}
-		conn, _, err := openFD(a, fd, true, a.FDName == "")
+		conn, _, err := c.openFDAddr(a, true)
 		return conn, err
 	case SchemeFile:
 		return dialFile(a)

@@ -94,11 +94,7 @@ func (c *Config) listen(ctx context.Context, a Addr) (Listener, error) {
 	case SchemeUnix:
 		return c.listenUnix(ctx, a)
 	case SchemeFD:
-		fd, err := c.resolveFD(a)
-		if err != nil {
-			return nil, err
-		}
-		conn, ln, err := openFD(a, fd, false, a.FDName == "")
+		conn, ln, err := c.openFDAddr(a, false)
 		if err != nil {
 			return nil, err
 		}

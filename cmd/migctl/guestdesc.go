@@ -22,7 +22,9 @@ const guestDefaults = "size=1G,dirty-rate=64M,seed=1,writers=1,zero=0.1,random=o
 const guestHelp = "--guest describes the built-in guest as comma-separated KEY=VALUE: size (bytes of RAM, K/M/G/T\n" +
 	"suffixes), dirty-rate (bytes per second its writers rewrite; 0: idle), seed (of its memory pattern),\n" +
 	"writers (goroutines sharing dirty-rate), zero (fraction of pages that stay zero), random (on: fill\n" +
-	"memory with incompressible bytes). Keys left out take the defaults:\n  " + guestDefaults + "\n" +
+	"memory with incompressible bytes), uuid (the guest's UUID, QEMU's -uuid; default none), backing (anon:\n" +
+	"anonymous memory with transparent huge pages, the default; memfd: shared memory another process can map),\n" +
+	"prealloc (on: fault all RAM in before anything else, as QEMU's -mem-prealloc). Keys left out take the defaults:\n  " + guestDefaults + "\n" +
 	"A source and its destination must agree on size, seed, zero and random; dirty-rate and writers may differ."
 
 // defaultGuest is guestDefaults parsed.
@@ -75,8 +77,21 @@ func applyGuest(cfg guest.Config, s string) (guest.Config, error) {
 				err = fmt.Errorf("want %s", onOffWords)
 			}
 			cfg.Random = on
+		case "uuid":
+			cfg.UUID, err = guest.ParseUUID(v)
+		case "backing":
+			if v != guest.BackingAnon && v != guest.BackingMemfd {
+				err = fmt.Errorf("want %s or %s", guest.BackingAnon, guest.BackingMemfd)
+			}
+			cfg.Backing = v
+		case "prealloc":
+			on, ok := parseOnOff(v, false)
+			if !ok {
+				err = fmt.Errorf("want %s", onOffWords)
+			}
+			cfg.Prealloc = on
 		default:
-			return cfg, fmt.Errorf("--guest: unknown key %q; use size, dirty-rate, seed, writers, zero or random", k)
+			return cfg, fmt.Errorf("--guest: unknown key %q; use size, dirty-rate, seed, writers, zero, random, uuid, backing or prealloc", k)
 		}
 		if err != nil {
 			return cfg, fmt.Errorf("--guest %s=%s: %w", k, v, err)

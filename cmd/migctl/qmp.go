@@ -14,9 +14,13 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/migctl/migctl/creds"
+	"github.com/migctl/migctl/engine"
 	"github.com/migctl/migctl/guest"
+	"github.com/migctl/migctl/loaders"
 	"github.com/migctl/migctl/qmp"
 	"github.com/migctl/migctl/spec"
+	"github.com/migctl/migctl/transport"
 	"github.com/migctl/migctl/vmm"
 )
 
@@ -35,8 +39,9 @@ func qmpServeCmd() *cobra.Command {
 	var addrs []string
 	var guestSpec string
 	var dest bool
+	var sf serveFlags
 	cmd := &cobra.Command{
-		Use:   "serve --qmp unix:PATH [--qmp tcp:HOST:PORT] [--guest size=1G,dirty-rate=64M,seed=1] [--destination]",
+		Use:   "serve --qmp unix:PATH [--qmp tcp:HOST:PORT] [--guest size=1G,dirty-rate=64M,seed=1] [--destination] [--migration-dir DIR] [--qmp-tls-creds DIR] [--fd N]...",
 		Short: "Host the built-in guest and serve QMP, as a QEMU process does",
 		Long: "serve hosts the built-in guest and answers QMP (the QEMU Machine Protocol) on the given sockets, so that\n" +
 			"QMP clients (and migctl's own migrate, incoming, status... commands) drive its migrations.\n\n" +
@@ -44,7 +49,7 @@ func qmpServeCmd() *cobra.Command {
 			"migrate-incoming (QEMU's -incoming defer). Source and destination need the same --guest size and seed.\n" +
 			"The unix socket is created with mode 0600; a TCP address must be loopback. serve runs until the QMP\n" +
 			"command quit, SIGINT or SIGTERM, and removes its sockets. It exits with status 1 when an incoming\n" +
-			"migration started with exit-on-error (the default) fails.\n\n" + guestHelp,
+			"migration started with exit-on-error (the default) fails.\n\n" + guestHelp + serveHelp,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if len(addrs) == 0 {
@@ -54,16 +59,32 @@ func qmpServeCmd() *cobra.Command {
 			if err != nil {
 				return &usageError{err: err}
 			}
-			return qmpRunServe(cmd, addrs, cfg, dest)
+			return qmpRunServe(cmd, addrs, cfg, dest, &sf)
 		},
 	}
+	sf.add(cmd)
 	cmd.Flags().StringArrayVar(&addrs, "qmp", nil, "QMP `ADDRESS` to serve on: unix:PATH or tcp:HOST:PORT (repeatable)")
 	cmd.Flags().StringVar(&guestSpec, "guest", "", "the built-in guest: `size=…,dirty-rate=…,seed=…[,writers=…][,zero=…][,random=on]` (default "+guestDefaults+")")
 	cmd.Flags().BoolVar(&dest, "destination", false, "host an empty guest that waits for an incoming migration")
 	return cmd
 }
 
-func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest bool) error {
+func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest bool, sf *serveFlags) error {
+	// Descriptors inherited at startup are declared before anything else
+	// is opened.
+	fds := qmp.NewFDTable()
+	defer fds.Close()
+	if err := sf.inherit(fds); err != nil {
+		return err
+	}
+	qopts, err := sf.options()
+	if err != nil {
+		return err
+	}
+	lopts, err := sf.listenOptions(addrs)
+	if err != nil {
+		return err
+	}
 	s, err := loadSpec(cmd, nil)
 	if err != nil {
 		printSpecErrors(cmd.ErrOrStderr(), err)
@@ -85,13 +106,18 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest bool
 			return err
 		}
 	}
-	c, err := newController(s, g, dest)
+	objs := creds.NewObjects()
+	c, err := serveController(s, g, dest, objs)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
 	exitCh := make(chan error, 1)
+	// fd: addresses are resolved from the server's descriptor table only.
+	tc := &transport.Config{Descriptors: fds}
 	h := vmm.New(c, g, vmm.Options{
+		Engine: engine.Options{Dial: tc.Dial, Logger: log},
+		Loader: loaders.Options{Listen: tc.Listen, Logger: log},
 		Exit: func(err error) {
 			select {
 			case exitCh <- err:
@@ -101,10 +127,18 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest bool
 		Logger: log,
 	})
 	defer h.Close()
-	srv := qmp.NewServer(c, h, qmp.Options{Logger: log})
+	qopts.Logger, qopts.Objects, qopts.FDs = log, objs, fds
+	if u, ok := guest.UUIDOf(g); ok {
+		qopts.UUID = u.String()
+	}
+	srv := qmp.NewServer(c, h, qopts)
 	defer srv.Close()
 	for _, a := range addrs {
-		addr, err := srv.Listen(a)
+		lo := qmp.ListenOptions{}
+		if strings.HasPrefix(a, "tcp:") {
+			lo = lopts
+		}
+		addr, err := srv.ListenWith(a, lo)
 		if err != nil {
 			return err
 		}
