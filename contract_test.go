@@ -35,7 +35,20 @@ var notSpecNames = []struct {
 	count         int
 	why           string
 }{
-	{"qmp/commands.go", "migrate", 2, "the QMP command's name (table and argument errors)"},
+	{"qmp/commands.go", "migrate", 3, "the QMP command's name (table, argument errors, the trust policy)"},
+	{"qmp/hmp.go", "stop", 1, "the HMP command name"},
+	{"qmp/hmp.go", "migrate", 1, "the HMP info subcommand's name"},
+	{"qmp/hmp.go", "failed", 1, "QEMU's MigrationStatus in HMP's info migrate text"},
+	{"qmp/hmp.go", "paused", 1, "QEMU's RunState in HMP's info status text"},
+	{"cmd/migctl/runstate.go", "stop", 2, "the CLI subcommand and the QMP command it sends"},
+	{"cmd/migctl/runstate.go", "cont", 2, "the CLI subcommand and the QMP command it sends"},
+	{"cmd/migctl/runstate.go", "pre-switchover", 1, "QEMU's MigrationStatus, migrate-continue's default argument"},
+	{"cmd/migctl/runstate.go", "paused", 1, "a word the CLI prints"},
+	{"cmd/migctl/runstate.go", "running", 1, "a word the CLI prints"},
+	{"cmd/migctl/info.go", "paused", 1, "a word the CLI prints"},
+	{"cmd/migctl/info.go", "running", 1, "a word the CLI prints"},
+	{"cmd/migctl/info.go", "incoming", 1, "the JSON key of query-migctl-machine's incoming side"},
+	{"cmd/migctl/qmp.go", "pre-switchover", 1, "a QMP client reading QEMU's MigrationStatus from query-migrate"},
 	{"qmp/commands.go", "stop", 1, "the QMP command name"},
 	{"qmp/commands.go", "cont", 1, "the QMP command name"},
 	{"qmp/commands.go", "resume", 1, "the QMP migrate command's resume argument"},
