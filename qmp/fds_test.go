@@ -3,6 +3,7 @@ package qmp
 import (
 	"context"
 	"errors"
+	"github.com/migctl/migctl/guest"
 	"os"
 	"strconv"
 	"strings"
@@ -158,7 +159,9 @@ func TestGetFDOverTCP(t *testing.T) {
 // migrate-incoming fd:N at the control listener hung every later client).
 // Only numbers declared at startup (Inherit) are used.
 func TestFDNumbersAreRefused(t *testing.T) {
-	src := newNode(t, nodeOpts{})
+	memGuest := testGuest()
+	memGuest.Backing = guest.BackingMemfd // a guest whose RAM has a descriptor to point at
+	src := newNode(t, nodeOpts{guest: &memGuest})
 	dst := newNode(t, nodeOpts{dest: true})
 	cs, cd := src.client(t), dst.client(t)
 	memfd := src.g.Blocks()[0].FD

@@ -377,7 +377,7 @@ func TestDefaultEffects(t *testing.T) {
 	wantCaps := map[string]string{
 		"xbzrle": r, "rdma-pin-all": r, "auto-converge": h, "events": h, "postcopy-ram": r, "x-colo": r,
 		"release-ram": r, "return-path": h, "pause-before-switchover": h, "multifd": h, "dirty-bitmaps": r,
-		"postcopy-blocktime": v, "late-block-activate": v, "x-ignore-shared": r, "validate-uuid": r,
+		"postcopy-blocktime": v, "late-block-activate": v, "x-ignore-shared": r, "validate-uuid": h,
 		"background-snapshot": r, "zero-copy-send": r, "postcopy-preempt": r, "switchover-ack": h,
 		"dirty-limit": r, "mapped-ram": r,
 	}

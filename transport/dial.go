@@ -17,6 +17,11 @@ import (
 // use and is what the package-level Dial and Listen use. A Config is not
 // modified by its methods and may be shared by goroutines.
 type Config struct {
+	// RAM lists the guest RAM a destination's transport may write into
+	// directly (RDMA registers it); transports that carry a byte stream
+	// ignore it.
+	RAM []RAMBlock
+
 	// ResolveFD maps the name in an fd:NAME address (a descriptor a client
 	// registered with QMP's getfd) to a descriptor number. The channel works
 	// on a duplicate, so the descriptor returned stays the resolver's: its
@@ -163,6 +168,9 @@ func (c *Config) dial(ctx context.Context, a Addr) (Conn, error) {
 	case SchemeExec:
 		return dialExec(a, c.execGrace())
 	case SchemeRDMA, SchemeVsock:
+		if sc := registered(a.Scheme); sc != nil {
+			return sc.Dial(ctx, a, c)
+		}
 		return nil, unsupported(a.Scheme)
 	}
 	return nil, fmt.Errorf("unknown migration protocol: %s", a.Scheme)

@@ -115,6 +115,9 @@ func (c *Config) listen(ctx context.Context, a Addr) (Listener, error) {
 		}
 		return newSingleListener(a, ec, ec.abort), nil
 	case SchemeRDMA, SchemeVsock:
+		if sc := registered(a.Scheme); sc != nil {
+			return sc.Listen(ctx, a, c)
+		}
 		return nil, unsupported(a.Scheme)
 	}
 	return nil, fmt.Errorf("unknown migration protocol: %s", a.Scheme)

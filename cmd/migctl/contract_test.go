@@ -184,7 +184,7 @@ func TestExplainAgreesWithTheMachine(t *testing.T) {
 		{side: "outgoing", uri: closed, params: map[string]any{"multifd-compression": "zstd"}, want: true},
 		{side: "outgoing", uri: closed, params: map[string]any{"max-cpu-throttle": 10}, rule: "max-cpu-throttle/at-least-initial"},
 		{side: "outgoing", uri: closed, caps: []string{"background-snapshot"}, rule: "migctl/not-implemented"},
-		{side: "outgoing", uri: closed, caps: []string{"validate-uuid"}, rule: "migctl/not-implemented"},
+		{side: "outgoing", uri: closed, caps: []string{"validate-uuid"}, want: true}, // implemented by the security work (issue 12)
 		{side: "outgoing", uri: "exec:false", caps: []string{"auto-converge", "pause-before-switchover"}, want: true},
 		{side: "outgoing", uri: closed, runState: "inmigrate", rule: "guest/waiting-for-incoming"},
 		{side: "outgoing", uri: closed, runState: "postmigrate", rule: "guest/postmigrate"},
