@@ -66,6 +66,7 @@ var notSpecNames = []struct {
 	{"qmp/commands.go", "pre-switchover", 1, "QEMU's MigrationStatus enum"},
 	{"qmp/commands.go", "device", 1, "QEMU's MigrationStatus enum"},
 	{"qmp/commands.go", "failing", 1, "QEMU's MigrationStatus enum"},
+	{"creds/objects.go", "loaded", 1, "QEMU's deprecated tls-creds property, refused by name"},
 	{"qmp/server.go", "listen", 1, "a socket operation's name in an error"},
 	{"cmd/migctl/qmp.go", "migrate", 1, "the QMP command a client sends"},
 	{"cmd/migctl/qmp.go", "cancel", 1, "the CLI subcommand's name"},

@@ -205,6 +205,12 @@ func TestDefaultGraphs(t *testing.T) {
 	// objects the parameters name.
 	st := "[transport-compatible,tls-objects]"
 	const noCancel = "Postcopy migration in progress, cannot cancel." // QEMU's migrate_cancel in postcopy
+	// migctl's own words for the switchover states QEMU lacks (issue 9).
+	const (
+		committedOut = "The switchover is committed: the destination may already run the guest, so the migration cannot be cancelled; wait for it to end"
+		unknownOut   = "The outcome of the switchover is unknown: the destination may run the guest; say what happened with x-migctl-resolve-switchover"
+		unknownIn    = "The outcome of the switchover is unknown: the source may resume the guest or may have handed it over; say which with x-migctl-resolve-switchover"
+	)
 	want := map[string][]string{
 		Incoming: {
 			"none --incoming " + st + "--> setup",
@@ -221,6 +227,13 @@ func TestDefaultGraphs(t *testing.T) {
 			"postcopy-paused --recover " + st + "--> postcopy-recover", "postcopy-paused --fail--> failed",
 			"postcopy-recover --resume--> postcopy-active", "postcopy-recover --pause--> postcopy-paused", "postcopy-recover --fail--> failed",
 			"completed --cancel--> (ignore)", "failed --cancel--> (ignore)", "cancelled --cancel--> (ignore)",
+			// The switchover commit protocol (issue 9): the guest runs here
+			// only after the source's go; a cut before it is an unknown
+			// outcome only an operator resolves.
+			"active --loaded--> loaded", "loaded --complete--> completed", "loaded --fail--> failed",
+			"loaded --lost--> unknown-outcome", "loaded --cancel--> cancelling",
+			"unknown-outcome --resolve-start--> completed", "unknown-outcome --resolve-discard--> failed",
+			"unknown-outcome --cancel--> (refuse: " + unknownIn + ")",
 		},
 		Outgoing: {
 			"none --migrate " + st + "--> setup", "failed --migrate " + st + "--> setup", "cancelled --migrate " + st + "--> setup",
@@ -242,12 +255,18 @@ func TestDefaultGraphs(t *testing.T) {
 			"postcopy-recover --resume-ack--> postcopy-active", "postcopy-recover --pause--> postcopy-paused", "postcopy-recover --fail--> failing",
 			"none --cancel--> (ignore)", "cancelling --cancel--> (ignore)", "cancelled --cancel--> (ignore)",
 			"completed --cancel--> (ignore)", "failing --cancel--> (ignore)", "failed --cancel--> (ignore)",
+			// The switchover commit protocol: after the commit the source
+			// never resumes on its own and cannot be cancelled.
+			"device --commit--> committed", "committed --complete--> completed", "committed --fail--> failing",
+			"committed --lost--> unknown-outcome", "committed --cancel--> (refuse: " + committedOut + ")",
+			"unknown-outcome --resolve-running--> completed", "unknown-outcome --resolve-gone--> failing",
+			"unknown-outcome --cancel--> (refuse: " + unknownOut + ")",
 		},
 	}
 	wantStates := map[string]string{
 		Incoming: "none:mutable setup:mutable listening:mutable connected:frozen active:frozen postcopy-active:frozen " +
-			"postcopy-paused:frozen postcopy-recover:frozen cancelling:frozen completed:mutable:end failed:mutable:end cancelled:mutable:end",
-		Outgoing: "none:mutable setup:frozen active:frozen pre-switchover:frozen device:frozen postcopy-active:frozen " +
+			"postcopy-paused:frozen postcopy-recover:frozen loaded:frozen unknown-outcome:frozen cancelling:frozen completed:mutable:end failed:mutable:end cancelled:mutable:end",
+		Outgoing: "none:mutable setup:frozen active:frozen pre-switchover:frozen device:frozen committed:frozen unknown-outcome:frozen postcopy-active:frozen " +
 			"postcopy-paused:frozen postcopy-recover-setup:frozen postcopy-recover:frozen completed:mutable:end " +
 			"cancelling:frozen cancelled:mutable:end failing:frozen failed:mutable:end",
 	}
