@@ -116,6 +116,10 @@ type Input struct {
 	// GuestState is the guest graph's current state ("" when the spec has
 	// no guest graph).
 	GuestState string
+	// Sides holds every graph's current state by graph name (incoming,
+	// outgoing, guest), for guards that judge one graph's edge by
+	// another's state (outcome-known); nil outside a controller.
+	Sides map[string]string
 	// Objects are the named objects the process holds (QMP object-add:
 	// TLS credentials, authorization lists), by id, as they are at this
 	// Fire; nil when the process keeps no object registry. The
@@ -183,6 +187,7 @@ const (
 	ConfigMutable         = "config-mutable"
 	PauseBeforeSwitchover = "pause-before-switchover"
 	TLSObjects            = "tls-objects"
+	OutcomeKnown          = "outcome-known"
 )
 
 // Default returns the registry of every guard migctl implements.
@@ -192,6 +197,7 @@ func Default() Registry {
 		ConfigMutable:         configMutable,
 		PauseBeforeSwitchover: pauseBeforeSwitchover,
 		TLSObjects:            tlsObjects,
+		OutcomeKnown:          outcomeKnown,
 	}
 }
 
@@ -343,6 +349,29 @@ func mutableStates(sd *spec.Side) []string {
 		}
 	}
 	return out
+}
+
+// outcomeKnown refuses while any migration side is in a state whose
+// outcome is unknown (spec State.Outcome): the guest may neither start nor
+// resume on its own there, whatever an operator's plain cont says.
+func outcomeKnown(in *Input) error {
+	var rs []Refusal
+	for _, name := range spec.SideNames {
+		sd := in.Spec.Side(name)
+		if sd == nil {
+			continue
+		}
+		st := sd.State(in.Sides[name])
+		if st == nil || st.Outcome != spec.OutcomeUnknown {
+			continue
+		}
+		rs = append(rs, Refusal{Reason: fmt.Sprintf("the %s migration is in %s: whether the guest runs on the other side is unknown; "+
+			"say what happened with x-migctl-resolve-switchover first", name, st.QMPStatus())})
+	}
+	if len(rs) > 0 {
+		return refuse(OutcomeKnown, rs...)
+	}
+	return nil
 }
 
 // pauseBeforeSwitchover allows its edge when the capability of the same

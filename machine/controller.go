@@ -521,6 +521,10 @@ func (c *Controller) input(sd *side, trigger string) *guards.Input {
 	if g := c.sides[spec.Guest]; g != nil {
 		in.GuestState = g.state
 	}
+	in.Sides = make(map[string]string, len(c.sides))
+	for name, o := range c.sides {
+		in.Sides[name] = o.state
+	}
 	if c.opts.Objects != nil {
 		in.Objects = c.opts.Objects()
 	}
