@@ -74,7 +74,12 @@ func (l *loader) acceptMain() (main transport.Conn, early []transport.Conn, err 
 			closeAll(early)
 			return nil, nil, fmt.Errorf("wait for the source on %s: %w", in.ln.Addr(), err)
 		}
+		// A cancel ends the wait for the connection's first bytes at once.
+		stop := context.AfterFunc(in.ioCtx, func() { c.Close() })
 		r, pc, err := classify(c)
+		if !stop() {
+			err = errors.Join(err, context.Cause(in.ioCtx))
+		}
 		if err != nil {
 			c.Close()
 			closeAll(early)

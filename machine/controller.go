@@ -116,6 +116,9 @@ type side struct {
 	history  []Record
 	stats    Stats
 	started  time.Time // when the current migration left the initial/terminal state
+	// stalled is since when the peer has been silent, as the data plane's
+	// watchdog reported it (PublishStalled); zero when it is not.
+	stalled time.Time
 }
 
 // Record is one entry of a side's history: a transition, a refusal that
@@ -366,6 +369,9 @@ func (c *Controller) transitioned(ctx context.Context, sd *side, from, to, trigg
 			sd.started = now
 			sd.errDesc = ""
 			sd.stats = Stats{}
+		}
+		if sd.graph.Terminal(to) || to == sd.graph.Initial {
+			sd.stalled = time.Time{}
 		}
 		if (sd.graph.Terminal(to) || to == sd.graph.Initial) && !mutant.KeepEndpoint {
 			// The migration ended: the next one is judged against its own
@@ -703,6 +709,10 @@ type Status struct {
 	Error string
 	// Started is when the current migration began (zero if never).
 	Started time.Time
+	// Stalled is how long the peer has been silent, once the data plane's
+	// watchdog saw it miss two keepalives (zero otherwise): QMP shows it as
+	// x-migctl-stalled-ms before x-migctl-io-timeout ends the migration.
+	Stalled time.Duration
 	Stats   Stats
 	History []Record
 }
@@ -725,6 +735,9 @@ func (c *Controller) Status(sideName string, history int) (Status, error) {
 		Error:     sd.errDesc,
 		Started:   sd.started,
 		Stats:     sd.stats,
+	}
+	if !sd.stalled.IsZero() {
+		st.Stalled = max(c.opts.Now().Sub(sd.stalled), time.Millisecond)
 	}
 	if s := sd.graph.State(sd.state); s != nil {
 		st.Terminal = s.Terminal

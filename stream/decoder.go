@@ -135,6 +135,8 @@ type Decoder struct {
 	buf     []byte // device, command and JSON payloads
 
 	pages, zeros atomic.Uint64
+
+	vmdesc bool // the vmdesc was read (NextTrailer may follow)
 }
 
 // DecoderStats counts what a Decoder has read.
@@ -782,5 +784,6 @@ func (d *Decoder) nextVMDesc() (Record, error) {
 		return Record{}, err
 	}
 	d.state = dsDone
+	d.vmdesc = true
 	return Record{Kind: KindVMDesc, Pos: pos, Data: data}, nil
 }

@@ -111,7 +111,8 @@ func FuzzReadRP(f *testing.F) {
 	var buf bytes.Buffer
 	for _, m := range []RPMessage{NewShut(1), NewPong(9), NewSwitchoverAck(), NewFailReason("no"),
 		{Type: RPReqPagesID, Data: append(make([]byte, 12), 1, 'a')}, {Type: RPReqPages, Data: make([]byte, 12)},
-		{Type: RPRecvBitmap, Data: []byte{1, 'a'}}, {Type: RPResumeAck, Data: []byte{0, 0, 0, 1}}} {
+		{Type: RPRecvBitmap, Data: []byte{1, 'a'}}, {Type: RPResumeAck, Data: []byte{0, 0, 0, 1}},
+		NewHello(ExtSwitchoverCommit), {Type: RPLoaded}, {Type: RPKeepalive}} {
 		must(f, WriteRP(&buf, m))
 		f.Add(bytes.Clone(buf.Bytes()[buf.Len()-4-len(m.Data):]))
 	}

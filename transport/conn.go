@@ -1,6 +1,7 @@
 package transport
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -55,6 +56,16 @@ type Conn interface {
 	// dialled address for Dial, the listener's bound address for Accept. The
 	// peer's socket address, where there is one, is on Unwrap().(net.Conn).
 	Addr() Addr
+}
+
+// Committer is implemented by outgoing one-way channels whose end can be
+// made durable (file: fsync the temporary file, rename it over the target,
+// fsync the directory; exec: close the command's stdin and wait for it to
+// exit 0). Commit's success is the source's commit point on a transport
+// without a back channel; Close without Commit aborts (the temporary file
+// is removed, the command is killed). ctx bounds the wait.
+type Committer interface {
+	Commit(ctx context.Context) error
 }
 
 // rawIO is implemented by this package's Conns. rawReader and rawWriter
