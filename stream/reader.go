@@ -64,21 +64,18 @@ func (b *reader) readErr() error {
 	return err
 }
 
-// fill reads once (retrying empty reads) into the free end of buf, after
-// moving the unread bytes to the front.
+// fill reads once (retrying empty reads) into the buffer, which must be
+// empty: every caller drains it first (page and blob bytes are copied out of
+// it before more is read), so unread bytes never need to move.
 func (b *reader) fill() {
-	if b.r > 0 {
-		copy(b.buf, b.buf[b.r:b.w])
-		b.w -= b.r
-		b.r = 0
-	}
+	b.r, b.w = 0, 0
 	for range maxEmptyReads {
-		n, err := b.src.Read(b.buf[b.w:])
-		if n < 0 || n > len(b.buf)-b.w {
+		n, err := b.src.Read(b.buf)
+		if n < 0 || n > len(b.buf) {
 			b.err = errBadCount
 			return
 		}
-		b.w += n
+		b.w = n
 		if err != nil {
 			b.err = err
 			return
@@ -103,7 +100,6 @@ func (b *reader) Read(p []byte) (int, error) {
 		if b.err != nil {
 			return 0, b.readErr()
 		}
-		b.r, b.w = 0, 0
 		if len(p) >= len(b.buf) {
 			n, err := b.src.Read(p)
 			if n < 0 || n > len(p) {

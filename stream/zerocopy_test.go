@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"syscall"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	"github.com/migctl/migctl/transport"
@@ -400,20 +401,29 @@ func TestZeroCopyNoAlloc(t *testing.T) {
 	}
 }
 
-// TestZeroCopyPayloadCopied: in vector mode the caller may still reuse what
-// it gives WriteDevice (and the Encoder's own scratch bytes) as soon as the
-// call returns, also for payloads bigger than the arena, which go out by
-// reference within the call.
+// TestZeroCopyPayloadCopied: in vector mode the caller may reuse what it
+// gives WriteDevice as soon as the call returns, and the Encoder its own
+// scratch bytes (headers, footers), also where they do not fit in what is
+// left of the arena and go out by reference: payload sizes around the
+// arena's size put the end of the arena at every byte of a section's header,
+// payload and footer in turn.
 func TestZeroCopyPayloadCopied(t *testing.T) {
 	a, c := socketPair(t, 0)
 	got := drain(c)
 	e := NewEncoder(a)
 	must(t, e.WriteHeader(""))
+	must(t, e.Flush())
 	sizes := []int{10, 200 << 10, 300 << 10, 100 << 10}
+	for delta := range 48 {
+		sizes = append(sizes, encoderBufSize-delta)
+	}
 	for i, n := range sizes {
 		p := bytes.Repeat([]byte{byte(i + 1)}, n)
 		must(t, e.WriteDevice(fmt.Sprintf("dev%d", i), 0, 1, p))
 		clear(p)
+		if i >= 4 {
+			must(t, e.Flush()) // each boundary case starts from an empty arena
+		}
 	}
 	must(t, e.Close())
 	must(t, a.CloseWrite())
@@ -425,6 +435,9 @@ func TestZeroCopyPayloadCopied(t *testing.T) {
 	for _, r := range recs {
 		if r.Kind != KindDevice {
 			continue
+		}
+		if want := fmt.Sprintf("dev%d", i); r.Section.IDStr != want {
+			t.Errorf("device %d is called %q, want %q", i, r.Section.IDStr, want)
 		}
 		if !bytes.Equal(r.Data, bytes.Repeat([]byte{byte(i + 1)}, sizes[i])) {
 			t.Errorf("device %d (%d bytes): the destination got other bytes", i, sizes[i])
@@ -544,6 +557,16 @@ func TestReadPageEnds(t *testing.T) {
 		d := NewDecoder(r, Limits{PageSize: testPS})
 		d.rb = newReader(r, 64)
 		wantDecodeError(t, read(d), ErrCorrupt, nil, int64(len(cut)), "stream ends inside page data")
+	})
+	t.Run("reader, page whole with io.EOF", func(t *testing.T) {
+		// The last bytes of a whole page arrive together with io.EOF:
+		// ReadPage succeeds, the next record is what is missing.
+		r := iotest.DataErrReader(&chunkReader{bytes.NewReader(full), 1000})
+		d := NewDecoder(r, Limits{PageSize: testPS})
+		d.rb = newReader(r, 64)
+		must(t, read(d))
+		_, err := d.Next()
+		wantDecodeError(t, err, ErrCorrupt, nil, int64(len(full)), "stream ends inside a RAM record")
 	})
 	t.Run("socket", func(t *testing.T) {
 		a, c := socketPair(t, 0)
