@@ -162,7 +162,7 @@ func kernelTouch(tb testing.TB, src, dst []byte) {
 // the same after the kernel has read (src) or written (dst) every page once,
 // untimed (later passes); mem=thp, fresh anonymous memory with
 // MADV_HUGEPAGE. On this project's machines (a PVM guest) the kernel's first
-// access to each 4 KiB page of a user mapping costs about 7 µs, and only the
+// access to each 4 KiB page of a user mapping costs 6 to 9 µs, and only the
 // paths where the kernel reads or writes guest RAM itself (writev, readv)
 // pay it; with transparent huge pages it is gone.
 //
