@@ -634,11 +634,12 @@ func (e *Encoder) PutPage(block string, offset uint64, page []byte) error {
 // until the Encoder has written it out, which happens at the latest when the
 // next Flush or Close returns (earlier when the queue fills; an error drops
 // the queue). What goes on the wire is what page holds at that moment, not at
-// the call. So either leave page unchanged until then, or, as the engine does
-// with guest RAM the guest keeps writing, make sure every change made after
-// the call is sent again later: the guest package's dirty-log rule (a writer
-// sets the dirty bit after it wrote the page; the engine clears a page's bit
-// before queueing it and syncs the log after the pass) guarantees it. A
+// the call. So either leave page unchanged until then, or, for guest RAM the
+// guest keeps writing, make sure every change made after the call is sent
+// again later: the guest package's dirty-log rule (a writer sets the dirty
+// bit after it wrote the page) guarantees it for a sender that, as the
+// engine's, clears a page's bit before queueing the page and syncs the log
+// after the pass. A
 // change made after the call sets the page's bit after the change ends, so
 // a later sync reports it and a later pass queues the page again, after that
 // sync, to be read after the change; the stream's later record wins at the
@@ -646,6 +647,8 @@ func (e *Encoder) PutPage(block string, offset uint64, page []byte) error {
 // unsent. Reading later than PutPage never breaks this, it only sends newer
 // (possibly torn) bytes that are sent again anyway. Unmapping page while it
 // is queued and then calling Flush or Close reads unmapped memory (SIGSEGV).
+// Whether it is cheaper than PutPage depends on the host and the memory's
+// backing: see Copies in the package documentation.
 func (e *Encoder) PutPageRef(block string, offset uint64, page []byte) error {
 	return e.putPage("PutPageRef", block, offset, page, true)
 }
