@@ -630,10 +630,10 @@ func (e *Encoder) PutPage(block string, offset uint64, page []byte) error {
 // the kernel reads the page's bytes when the Encoder writes its queue with
 // writev, from page straight into the socket. In copy mode it is PutPage.
 //
-// The rule for the caller: page must stay mapped, and its bytes are read,
-// until the Encoder has written it out, which happens at the latest when the
-// next Flush or Close returns (earlier when the queue fills; an error drops
-// the queue). What goes on the wire is what page holds at that moment, not at
+// The rule for the caller: page must stay mapped until the Encoder has
+// written it out, which happens at the latest when the next Flush or Close
+// returns (earlier when the queue fills; an error drops the queue), and its
+// bytes are read then. What goes on the wire is what page holds at that moment, not at
 // the call. So either leave page unchanged until then, or, for guest RAM the
 // guest keeps writing, make sure every change made after the call is sent
 // again later: the guest package's dirty-log rule (a writer sets the dirty
