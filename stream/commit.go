@@ -148,7 +148,7 @@ func (d *Decoder) NextTrailer() (Trailer, error) {
 	}
 	pos := d.Offset()
 	var b [TrailerSize]byte
-	n, err := io.ReadFull(d.br, b[:])
+	n, err := io.ReadFull(d.rb, b[:])
 	d.off.Add(int64(n))
 	switch {
 	case err == io.EOF:
