@@ -65,6 +65,10 @@ type Options struct {
 	// passes a transport.Config's Listen whose Descriptors resolve fd:
 	// addresses from QMP's getfd table.
 	Listen func(ctx context.Context, a transport.Addr) (transport.Listener, error)
+	// Probe resolves the properties of the address's endpoint for the
+	// rules (default transport.Probe; serve passes its transport.Config's):
+	// an fd: on a regular file is seekable, so mapped-ram may use it.
+	Probe func(a transport.Addr) (transport.Props, bool, error)
 	// LockedBatch, for measurement only, makes the loader hold the
 	// controller lock while it reads and applies batches of this many
 	// records — what QEMU's destination did before its loader thread — so
@@ -93,6 +97,7 @@ type Result struct {
 type Wire struct {
 	MainPages, MainZeros       uint64 // PAGE and ZERO records on the main stream
 	MultifdPages, MultifdZeros uint64 // normal pages and zero entries of multifd packets
+	MappedPages, MappedBytes   uint64 // pages read from a mapped-ram file's offsets
 }
 
 // Incoming is one incoming migration.
@@ -135,7 +140,7 @@ func Listen(ctx context.Context, c *machine.Controller, g guest.Guest, uri strin
 	if opts.Populate == nil {
 		opts.Populate = guest.Populate
 	}
-	ep := &guards.Endpoint{Transport: a.Scheme, URI: a.String(), Channels: opts.Channels}
+	ep := &guards.Endpoint{Transport: a.Scheme, URI: a.String(), Channels: opts.Channels, Props: probeProps(opts.Probe, a)}
 	if _, err := c.Fire(ctx, spec.Incoming, machine.TriggerIncoming, &machine.Args{Endpoint: ep}); err != nil {
 		return nil, err
 	}
@@ -316,6 +321,9 @@ func (l *loader) load() error {
 		cfg = in.c.Config()
 	}
 	l.ackSwitchover = cfg.Caps["switchover-ack"]
+	if handled, err := l.mappedRAM(cfg, early); handled { // loaders/mapped.go
+		return err
+	}
 	// Every channel is there before loading starts, as QEMU's destination
 	// waits for main + all multifd channels.
 	if cfg.Caps["multifd"] {
@@ -625,7 +633,8 @@ func (l *loader) publish(force bool, dec *stream.Decoder) {
 		l.stats.MultifdBytes = l.mf.received()
 		l.stats.Transferred += l.stats.MultifdBytes
 	}
-	l.stats.Normal = l.wire.MainPages + l.wire.MultifdPages
+	l.stats.Transferred += l.wire.MappedBytes
+	l.stats.Normal = l.wire.MainPages + l.wire.MultifdPages + l.wire.MappedPages
 	l.stats.Duplicate = l.wire.MainZeros + l.wire.MultifdZeros
 	l.stats.NormalBytes = l.stats.Normal * l.stats.PageSize
 	l.stats.TotalTime = now.Sub(l.start)
