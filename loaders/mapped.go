@@ -65,7 +65,15 @@ func (l *loader) mappedRAM(cfg guards.Config, early []transport.Conn) (handled b
 		DirectIO: multi && cfg.Params["direct-io"] == "true", // QEMU's migrate_direct_io
 		Limits:   lim,
 	}
-	r, err := mappedram.Open(f, start, o)
+	// A descriptor of its own: a cancel closes the channel, and the
+	// readers must never pread a descriptor number closed and reused
+	// meanwhile.
+	df, err := transport.DupFile(f)
+	if err != nil {
+		return true, fmt.Errorf("mapped-ram: %w", err)
+	}
+	defer df.Close()
+	r, err := mappedram.Open(df, start, o)
 	if err != nil {
 		if !savedMapped(f, start, lim.PageSize) {
 			return true, fmt.Errorf("capability mapped-ram is on, and %s was not saved with it (no mapped-ram block layout): switch mapped-ram off to load it: %w", addr, err)
