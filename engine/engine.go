@@ -68,6 +68,11 @@ type Options struct {
 	// each packet it writes (a test blocks one channel with it to show the
 	// others keep moving pages). Nil in production.
 	MultifdHook func(channel int)
+	// Probe resolves the properties of the address's endpoint for the
+	// rules (default transport.Probe; serve passes its transport.Config's,
+	// which looks through the getfd table): an fd: on a regular file is
+	// seekable, so mapped-ram may use it.
+	Probe func(a transport.Addr) (transport.Props, bool, error)
 }
 
 // Result is how a migration ended.
@@ -123,7 +128,7 @@ func Start(ctx context.Context, c *machine.Controller, g guest.Guest, uri string
 	if opts.Dial == nil {
 		opts.Dial = transport.Dial
 	}
-	ep := &guards.Endpoint{Transport: a.Scheme, URI: a.String(), Channels: opts.Channels}
+	ep := &guards.Endpoint{Transport: a.Scheme, URI: a.String(), Channels: opts.Channels, Props: probeProps(opts.Probe, a)}
 	if _, err := c.Fire(ctx, spec.Outgoing, machine.TriggerMigrate, &machine.Args{Endpoint: ep}); err != nil {
 		return nil, err
 	}
@@ -230,6 +235,7 @@ type sender struct {
 	zeroMode multifd.ZeroPageDetection
 	multifd  bool
 	sink     ramSink
+	mapped   *mappedSink // capability mapped-ram (engine/mapped.go)
 	// Pages handed to the sink, and those the scanner found zero.
 	pagesPut, scanZero uint64
 }
@@ -279,6 +285,12 @@ func (s *sender) migrate() error {
 		s.stats.Total += uint64(len(b.Mem))
 	}
 
+	if cfg.Caps["mapped-ram"] { // before the stream's first byte: it notes where that is
+		if s.mapped, err = prepareMapped(m.ioCtx, s.raw, cfg, pageSize); err != nil {
+			return err
+		}
+		defer s.mapped.close()
+	}
 	s.enc = stream.NewEncoder(conn)
 	if err := s.enc.WriteHeader(m.g.ID()); err != nil {
 		return err
@@ -308,7 +320,12 @@ func (s *sender) migrate() error {
 	for i, b := range s.blocks {
 		sb[i] = stream.Block{Name: b.Name, Size: uint64(len(b.Mem))}
 	}
-	if err := s.enc.StartRAM(pageSize, sb); err != nil {
+	if s.mapped != nil {
+		err = s.mapped.startRAM(s.enc, pageSize, sb)
+	} else {
+		err = s.enc.StartRAM(pageSize, sb)
+	}
+	if err != nil {
 		return err
 	}
 	if s.zeroMode, err = multifd.ParseZeroPageDetection(cfg.Params["zero-page-detection"]); err != nil {
@@ -320,7 +337,9 @@ func (s *sender) migrate() error {
 	if err := s.enc.Flush(); err != nil {
 		return err
 	}
-	if s.multifd {
+	if s.mapped != nil {
+		s.sink = s.mapped // with multifd too: its channels write the file, no connections
+	} else if s.multifd {
 		k, err := s.openMultifd(cfg, pageSize)
 		if err != nil {
 			return err
@@ -443,6 +462,11 @@ func (s *sender) switchover(cfg guards.Config) error {
 	}
 	if err := s.enc.Close(); err != nil {
 		return fmt.Errorf("finish the stream: %w", err)
+	}
+	if s.mapped != nil { // the completion marker, last
+		if err := s.mapped.complete(); err != nil {
+			return err
+		}
 	}
 	s.eofSent = true
 	tSent := time.Now()

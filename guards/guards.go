@@ -78,6 +78,23 @@ type Endpoint struct {
 	// Channels lists the channel types the migration was given (QMP's
 	// channels argument, e.g. main and cpr); empty for a plain uri.
 	Channels []string
+	// Props, when not nil, are this endpoint's own transport properties,
+	// keyed by the spec's property names (spec.PropSeekable, ...) and found
+	// by probing it (transport.Probe: fstat of an fd: descriptor). They
+	// replace the properties the spec declares for Transport in every rule:
+	// an fd: on a regular file is seekable and takes extra descriptors, as
+	// file: does; on a socket it is neither. A name missing from Props is a
+	// property the endpoint lacks. Nil: the spec's declaration applies.
+	Props map[string]bool
+}
+
+// has reports whether the endpoint, of spec transport t, has property
+// prop: its probed Props when it has them, else t's declaration.
+func (e *Endpoint) has(t *spec.Transport, prop string) bool {
+	if e.Props != nil {
+		return e.Props[prop]
+	}
+	return t.Has(prop)
 }
 
 // Peer is what the other side announced in its handshake.

@@ -71,6 +71,10 @@ type Options struct {
 	// guest as soon as the stream ended): for tests of the fallback with a
 	// source that lacks it, and for interop.
 	NoCommitProtocol bool
+	// Probe resolves the properties of the address's endpoint for the
+	// rules (default transport.Probe; serve passes its transport.Config's):
+	// an fd: on a regular file is seekable, so mapped-ram may use it.
+	Probe func(a transport.Addr) (transport.Props, bool, error)
 	// LockedBatch, for measurement only, makes the loader hold the
 	// controller lock while it reads and applies batches of this many
 	// records — what QEMU's destination did before its loader thread — so
@@ -99,6 +103,7 @@ type Result struct {
 type Wire struct {
 	MainPages, MainZeros       uint64 // PAGE and ZERO records on the main stream
 	MultifdPages, MultifdZeros uint64 // normal pages and zero entries of multifd packets
+	MappedPages, MappedBytes   uint64 // pages read from a mapped-ram file's offsets
 }
 
 // Incoming is one incoming migration.
@@ -143,7 +148,7 @@ func Listen(ctx context.Context, c *machine.Controller, g guest.Guest, uri strin
 	if opts.Populate == nil {
 		opts.Populate = guest.Populate
 	}
-	ep := &guards.Endpoint{Transport: a.Scheme, URI: a.String(), Channels: opts.Channels}
+	ep := &guards.Endpoint{Transport: a.Scheme, URI: a.String(), Channels: opts.Channels, Props: probeProps(opts.Probe, a)}
 	if _, err := c.Fire(ctx, spec.Incoming, machine.TriggerIncoming, &machine.Args{Endpoint: ep}); err != nil {
 		return nil, err
 	}
@@ -339,6 +344,9 @@ func (l *loader) load() error {
 		cfg = in.c.Config()
 	}
 	l.ackSwitchover = cfg.Caps["switchover-ack"]
+	if handled, err := l.mappedRAM(cfg, early); handled { // loaders/mapped.go
+		return err
+	}
 	// Every channel is there before loading starts, as QEMU's destination
 	// waits for main + all multifd channels.
 	if cfg.Caps["multifd"] {
@@ -696,7 +704,8 @@ func (l *loader) publish(force bool, dec *stream.Decoder) {
 		l.stats.MultifdBytes = l.mf.received()
 		l.stats.Transferred += l.stats.MultifdBytes
 	}
-	l.stats.Normal = l.wire.MainPages + l.wire.MultifdPages
+	l.stats.Transferred += l.wire.MappedBytes
+	l.stats.Normal = l.wire.MainPages + l.wire.MultifdPages + l.wire.MappedPages
 	l.stats.Duplicate = l.wire.MainZeros + l.wire.MultifdZeros
 	l.stats.NormalBytes = l.stats.Normal * l.stats.PageSize
 	l.stats.TotalTime = now.Sub(l.start)

@@ -489,6 +489,7 @@ func (c *Controller) Fire(ctx context.Context, sideName string, trigger Trigger,
 func cloneEndpoint(e *guards.Endpoint) *guards.Endpoint {
 	ep := *e
 	ep.Channels = slices.Clone(e.Channels)
+	ep.Props = maps.Clone(e.Props)
 	return &ep
 }
 

@@ -405,7 +405,7 @@ func TestDefaultEffects(t *testing.T) {
 		"release-ram": r, "return-path": h, "pause-before-switchover": h, "multifd": h, "dirty-bitmaps": r,
 		"postcopy-blocktime": v, "late-block-activate": v, "x-ignore-shared": r, "validate-uuid": h,
 		"background-snapshot": r, "zero-copy-send": r, "postcopy-preempt": r, "switchover-ack": h,
-		"dirty-limit": r, "mapped-ram": r,
+		"dirty-limit": r, "mapped-ram": h,
 	}
 	wantParams := map[string]string{
 		"announce-initial": v, "announce-max": v, "announce-rounds": v, "announce-step": v,
@@ -415,7 +415,7 @@ func TestDefaultEffects(t *testing.T) {
 		"max-postcopy-bandwidth": v, "max-cpu-throttle": h, "multifd-compression": h, "multifd-zlib-level": h,
 		"multifd-qatzip-level": v, "multifd-zstd-level": h, "block-bitmap-mapping": v,
 		"x-vcpu-dirty-limit-period": v, "vcpu-dirty-limit": v, "mode": r, "zero-page-detection": h,
-		"direct-io": v, "cpr-exec-command": v,
+		"direct-io": h, "cpr-exec-command": v,
 		"x-migctl-keepalive": h, "x-migctl-io-timeout": h,
 	}
 	for _, c := range s.Capabilities {

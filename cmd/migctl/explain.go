@@ -154,6 +154,13 @@ func newExplain() *cobra.Command {
 					return fmt.Errorf("--transport %s: the spec declares no transport %q", uri, ad.Scheme)
 				}
 				a.Endpoint = &guards.Endpoint{Transport: ad.Scheme, URI: ad.String()}
+				// The probe migrate and migrate-incoming use: an fd: is
+				// judged by what its descriptor is (in this process).
+				if props, ok, err := transport.Probe(ad); err != nil {
+					fmt.Fprintf(cmd.ErrOrStderr(), "migctl explain: %s: %v; judging it by the spec's declaration of %s\n", ad, err, ad.Scheme)
+				} else if ok {
+					a.Endpoint.Props = props.Map()
+				}
 			}
 			verdicts, err := c.Judge(side, tr, a, cfg)
 			out := cmd.OutOrStdout()

@@ -118,10 +118,10 @@ func TestValidateAndExplain(t *testing.T) {
 		t.Fatalf("explain mapped-ram over rdma: exit %d\n%s", code, out)
 	}
 	// The machine's own judgement: mapped-ram over file passes QEMU's rules
-	// but migctl's data plane does not implement it yet, so a real migrate
-	// is refused, and so is explain.
+	// and migctl's data plane implements it (issue 8), so a real migrate is
+	// allowed, and so is explain.
 	out, _, code = run(t, "explain", "--transport", "file:/tmp/x", "--cap", "mapped-ram")
-	if code != 1 || !strings.Contains(out, "REFUSED  migctl/not-implemented") {
+	if code != 0 || !strings.Contains(out, "allowed") || !strings.Contains(out, "mapped-ram=on  honoured") {
 		t.Fatalf("explain mapped-ram over file: exit %d\n%s", code, out)
 	}
 	out, _, code = run(t, "explain", "--transport", "tcp:127.0.0.1:4444", "--cap", "pause-before-switchover")
