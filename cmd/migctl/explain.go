@@ -189,7 +189,7 @@ func newExplain() *cobra.Command {
 	cmd.Flags().StringVar(&side, "side", spec.Outgoing, "`SIDE` to judge: incoming or outgoing")
 	cmd.Flags().StringVar(&trigger, "trigger", "", "`TRIGGER` to judge (default: migrate for outgoing, incoming for incoming; also set-capabilities, set-parameters)")
 	cmd.Flags().BoolVar(&all, "all", false, "also list the rules that do not apply")
-	cmd.Flags().StringVar(&runState, "run-state", "", "the guest's run state to judge in (default: running for outgoing, inmigrate for incoming; also paused, postmigrate, inmigrate-paused, finish-migrate)")
+	cmd.Flags().StringVar(&runState, "run-state", "", "the guest's run `STATE` to judge in (default: running for outgoing, inmigrate for incoming; also paused, postmigrate, inmigrate-paused, finish-migrate)")
 	return cmd
 }
 

@@ -207,12 +207,12 @@ func TestDestinationKilledMidStream(t *testing.T) {
 // A capability migctl's data plane does not implement is refused with a
 // reason before anything moves, not silently ignored.
 func TestDemoUnimplementedCapability(t *testing.T) {
-	out, _, code := run(t, "demo", "--size", "16M", "--cap", "multifd=on", "--json")
+	out, _, code := run(t, "demo", "--size", "16M", "--cap", "xbzrle=on", "--json")
 	var r demoResult
 	if err := json.Unmarshal([]byte(out), &r); err != nil {
 		t.Fatalf("demo --json printed %q: %v", out, err)
 	}
-	if code == 0 || r.Verified || !strings.Contains(r.Error, "multifd") || !strings.Contains(r.Error, "does not implement") {
+	if code == 0 || r.Verified || !strings.Contains(r.Error, "xbzrle") || !strings.Contains(r.Error, "does not implement") {
 		t.Fatalf("exit %d, result %+v", code, r)
 	}
 }
