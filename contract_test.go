@@ -90,6 +90,12 @@ var notSpecNames = []struct {
 	{"multifd/reader.go", "none", 1, "multifd-compression's value none"},
 	{"multifd/zero.go", "none", 2, "zero-page-detection's value none"},
 	{"uffd/abi.go", "none", 1, "the word for an empty feature set"},
+	{"bench/cmd/sidebyside/names.go", "migrate", 1, "the QMP command the benchmark sends to QEMU and migctl serve"},
+	{"bench/cmd/sidebyside/names.go", "cont", 1, "the QMP command the benchmark sends to a QEMU source"},
+	{"bench/cmd/sidebyside/names.go", "completed", 1, "QEMU's MigrationStatus read from query-migrate"},
+	{"bench/cmd/sidebyside/names.go", "failed", 1, "QEMU's MigrationStatus read from query-migrate"},
+	{"bench/cmd/sidebyside/names.go", "cancelled", 1, "QEMU's MigrationStatus read from query-migrate"},
+	{"bench/cmd/sidebyside/names.go", "none", 1, "the value of QEMU's -display option"},
 }
 
 // No Go file outside the contract's declarations spells a spec state or
