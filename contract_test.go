@@ -66,6 +66,8 @@ var notSpecNames = []struct {
 	{"qmp/commands.go", "pre-switchover", 1, "QEMU's MigrationStatus enum"},
 	{"qmp/commands.go", "device", 1, "QEMU's MigrationStatus enum"},
 	{"qmp/commands.go", "failing", 1, "QEMU's MigrationStatus enum"},
+	{"bench/cmd/sidebyside/main.go", "commit", 1, "the git commit a benchmark ran on (a key of its host facts)"},
+	{"bench/cmd/sidebyside/report.go", "commit", 1, "the git commit a benchmark ran on (a key of its host facts)"},
 	{"creds/objects.go", "loaded", 1, "QEMU's deprecated tls-creds property, refused by name"},
 	{"qmp/server.go", "listen", 1, "a socket operation's name in an error"},
 	{"cmd/migctl/qmp.go", "migrate", 1, "the QMP command a client sends"},
