@@ -229,13 +229,18 @@ func (c *Controller) build(name string, g *spec.Side) (*side, error) {
 		guard := func(ctx context.Context, _ ...any) bool { return c.edgeAllows(ctx, sd, idx) }
 		switch {
 		case t.Kind == spec.KindIgnore:
-			on := t.On
-			cfg.InternalTransition(on, func(ctx context.Context, _ ...any) error {
+			// Ignored when its guards (if any) allow; refused with their
+			// reasons otherwise (OnUnhandledTrigger below).
+			var guards []stateless.GuardFunc
+			if len(t.Guards) > 0 {
+				guards = append(guards, guard)
+			}
+			cfg.InternalTransition(t.On, func(ctx context.Context, _ ...any) error {
 				if f := fctx(ctx); f != nil {
 					f.ignored = true
 				}
 				return nil
-			})
+			}, guards...)
 		case t.Kind == spec.KindRefuse:
 			// Fire answers these before stateless sees them.
 		case len(t.Guards) == 0:
