@@ -640,7 +640,7 @@ func (l *loader) interrupt() {
 
 // drainTimeout bounds how long a failed destination waits for the source
 // to read its reason and hang up.
-const drainTimeout = 5 * time.Second
+const drainTimeout = time.Second
 
 func (l *loader) sendRP(m stream.RPMessage) error {
 	l.rpMu.Lock()
@@ -762,7 +762,8 @@ func (l *loader) finish(err error) {
 				}
 			}
 		}
-		if told && l.conn != nil && l.conn.ReturnPath() {
+		// A source that went silent is not waited for: it would not read.
+		if told && l.conn != nil && l.conn.ReturnPath() && !errors.As(err, &stall) {
 			l.tellSource(reason)
 		}
 		in.log.Info("incoming migration ended", "state", l.final, "err", err, "pages_loaded", l.loaded)
