@@ -50,7 +50,9 @@ type Options struct {
 	// last byte was sent; its result is published in Stats.Checksum.
 	Checksum func() (uint64, error)
 	// ConfirmTimeout bounds the wait for the destination's confirmation
-	// after the stream ends (default 60 s).
+	// after the stream ends, or, without a return path, for the stream to
+	// become durable (transport.Committer: a file's fsync and rename, an
+	// exec: command's exit) (default 60 s).
 	ConfirmTimeout time.Duration
 	// Channels lists the channel types the migration was given (QMP's
 	// channels argument); the rules judge them with the URI.
@@ -399,13 +401,25 @@ func (s *sender) switchover(cfg guards.Config) error {
 	s.stats.DowntimeBytes = s.moved() - b0
 	s.stats.Remaining = 0
 	if s.rp == nil {
-		// No return path (file, exec): the stream is complete once the
-		// channel is closed; for exec that waits for the command.
-		err := s.conn.Close()
+		// No return path (file, exec, fd on a pipe or file): the source
+		// commits when its last byte is durable (transport.Committer:
+		// file fsync and rename, exec exit status 0). Until Commit
+		// succeeds a failure or cancel aborts the stream (Close) and the
+		// guest runs here again.
+		var err error
+		if c, ok := s.conn.(transport.Committer); ok {
+			ctx, cancel := context.WithTimeoutCause(m.ioCtx, m.opts.ConfirmTimeout,
+				fmt.Errorf("the stream was not durable within %s (engine.Options.ConfirmTimeout)", m.opts.ConfirmTimeout))
+			err = c.Commit(ctx)
+			cancel()
+		} else {
+			err = s.conn.Close()
+		}
 		s.stats.Downtime = time.Since(tStop)
 		if err != nil {
-			return fmt.Errorf("close %s: %w", m.addr, err)
+			return fmt.Errorf("finish the stream: %w", err)
 		}
+		// commit point
 	} else {
 		// QEMU's downtime ends when the source has written its last byte,
 		// or, with its return-path capability on, when the destination's
