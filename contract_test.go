@@ -68,6 +68,8 @@ var notSpecNames = []struct {
 	{"qmp/commands.go", "failing", 1, "QEMU's MigrationStatus enum"},
 	{"bench/cmd/sidebyside/main.go", "commit", 1, "the git commit a benchmark ran on (a key of its host facts)"},
 	{"bench/cmd/sidebyside/report.go", "commit", 1, "the git commit a benchmark ran on (a key of its host facts)"},
+	{"transport/commit.go", "commit", 2, "the operation a CommitError names (CommitError.Op)"},
+	{"transport/exec.go", "commit", 2, "the operation a CommitError names (CommitError.Op)"},
 	{"creds/objects.go", "loaded", 1, "QEMU's deprecated tls-creds property, refused by name"},
 	{"qmp/server.go", "listen", 1, "a socket operation's name in an error"},
 	{"cmd/migctl/qmp.go", "migrate", 1, "the QMP command a client sends"},

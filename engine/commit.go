@@ -208,6 +208,13 @@ func (s *sender) awaitLoaded() error {
 // the source uncommitted.
 func (s *sender) commit() error {
 	if _, err := s.m.c.Fire(s.m.ioCtx, spec.Outgoing, machine.TriggerCommit, nil); err != nil {
+		if s.rp == nil {
+			// A cancel won the race with the durable end of a one-way
+			// save: the file holds a complete save, and the guest runs
+			// here again, as after cont from postmigrate.
+			return fmt.Errorf("the save to %s became durable, but the migration was cancelled before it committed: "+
+				"the file holds a complete save and the guest runs here again: %w", s.m.addr, err)
+		}
 		return fmt.Errorf("commit the switchover: %w", err)
 	}
 	s.committed = true
@@ -217,13 +224,30 @@ func (s *sender) commit() error {
 // commitOneWay finishes a one-way channel durably (transport.Committer:
 // file: fsync and rename, exec: the command exited 0) or, for a channel
 // without that notion, closes it and reports the close's error.
+//
+// The wait is bounded by Options.ConfirmTimeout when set, else by
+// x-migctl-io-timeout (a file whose fsync takes longer, a command that
+// closed its input but does not exit, is a stalled peer). A cancel during
+// the wait aborts the stream (the temporary file is removed, the command
+// killed) and the guest runs here again.
 func (s *sender) commitOneWay() error {
-	resume := s.dog.Pause() // local work: syncing a file, waiting for a command
-	defer resume()
-	if c, ok := s.raw.(transport.Committer); ok {
-		return c.Commit(s.m.ioCtx)
+	c, ok := s.raw.(transport.Committer)
+	if !ok {
+		return s.conn.Close()
 	}
-	return s.conn.Close()
+	resume := s.dog.Pause() // the bound below replaces the watchdog
+	defer resume()
+	ctx := s.m.ioCtx
+	limit, what := s.m.opts.ConfirmTimeout, "engine.Options.ConfirmTimeout"
+	if limit <= 0 {
+		limit, what = s.liveDuration(paramIOTimeout, 30*time.Second), paramIOTimeout
+	}
+	if limit > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeoutCause(ctx, limit, fmt.Errorf("the stream was not durable within %v (%s)", limit, what))
+		defer cancel()
+	}
+	return c.Commit(ctx)
 }
 
 // abortGrace bounds the best-effort ABORT frame of a failing source.

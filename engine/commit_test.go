@@ -84,9 +84,9 @@ type faultConn struct {
 type cut int
 
 const (
-	pass        cut = iota // write it
-	cutBefore              // close the channel instead of writing
-	cutAfter               // write it, then close the channel
+	pass      cut = iota // write it
+	cutBefore            // close the channel instead of writing
+	cutAfter             // write it, then close the channel
 )
 
 func (c *faultConn) Read(b []byte) (int, error) {

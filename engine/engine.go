@@ -53,9 +53,11 @@ type Options struct {
 	// last byte was sent; its result is published in Stats.Checksum.
 	Checksum func() (uint64, error)
 	// ConfirmTimeout, when positive, bounds the wait for the destination's
-	// confirmation after the stream ends. By default only
-	// x-migctl-io-timeout bounds it: a destination that keeps proving it is
-	// alive may take as long as its loading needs.
+	// confirmation after the stream ends, or, without a return path, for
+	// the stream to become durable (transport.Committer: a file's fsync and
+	// rename, an exec: command's exit). By default x-migctl-io-timeout
+	// bounds them: a destination that keeps proving it is alive may take
+	// as long as its loading needs.
 	ConfirmTimeout time.Duration
 	// NoCommitProtocol makes the source behave as one without the
 	// switchover commit protocol (it does not announce it): for tests of

@@ -208,7 +208,9 @@ func TestMappedRAM(t *testing.T) {
 }
 
 // openedODirect reports whether this process has path open with O_DIRECT
-// (/proc/self/fdinfo's flags, octal).
+// (/proc/self/fdinfo's flags, octal): path itself (a destination reading
+// it) or the temporary file an atomic save to path writes
+// (.NAME.migctl-*.tmp next to it, transport's saveFile).
 func openedODirect(t *testing.T, path string) bool {
 	t.Helper()
 	ents, err := os.ReadDir("/proc/self/fd")
@@ -216,7 +218,12 @@ func openedODirect(t *testing.T, path string) bool {
 		t.Fatal(err)
 	}
 	for _, e := range ents {
-		if target, err := os.Readlink("/proc/self/fd/" + e.Name()); err != nil || target != path {
+		target, err := os.Readlink("/proc/self/fd/" + e.Name())
+		if err != nil {
+			continue
+		}
+		tmp, _ := filepath.Match(filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".migctl-*.tmp"), target)
+		if target != path && !tmp {
 			continue
 		}
 		info, err := os.ReadFile("/proc/self/fdinfo/" + e.Name())
@@ -469,12 +476,19 @@ func TestMappedRAMCancelled(t *testing.T) {
 	cfg := mappedCfg()
 	src := newEnd(t, false, cfg)
 	setBoth(t, map[string]bool{"mapped-ram": true}, map[string]any{"max-bandwidth": "8M"}, src)
+	// A save at an offset is written in place (a file: save without one
+	// is atomic: cancelled, it leaves no file at all): what a cancel
+	// leaves there must be refused as incomplete.
 	path := filepath.Join(t.TempDir(), "cancelled.mig")
+	if err := os.WriteFile(path, make([]byte, 4096), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	uri := "file:" + path + ",offset=4096"
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	sub := src.c.Subscribe(1024)
 	defer sub.Close()
-	m, err := engine.Start(ctx, src.c, src.g, "file:"+path, engine.Options{})
+	m, err := engine.Start(ctx, src.c, src.g, uri, engine.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -503,7 +517,7 @@ func TestMappedRAMCancelled(t *testing.T) {
 	}
 	dst := newRunningDest(t, cfg)
 	setBoth(t, map[string]bool{"mapped-ram": true}, nil, dst)
-	dr := restore(t, dst, "file:"+path)
+	dr := restore(t, dst, uri)
 	if dr.Err == nil || !errors.Is(dr.Err, mappedram.ErrIncomplete) {
 		t.Fatalf("loading the cancelled save: %v; want the completion marker missing (mappedram.ErrIncomplete)", dr.Err)
 	}

@@ -122,6 +122,9 @@ func (fi fdInfo) props() Props {
 // keep using it after the Conn may be closed (by a cancel) duplicate it.
 func RegularFile(c Conn) (*os.File, bool) {
 	fc, ok := c.(*fileConn)
+	if sf, isSave := c.(*saveFile); isSave {
+		fc, ok = sf.fileConn, true // the temporary file of an atomic save
+	}
 	if !ok || !fc.regular {
 		return nil, false
 	}
