@@ -77,6 +77,11 @@ type Options struct {
 	// -incoming): New fires await-incoming on the guest graph. Otherwise
 	// it fires boot: the caller runs the guest.
 	Incoming bool
+	// Paused is QEMU's -S: the guest does not run on its own. Without
+	// Incoming the guest graph stays in prelaunch (the caller does not
+	// start the guest; cont does); with Incoming New also fires stop, so
+	// the guest stays paused when its migration arrives, until cont.
+	Paused bool
 	// HistoryLimit bounds the transition history kept per side (default 512).
 	HistoryLimit int
 	// Now returns the current time (default time.Now).
@@ -173,12 +178,19 @@ func New(s *spec.Spec, opts Options) (*Controller, error) {
 		}
 		c.sides[name] = sd
 	}
-	first := TriggerBoot
-	if opts.Incoming {
-		first = TriggerAwaitIncoming
+	var first []Trigger
+	switch {
+	case opts.Incoming && opts.Paused:
+		first = []Trigger{TriggerAwaitIncoming, TriggerStop}
+	case opts.Incoming:
+		first = []Trigger{TriggerAwaitIncoming}
+	case !opts.Paused:
+		first = []Trigger{TriggerBoot}
 	}
-	if _, err := c.Fire(context.Background(), spec.Guest, first, nil); err != nil {
-		return nil, fmt.Errorf("machine: start the guest graph: %w", err)
+	for _, tr := range first {
+		if _, err := c.Fire(context.Background(), spec.Guest, tr, nil); err != nil {
+			return nil, fmt.Errorf("machine: start the guest graph: %w", err)
+		}
 	}
 	return c, nil
 }

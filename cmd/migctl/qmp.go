@@ -38,15 +38,17 @@ func addQMPCommands(root *cobra.Command) {
 func qmpServeCmd() *cobra.Command {
 	var addrs []string
 	var guestSpec string
-	var dest bool
+	var dest, paused bool
 	var sf serveFlags
 	cmd := &cobra.Command{
-		Use:   "serve --qmp unix:PATH [--qmp tcp:HOST:PORT] [--guest size=1G,dirty-rate=64M,seed=1] [--destination] [--migration-dir DIR] [--qmp-tls-creds DIR] [--fd N]...",
+		Use:   "serve --qmp unix:PATH [--qmp tcp:HOST:PORT] [--guest size=1G,dirty-rate=64M,seed=1] [--destination] [-S] [--migration-dir DIR] [--qmp-tls-creds DIR] [--fd N]...",
 		Short: "Host the built-in guest and serve QMP, as a QEMU process does",
 		Long: "serve hosts the built-in guest and answers QMP (the QEMU Machine Protocol) on the given sockets, so that\n" +
 			"QMP clients (and migctl's own migrate, incoming, status... commands) drive its migrations.\n\n" +
 			"Without --destination the guest runs (a source). With --destination the guest is empty and waits for\n" +
 			"migrate-incoming (QEMU's -incoming defer). Source and destination need the same --guest size and seed.\n" +
+			"With -S (QEMU's -S) the guest does not run on its own: a source waits for cont before its guest first\n" +
+			"runs; a destination completes its migration with the guest paused, until cont.\n" +
 			"The unix socket is created with mode 0600; a TCP address must be loopback. serve runs until the QMP\n" +
 			"command quit, SIGINT or SIGTERM, and removes its sockets. It exits with status 1 when an incoming\n" +
 			"migration started with exit-on-error (the default) fails.\n\n" + guestHelp + serveHelp,
@@ -59,17 +61,18 @@ func qmpServeCmd() *cobra.Command {
 			if err != nil {
 				return &usageError{err: err}
 			}
-			return qmpRunServe(cmd, addrs, cfg, dest, &sf)
+			return qmpRunServe(cmd, addrs, cfg, dest, paused, &sf)
 		},
 	}
 	sf.add(cmd)
 	cmd.Flags().StringArrayVar(&addrs, "qmp", nil, "QMP `ADDRESS` to serve on: unix:PATH or tcp:HOST:PORT (repeatable)")
 	cmd.Flags().StringVar(&guestSpec, "guest", "", "the built-in guest: `size=…,dirty-rate=…,seed=…[,writers=…][,zero=…][,random=on]` (default "+guestDefaults+")")
 	cmd.Flags().BoolVar(&dest, "destination", false, "host an empty guest that waits for an incoming migration")
+	cmd.Flags().BoolVarP(&paused, "paused", "S", false, "the guest does not run until cont (QEMU's -S): a source starts stopped, a destination stays paused when its migration arrives")
 	return cmd
 }
 
-func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest bool, sf *serveFlags) error {
+func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest, paused bool, sf *serveFlags) error {
 	// Descriptors inherited at startup are declared before anything else
 	// is opened.
 	fds := qmp.NewFDTable()
@@ -101,13 +104,13 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest bool
 	}
 	defer g.Close()
 	log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: slog.LevelWarn}))
-	if !dest {
+	if !dest && !paused {
 		if err := g.Start(); err != nil {
 			return err
 		}
 	}
 	objs := creds.NewObjects()
-	c, err := serveController(s, g, dest, objs)
+	c, err := serveController(s, g, dest, paused, objs)
 	if err != nil {
 		return err
 	}
@@ -147,8 +150,13 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest bool
 			shown = "tcp:" + addr.String()
 		}
 		role := "source guest running"
-		if dest {
+		switch {
+		case dest && paused:
+			role = "destination guest waiting for migrate-incoming, paused when it arrives (-S)"
+		case dest:
 			role = "destination guest waiting for migrate-incoming"
+		case paused:
+			role = "source guest stopped until cont (-S)"
 		}
 		fmt.Fprintf(cmd.OutOrStdout(), "serving QMP on %s (%s)\n", shown, role)
 	}

@@ -129,7 +129,7 @@ func slicesAny(s []string, f func(string) bool) bool {
 // serveController builds serve's controller: the facts the connect guard
 // compares (page size, guest identity, and the guest's UUID when it has
 // one) and the object registry the tls-objects guard looks at.
-func serveController(s *spec.Spec, g *guest.Builtin, dest bool, objs *creds.Objects) (*machine.Controller, error) {
+func serveController(s *spec.Spec, g *guest.Builtin, dest, paused bool, objs *creds.Objects) (*machine.Controller, error) {
 	ps := "4096"
 	if bs := g.Blocks(); len(bs) > 0 {
 		ps = strconv.Itoa(bs[0].PageSize)
@@ -142,6 +142,7 @@ func serveController(s *spec.Spec, g *guest.Builtin, dest bool, objs *creds.Obje
 		Features: host.Features(),
 		Facts:    facts,
 		Incoming: dest,
+		Paused:   paused,
 		Objects:  qmp.GuardObjects(objs),
 	})
 }

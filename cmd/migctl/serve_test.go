@@ -264,3 +264,45 @@ func TestServeCLIAcrossProcesses(t *testing.T) {
 		}
 	}
 }
+
+// serve -S is QEMU's -S: a source's guest does not run until cont; a
+// destination's stays paused when its migration arrives, until cont
+// (issue 9, item 2).
+func TestServePaused(t *testing.T) {
+	guest := "--guest=size=16M,dirty-rate=8M,seed=5"
+	src := startServe(t, "src", guest, "-S")
+	dst := startServe(t, "dst", guest, "--destination", "-S")
+	status := func(p *serveProc) string {
+		var rs struct {
+			Status  string `json:"status"`
+			Running bool   `json:"running"`
+		}
+		if err := json.Unmarshal(p.ok(`{"execute":"query-status"}`), &rs); err != nil {
+			t.Fatal(err)
+		}
+		return fmt.Sprintf("%s/%v", rs.Status, rs.Running)
+	}
+	if got := status(src); got != "prelaunch/false" {
+		t.Fatalf("source with -S: %s, want prelaunch/false", got)
+	}
+	if got := status(dst); got != "inmigrate/false" {
+		t.Fatalf("destination with -S: %s, want inmigrate/false", got)
+	}
+	src.ok(`{"execute":"cont"}`)
+	if got := status(src); got != "running/true" {
+		t.Fatalf("source after cont: %s", got)
+	}
+	dst.ok(`{"execute":"migrate-incoming","arguments":{"uri":"tcp:127.0.0.1:0"}}`)
+	port := listenPort(t, dst.info())
+	src.ok(`{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":0}}`)
+	src.ok(fmt.Sprintf(`{"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:%s"}}`, port))
+	src.waitStatus("completed")
+	dst.waitStatus("completed")
+	if got := status(dst); got != "paused/false" {
+		t.Fatalf("destination with -S after its migration: %s, want paused/false", got)
+	}
+	dst.ok(`{"execute":"cont"}`)
+	if got := status(dst); got != "running/true" {
+		t.Fatalf("destination after cont: %s", got)
+	}
+}
