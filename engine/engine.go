@@ -44,8 +44,14 @@ type Options struct {
 	// checks for cancellation, applies the bandwidth limit and publishes
 	// statistics (default 8 MiB).
 	SectionBytes int
-	// Dial opens the channel (default transport.Dial); tests inject faults.
+	// Dial opens the channel; tests inject faults. By default it is
+	// Transport's Dial with the guest's RAM and rdma-pin-all added
+	// (transport.Config.RAM, PinRAM), which rdma: needs.
 	Dial func(ctx context.Context, a transport.Addr) (transport.Conn, error)
+	// Transport is the configuration the default Dial starts from (nil:
+	// the zero Config): migctl serve's resolves fd: addresses from QMP's
+	// getfd table and names the RDMA provider.
+	Transport *transport.Config
 	// Checksum, when set, is called with the source guest stopped after the
 	// last byte was sent; its result is published in Stats.Checksum.
 	Checksum func() (uint64, error)
@@ -109,7 +115,7 @@ func Start(ctx context.Context, c *machine.Controller, g guest.Guest, uri string
 		opts.SectionBytes = 8 << 20
 	}
 	if opts.Dial == nil {
-		opts.Dial = transport.Dial
+		opts.Dial = dialWithRAM(c, g, opts.Transport)
 	}
 	if opts.ConfirmTimeout <= 0 {
 		opts.ConfirmTimeout = 60 * time.Second
@@ -284,6 +290,8 @@ func (s *sender) migrate() error {
 		if err != nil {
 			return err
 		}
+		s.sink = k
+	} else if k := s.openRDMA(); k != nil {
 		s.sink = k
 	} else {
 		s.sink = &streamSink{enc: s.enc}
@@ -751,7 +759,9 @@ func (s *sender) publish(force bool) {
 		s.stats.Transferred = s.enc.Stats().Bytes
 		if s.sink != nil {
 			s.stats.Transferred += s.sink.sent()
-			s.stats.MultifdBytes = s.sink.sent()
+			if s.multifd {
+				s.stats.MultifdBytes = s.sink.sent()
+			}
 			s.stats.Duplicate = s.scanZero + s.sink.zeros()
 		} else {
 			s.stats.Duplicate = s.scanZero

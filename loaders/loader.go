@@ -61,10 +61,14 @@ type Options struct {
 	// only then does the destination send SWITCHOVER_ACK. Nil means ready
 	// at once.
 	SwitchoverReady <-chan struct{}
-	// Listen opens the listener (default transport.Listen); migctl serve
-	// passes a transport.Config's Listen whose Descriptors resolve fd:
-	// addresses from QMP's getfd table.
+	// Listen opens the listener. By default it is Transport's Listen with
+	// the guest's RAM added (transport.Config.RAM), which rdma: registers
+	// for the source's one-sided writes.
 	Listen func(ctx context.Context, a transport.Addr) (transport.Listener, error)
+	// Transport is the configuration the default Listen starts from (nil:
+	// the zero Config): migctl serve's resolves fd: addresses from QMP's
+	// getfd table and names the RDMA provider.
+	Transport *transport.Config
 	// LockedBatch, for measurement only, makes the loader hold the
 	// controller lock while it reads and applies batches of this many
 	// records — what QEMU's destination did before its loader thread — so
@@ -140,7 +144,7 @@ func Listen(ctx context.Context, c *machine.Controller, g guest.Guest, uri strin
 		return nil, err
 	}
 	if opts.Listen == nil {
-		opts.Listen = transport.Listen
+		opts.Listen = listenWithRAM(opts.Transport, g)
 	}
 	ln, err := opts.Listen(ctx, a)
 	if err != nil {
@@ -148,6 +152,7 @@ func Listen(ctx context.Context, c *machine.Controller, g guest.Guest, uri strin
 		return nil, err
 	}
 	_ = c.SetEndpoint(spec.Incoming, ln.Addr().String())
+	publishListener(c, ln)
 	if _, err := c.Fire(ctx, spec.Incoming, machine.TriggerListen, nil); err != nil {
 		// Cancelled while the transport was opened (or ctx ended).
 		ln.Close()
@@ -328,6 +333,9 @@ func (l *loader) load() error {
 	}
 	in.ln.Close()
 	if _, err := in.c.Fire(in.ioCtx, spec.Incoming, machine.TriggerLoad, nil); err != nil {
+		return err
+	}
+	if err := l.openRAM(); err != nil {
 		return err
 	}
 	return l.loop(dec)
@@ -515,6 +523,9 @@ func (l *loader) complete() error {
 		}
 	}
 	l.stopPrefault()
+	if err := l.ramLanded(); err != nil {
+		return err
+	}
 	if in.opts.BeforeStart != nil {
 		if err := in.opts.BeforeStart(l.pageSums); err != nil {
 			return err
@@ -648,6 +659,7 @@ func (l *loader) finish(err error) {
 			err = l.mf.failure() // a channel failed; the main stream was closed under it
 		}
 		reason := err.Error()
+		l.failRAM(err)
 		if l.conn != nil && l.conn.ReturnPath() {
 			l.tellSource(reason)
 		}

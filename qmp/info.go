@@ -28,6 +28,12 @@ type MigrationInfo struct {
 	// SocketAddress lists the addresses a destination listens on (with the
 	// real port of a tcp:…:0 listener).
 	SocketAddress []SocketAddress `json:"socket-address,omitempty"`
+	// XMigctlRDMAProvider is a migctl extension: the RDMA provider
+	// ("soft", "verbs") of a migration over rdma:, so an operator can see
+	// that software RDMA was chosen (migctl serve --rdma-provider);
+	// omitted for other transports. QMP clients ignore members they do
+	// not know.
+	XMigctlRDMAProvider string `json:"x-migctl-rdma-provider,omitempty"`
 }
 
 // MigrationStats is MigrationInfo's ram member (QEMU's MigrationStats).
@@ -99,6 +105,7 @@ func migrationInfo(in, out machine.Status, now time.Time) *MigrationInfo {
 	if in.Report != spec.ReportNone {
 		info.Status = in.QMPStatus
 		info.ErrorDesc = peerDesc(in.Error)
+		info.XMigctlRDMAProvider = in.Stats.RDMAProvider
 	}
 	// Source (fill_source_migration_info).
 	switch out.Report {
@@ -125,6 +132,7 @@ func migrationInfo(in, out machine.Status, now time.Time) *MigrationInfo {
 	if out.Error != "" {
 		info.ErrorDesc = peerDesc(out.Error)
 	}
+	info.XMigctlRDMAProvider = out.Stats.RDMAProvider
 	return info
 }
 

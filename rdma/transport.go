@@ -40,7 +40,7 @@ type ProviderError struct {
 }
 
 func (e *ProviderError) Error() string {
-	return fmt.Sprintf("rdma provider %q: %v; migctl never falls back to another provider on its own: on a host without an RDMA device, choose the software provider explicitly (migctl serve --rdma-provider soft)", e.Name, e.Err)
+	return fmt.Sprintf("%v (rdma: addresses run on the provider migctl was started with, --rdma-provider %s; it never falls back to soft on its own)", e.Err, e.Name)
 }
 
 func (e *ProviderError) Unwrap() error { return e.Err }

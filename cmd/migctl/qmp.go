@@ -114,10 +114,10 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest bool
 	defer c.Close()
 	exitCh := make(chan error, 1)
 	// fd: addresses are resolved from the server's descriptor table only.
-	tc := &transport.Config{Descriptors: fds}
+	tc := &transport.Config{Descriptors: fds, RDMAProvider: sf.rdmaProvider}
 	h := vmm.New(c, g, vmm.Options{
-		Engine: engine.Options{Dial: tc.Dial, Logger: log},
-		Loader: loaders.Options{Listen: tc.Listen, Logger: log},
+		Engine: engine.Options{Transport: tc, Logger: log},
+		Loader: loaders.Options{Transport: tc, Logger: log},
 		Exit: func(err error) {
 			select {
 			case exitCh <- err:
