@@ -73,7 +73,7 @@ var notSpecNames = []struct {
 	{"cmd/migctl/qmp.go", "failed", 1, "a QMP client reading QEMU's MigrationStatus from query-migrate"},
 	{"cmd/migctl/qmp.go", "cancelled", 1, "a QMP client reading QEMU's MigrationStatus from query-migrate"},
 	{"cmd/migctl/demo.go", "listen", 1, "the demo destination's --listen flag"},
-	{"cmd/migctl/demo.go", "listening", 2, "the demo's own line protocol between its two processes"},
+	{"cmd/migctl/demo.go", "listening", 3, "the demo's own line protocol between its two processes"},
 	{"embed.go", "connected", 1, "the mutant_mutable_running mutation edits this state in the spec's text"},
 	{"embed.go", "active", 1, "the mutant_mutable_running mutation edits this state in the spec's text"},
 	{"engine/engine.go", "switchover", 1, "a log line's message"},
