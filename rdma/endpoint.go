@@ -377,6 +377,13 @@ func (e *endpoint) serve() {
 			ctx = ft
 		}
 		if e.conn.CQ().Wait(ctx) != nil {
+			if !failed && e.Err() != nil {
+				// Woken by Close (which cancels life) right after a
+				// failure this loop has not seen yet: look again, so
+				// that an ERROR on its way still gets failGrace to
+				// leave before the connection is dropped.
+				continue
+			}
 			break
 		}
 	}
