@@ -158,6 +158,7 @@ type endpoint struct {
 	reply      *control.Message
 	replyWant  control.Type
 	finished   int
+	waiting    int // goroutines blocked in waitFor (tests look)
 	errorSent  bool
 	errorDone  bool
 	freeStage  []int
@@ -303,14 +304,24 @@ func (e *endpoint) waitFor(ctx context.Context, op string, cond func() bool, lim
 			return nil
 		}
 		ch := e.changed
+		e.waiting++
 		e.mu.Unlock()
+		var err error
 		select {
 		case <-ch:
 		case <-ctx.Done():
-			return fmt.Errorf("rdma: %s: %w", op, ctx.Err())
+			err = fmt.Errorf("rdma: %s: %w", op, ctx.Err())
 		case <-expired:
-			err := &TimeoutError{Op: op, After: limit}
-			e.fail(err, true)
+			err = &TimeoutError{Op: op, After: limit}
+		}
+		e.mu.Lock()
+		e.waiting--
+		e.mu.Unlock()
+		if err != nil {
+			var te *TimeoutError
+			if errors.As(err, &te) {
+				e.fail(err, true)
+			}
 			return err
 		}
 	}
@@ -781,6 +792,14 @@ func (e *endpoint) replyWanted() bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return e.replyWant != 0
+}
+
+// waiters reports how many goroutines are blocked waiting on the channel
+// (tests).
+func (e *endpoint) waiters() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.waiting
 }
 
 // creditsLeft reports the credits the peer granted and this side has not

@@ -286,21 +286,25 @@ func (c *DestConn) RAMLanded() error { return c.d.Err() }
 func (c *DestConn) Fail(err error) { c.d.Fail(err) }
 
 // deadline is a Conn's deadline: one context shared by the calls made
-// under it, cancelled when it passes. Moving or clearing the deadline
-// before it passed keeps the context (pending calls keep waiting, under
-// the new time or none); once it passed, later calls get a new one.
+// under it, cancelled when the deadline passes. Setting, moving or clearing
+// the deadline before then keeps the context, so pending calls follow the
+// new deadline (or none), as net.Conn's do; while a passed deadline stands
+// every call fails at once, and once it is cleared or moved calls get a
+// new context.
 type deadline struct {
 	mu     sync.Mutex
+	t      time.Time
 	ctx    context.Context
 	cancel context.CancelFunc
 	timer  *time.Timer
 }
 
+// context returns the context a call waits under.
 func (d *deadline) context() context.Context {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.ctx == nil {
-		return context.Background()
+	if d.ctx == nil || (d.ctx.Err() != nil && d.t.IsZero()) {
+		d.ctx, d.cancel = context.WithCancel(context.Background())
 	}
 	return d.ctx
 }
@@ -312,13 +316,11 @@ func (d *deadline) set(t time.Time) {
 		d.timer.Stop()
 		d.timer = nil
 	}
-	if d.ctx != nil && d.ctx.Err() != nil {
-		d.ctx, d.cancel = nil, nil // passed: later calls start afresh
-	}
+	d.t = t
 	if t.IsZero() {
 		return // pending calls keep their context, now without a timer
 	}
-	if d.ctx == nil {
+	if d.ctx == nil || d.ctx.Err() != nil {
 		d.ctx, d.cancel = context.WithCancel(context.Background())
 	}
 	if wait := time.Until(t); wait > 0 {
