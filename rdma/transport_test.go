@@ -221,7 +221,7 @@ func Example_transport() {
 	defer c.Close()
 	s := c.(*SourceConn)
 	_ = s.WriteRAM(ctx, "pc.ram", 4096, guestSrc[4096:8192]) // one-sided, into guestDst
-	_, _ = s.Write([]byte("EOS"))                              // the stream; the write above lands first
+	_, _ = s.Write([]byte("EOS"))                            // the stream; the write above lands first
 	fmt.Println(<-done, s.Provider(), s.PinnedRAM())
 	// Output: EOS "hello" <nil> soft true
 }
