@@ -127,7 +127,7 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest bool
 		Logger: log,
 	})
 	defer h.Close()
-	qopts.Logger, qopts.Objects, qopts.FDs = log, objs, fds
+	qopts.Logger, qopts.Objects, qopts.FDs, qopts.Digest = log, objs, fds, g.Checksum
 	if u, ok := guest.UUIDOf(g); ok {
 		qopts.UUID = u.String()
 	}
