@@ -193,7 +193,7 @@ func TestExplainAgreesWithTheMachine(t *testing.T) {
 		// incoming
 		{side: "incoming", uri: "tcp:127.0.0.1:0", want: true},
 		{side: "incoming", uri: "rdma:127.0.0.1:0", caps: []string{"mapped-ram"}, rule: "mapped-ram/transports"},
-		{side: "incoming", uri: "rdma:127.0.0.1:0", want: true}, // the destination runs --rdma-provider soft (issue 10)
+		{side: "incoming", uri: "rdma:127.0.0.1:0", want: true},                           // the destination runs --rdma-provider soft (issue 10)
 		{side: "incoming", uri: "tcp:127.0.0.1:0", caps: []string{"multifd"}, want: true}, // implemented by the data-plane work (issue 8)
 		{side: "incoming", uri: "file:" + existing, want: true},
 		{side: "incoming", uri: "unix:" + filepath.Join(dir, "in%s.sock"), caps: []string{"return-path"}, want: true},
