@@ -8,6 +8,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/migctl/migctl/internal/mutant"
 	"github.com/migctl/migctl/rdma/control"
 	"github.com/migctl/migctl/rdma/verbs"
 )
@@ -62,7 +63,7 @@ func (l *Listener) Accept(ctx context.Context, blocks []Block) (*Dest, error) {
 		_ = conn.Reject(ctx, err.Error())
 		return nil, err
 	}
-	d := &Dest{e: e, pinAll: caps.Flags&control.CapPinAll != 0, readMu: make(chan struct{}, 1), open: !l.opts.HoldRAM}
+	d := &Dest{e: e, pinAll: caps.Flags&control.CapPinAll != 0, readMu: make(chan struct{}, 1), open: !l.opts.HoldRAM || mutant.RDMAOpenRAM}
 	var off uint64
 	for _, b := range blocks {
 		d.own = append(d.own, dstBlock{name: b.Name, mem: b.Mem, addr: addrOf(b.Mem), offset: off,

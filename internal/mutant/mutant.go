@@ -27,4 +27,8 @@ var (
 	// NoContract (tag mutant_no_contract): the controller accepts a spec
 	// that lacks states and triggers the Go code uses.
 	NoContract bool
+	// RDMAOpenRAM (tag mutant_rdma_open_ram): an RDMA destination opens
+	// its RAM to the source at once (Options.HoldRAM ignored), so a source
+	// the connect guard will refuse can register and write it.
+	RDMAOpenRAM bool
 )
