@@ -530,6 +530,9 @@ func qmpPrintStatus(w io.Writer, info qmp.MigrationInfo, rs qmp.RunState, mi *qm
 	for _, sa := range info.SocketAddress {
 		fmt.Fprintf(tw, "listening on\t%s\n", sa.URI())
 	}
+	if p := info.XMigctlRDMAProvider; p != "" {
+		fmt.Fprintf(tw, "rdma provider\t%s\n", p)
+	}
 	msField := func(name string, v *int64) {
 		if v != nil {
 			fmt.Fprintf(tw, "%s\t%d ms\n", name, *v)

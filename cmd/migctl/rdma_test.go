@@ -75,6 +75,9 @@ func TestRDMASeedOverQMP(t *testing.T) {
 		t.Fatalf("go-qemu QueryMigrate: %+v, %v", mi, err)
 	}
 	dst.refused(`{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"mapped-ram","state":true}]}}`, "mapped-ram", uri)
+	if out, _, code := run(t, "status", "-s", dst.sock); code != 0 || !strings.Contains(out, "rdma provider") || !strings.Contains(out, "soft") {
+		t.Errorf("migctl status: exit %d, %q; want the RDMA provider named", code, out)
+	}
 
 	// (b)
 	src := startServe(t, "src", guest, "--rdma-provider", "soft")
