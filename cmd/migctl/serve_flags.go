@@ -47,7 +47,7 @@ func (f *serveFlags) add(cmd *cobra.Command) {
 
 // addRDMAProviderFlag adds --rdma-provider (serve and demo).
 func addRDMAProviderFlag(fl *pflag.FlagSet, p *string) {
-	fl.StringVar(p, "rdma-provider", rdma.DefaultProvider, "RDMA provider rdma: addresses run on: verbs (an RDMA device through rdma-core) or soft (RDMA's semantics in software over TCP); "+
+	fl.StringVar(p, "rdma-provider", rdma.DefaultProvider, "the RDMA provider `NAME` rdma: addresses run on: verbs (an RDMA device through rdma-core) or soft (RDMA's semantics in software over TCP); "+
 		"never a fallback: where verbs finds no device, rdma: migrations fail with its probe's reason until soft is chosen")
 }
 
