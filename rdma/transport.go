@@ -276,9 +276,25 @@ func (c *DestConn) OpenRAM() error { return c.d.OpenRAM() }
 
 // RAMLanded returns nil when every RAM write the source issued before the
 // stream bytes read so far has landed in guest memory. By the ordering
-// guarantee that holds for a healthy channel; a channel that failed (a
-// refused or lost write among them) returns its error.
-func (c *DestConn) RAMLanded() error { return c.d.Err() }
+// guarantee that holds for a healthy channel once the source ended a pass
+// (Sync: REGISTER_FINISHED, which QEMU's source sends after every
+// iteration too); a channel that failed (a refused or lost write among
+// them) returns its error, and a source that never ended a pass
+// ErrNoPassEnd.
+func (c *DestConn) RAMLanded() error {
+	if err := c.d.Err(); err != nil {
+		return err
+	}
+	if c.d.Stats().Finished == 0 {
+		return ErrNoPassEnd
+	}
+	return nil
+}
+
+// ErrNoPassEnd is DestConn.RAMLanded's error for a source that wrote no
+// REGISTER_FINISHED: it never ended a RAM pass, so nothing says its RAM
+// writes are complete.
+var ErrNoPassEnd = errors.New("rdma: the source never ended a RAM pass (no REGISTER_FINISHED), so its RAM writes cannot be known complete")
 
 // Fail fails the channel and tells the source why at once (an ERROR
 // message), even when the source is blocked in a RAM write and not

@@ -99,11 +99,20 @@ func TestScheme(t *testing.T) {
 				if !bytes.Equal(dst[1<<20:3<<20], src[1<<20:3<<20]) {
 					t.Fatal("the RAM written before the stream bytes had not landed when they were read")
 				}
-				if err := d.RAMLanded(); err != nil {
-					t.Fatal(err)
+				if err := d.RAMLanded(); !errors.Is(err, ErrNoPassEnd) {
+					t.Fatalf("RAMLanded before the source ended a pass: %v; want ErrNoPassEnd", err)
 				}
 				if err := s.SyncRAM(ctx); err != nil {
 					t.Fatal(err)
+				}
+				if _, err := s.Write([]byte("EOF")); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := io.ReadFull(d, eos); err != nil || string(eos) != "EOF" {
+					t.Fatalf("stream: %q, %v", eos, err)
+				}
+				if err := d.RAMLanded(); err != nil {
+					t.Fatalf("RAMLanded after the source's Sync and later stream bytes: %v", err)
 				}
 				if s.RAMBytes() < 2<<20 {
 					t.Errorf("RAMBytes %d, want at least the 2 MiB written", s.RAMBytes())
