@@ -47,8 +47,14 @@ type Options struct {
 	// checks for cancellation, applies the bandwidth limit and publishes
 	// statistics (default 8 MiB).
 	SectionBytes int
-	// Dial opens the channel (default transport.Dial); tests inject faults.
+	// Dial opens the channel; tests inject faults. By default it is
+	// Transport's Dial with the guest's RAM and rdma-pin-all added
+	// (transport.Config.RAM, PinRAM), which rdma: needs.
 	Dial func(ctx context.Context, a transport.Addr) (transport.Conn, error)
+	// Transport is the configuration the default Dial starts from (nil:
+	// the zero Config): migctl serve's resolves fd: addresses from QMP's
+	// getfd table and names the RDMA provider.
+	Transport *transport.Config
 	// Checksum, when set, is called with the source guest stopped after the
 	// last byte was sent; its result is published in Stats.Checksum.
 	Checksum func() (uint64, error)
@@ -128,7 +134,7 @@ func Start(ctx context.Context, c *machine.Controller, g guest.Guest, uri string
 		opts.SectionBytes = 8 << 20
 	}
 	if opts.Dial == nil {
-		opts.Dial = transport.Dial
+		opts.Dial = dialWithRAM(c, g, opts.Transport)
 	}
 	ep := &guards.Endpoint{Transport: a.Scheme, URI: a.String(), Channels: opts.Channels, Props: probeProps(opts.Probe, a)}
 	if _, err := c.Fire(ctx, spec.Outgoing, machine.TriggerMigrate, &machine.Args{Endpoint: ep}); err != nil {
@@ -346,6 +352,8 @@ func (s *sender) migrate() error {
 		if err != nil {
 			return err
 		}
+		s.sink = k
+	} else if k := s.openRDMA(); k != nil {
 		s.sink = k
 	} else {
 		s.sink = &streamSink{enc: s.enc}
@@ -903,7 +911,9 @@ func (s *sender) publish(force bool) {
 		s.stats.Transferred = s.enc.Stats().Bytes
 		if s.sink != nil {
 			s.stats.Transferred += s.sink.sent()
-			s.stats.MultifdBytes = s.sink.sent()
+			if s.multifd {
+				s.stats.MultifdBytes = s.sink.sent()
+			}
 			s.stats.Duplicate = s.scanZero + s.sink.zeros()
 		} else {
 			s.stats.Duplicate = s.scanZero

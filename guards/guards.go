@@ -271,8 +271,8 @@ func peerMismatches(in *Input) []Refusal {
 		}
 		if mine := in.Config.Caps[c.Name]; mine != theirs {
 			rs = append(rs, Refusal{Rule: c.Name + "/must-match-peer", Reason: fmt.Sprintf(
-				"capability %s must be the same on both sides: %s has it %s, %s has it %s",
-				c.Name, them, onOff(theirs), me, onOff(mine))})
+				"capability %s must be the same on both sides: %s has it %s, %s has it %s%s",
+				c.Name, them, onOff(theirs), me, onOff(mine), where(in))})
 		}
 	}
 	for _, p := range in.Spec.Parameters {
@@ -285,8 +285,8 @@ func peerMismatches(in *Input) []Refusal {
 		}
 		if mine := in.Config.Params[p.Name]; mine != theirs {
 			rs = append(rs, Refusal{Rule: p.Name + "/must-match-peer", Reason: fmt.Sprintf(
-				"parameter %s must be the same on both sides: %s has %s, %s has %s",
-				p.Name, them, peerText(theirs), me, peerText(mine))})
+				"parameter %s must be the same on both sides: %s has %s, %s has %s%s",
+				p.Name, them, peerText(theirs), me, peerText(mine), where(in))})
 		}
 	}
 	for _, f := range in.Spec.Facts {
@@ -303,6 +303,19 @@ func peerMismatches(in *Input) []Refusal {
 		}
 	}
 	return rs
+}
+
+// where says which transport a peer mismatch was found on ("; listening on
+// rdma:…"), as rule messages do (see message), or "" without one.
+func where(in *Input) string {
+	if in.Transport == nil {
+		return ""
+	}
+	verb := "migrating to"
+	if in.Side == spec.Incoming {
+		verb = "listening on"
+	}
+	return "; " + verb + " " + in.Transport.URI
 }
 
 // MaxPeerText bounds each value a peer announced (a parameter, a fact

@@ -208,6 +208,12 @@ var ruleCases = []ruleCase{
 	// The seed: a peer announcing mapped-ram to a destination listening on rdma.
 	{name: "peer announces mapped-ram on rdma", side: spec.Incoming, state: "listening", transport: "rdma",
 		peer: &guards.Peer{Caps: map[string]bool{"mapped-ram": true}}, refuse: []string{"mapped-ram", "rdma:0.0.0.0:4444", "source has it on", "destination has it off"}},
+	// Issue 10's scenario (b): a must-match capability only connect can see
+	// differs; the refusal names the capability and the rdma: listener.
+	{name: "peer return-path differs on rdma", side: spec.Incoming, state: "listening", transport: "rdma",
+		peer: &guards.Peer{Caps: map[string]bool{"return-path": true}}, refuse: []string{"return-path", "source has it on", "listening on rdma:0.0.0.0:4444"}},
+	{name: "rdma-pin-all at migrate over rdma (implemented)", caps: []string{"rdma-pin-all"}, transport: "rdma", trigger: "migrate"},
+	{name: "rdma-pin-all at migrate over tcp", caps: []string{"rdma-pin-all"}, transport: "tcp", trigger: "migrate", refuse: []string{"rdma-pin-all", "tcp"}},
 	{name: "peer agrees on tcp", side: spec.Incoming, state: "listening", transport: "tcp", caps: []string{"multifd"},
 		peer: &guards.Peer{Caps: map[string]bool{"multifd": true, "mapped-ram": false}, Params: map[string]string{"multifd-channels": "2"}}},
 	{name: "peer multifd-channels differ", side: spec.Incoming, state: "listening", transport: "tcp", caps: []string{"multifd"},

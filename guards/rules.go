@@ -1,7 +1,6 @@
 package guards
 
 import (
-	"fmt"
 	"slices"
 	"strings"
 
@@ -226,11 +225,7 @@ func message(r *spec.Rule, in *Input, cfg Config) string {
 		"{caps}", strings.Join(namedCaps(r, cfg), ", "),
 	).Replace(r.Message)
 	if in.Transport != nil && !strings.Contains(msg, in.Transport.URI) {
-		verb := "migrating to"
-		if in.Side == spec.Incoming {
-			verb = "listening on"
-		}
-		msg = fmt.Sprintf("%s; %s %s", msg, verb, in.Transport.URI)
+		msg += where(in)
 	}
 	return msg
 }

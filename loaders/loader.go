@@ -62,9 +62,9 @@ type Options struct {
 	// only then does the destination send SWITCHOVER_ACK. Nil means ready
 	// at once.
 	SwitchoverReady <-chan struct{}
-	// Listen opens the listener (default transport.Listen); migctl serve
-	// passes a transport.Config's Listen whose Descriptors resolve fd:
-	// addresses from QMP's getfd table.
+	// Listen opens the listener. By default it is Transport's Listen with
+	// the guest's RAM added (transport.Config.RAM), which rdma: registers
+	// for the source's one-sided writes.
 	Listen func(ctx context.Context, a transport.Addr) (transport.Listener, error)
 	// NoCommitProtocol makes the destination behave as one without the
 	// switchover commit protocol (it never answers HELLO, and starts the
@@ -75,6 +75,10 @@ type Options struct {
 	// rules (default transport.Probe; serve passes its transport.Config's):
 	// an fd: on a regular file is seekable, so mapped-ram may use it.
 	Probe func(a transport.Addr) (transport.Props, bool, error)
+	// Transport is the configuration the default Listen starts from (nil:
+	// the zero Config): migctl serve's resolves fd: addresses from QMP's
+	// getfd table and names the RDMA provider.
+	Transport *transport.Config
 	// LockedBatch, for measurement only, makes the loader hold the
 	// controller lock while it reads and applies batches of this many
 	// records — what QEMU's destination did before its loader thread — so
@@ -153,7 +157,7 @@ func Listen(ctx context.Context, c *machine.Controller, g guest.Guest, uri strin
 		return nil, err
 	}
 	if opts.Listen == nil {
-		opts.Listen = transport.Listen
+		opts.Listen = listenWithRAM(opts.Transport, g)
 	}
 	ln, err := opts.Listen(ctx, a)
 	if err != nil {
@@ -161,6 +165,7 @@ func Listen(ctx context.Context, c *machine.Controller, g guest.Guest, uri strin
 		return nil, err
 	}
 	_ = c.SetEndpoint(spec.Incoming, ln.Addr().String())
+	publishListener(c, ln)
 	if _, err := c.Fire(ctx, spec.Incoming, machine.TriggerListen, nil); err != nil {
 		// Cancelled while the transport was opened (or ctx ended).
 		ln.Close()
@@ -359,6 +364,9 @@ func (l *loader) load() error {
 	}
 	in.ln.Close()
 	if _, err := in.c.Fire(in.ioCtx, spec.Incoming, machine.TriggerLoad, nil); err != nil {
+		return err
+	}
+	if err := l.openRAM(); err != nil {
 		return err
 	}
 	return l.loop(dec)
@@ -566,6 +574,9 @@ func (l *loader) complete(dec *stream.Decoder) error {
 	}
 	resume := l.dog.Pause() // local work: nothing is expected from the source
 	l.stopPrefault()
+	if err := l.ramLanded(); err != nil {
+		return err
+	}
 	if in.opts.BeforeStart != nil {
 		if err := in.opts.BeforeStart(l.pageSums); err != nil {
 			resume()
@@ -745,6 +756,7 @@ func (l *loader) finish(err error) {
 			// A cancel won the race: the side is cancelling; fail it below.
 		}
 		reason := err.Error()
+		l.failRAM(err)
 		bg := context.Background()
 		var ge *machine.GuardError
 		told := false

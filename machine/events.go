@@ -234,6 +234,10 @@ type Stats struct {
 	// Checksum is the guest digest at switchover (source) or after load
 	// (destination), 0 when unknown. Used by the demo to verify.
 	Checksum uint64
+	// RDMAProvider names the RDMA provider the migration's channel runs
+	// on ("soft", "verbs"); empty when the transport is not rdma: (QMP's
+	// x-migctl-rdma-provider).
+	RDMAProvider string
 }
 
 // PublishStats stores a side's latest statistics and tells subscribers.

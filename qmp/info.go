@@ -32,6 +32,12 @@ type MigrationInfo struct {
 	// silent, once it missed two keepalives (x-migctl-keepalive), before
 	// x-migctl-io-timeout ends the migration.
 	XMigctlStalledMs *int64 `json:"x-migctl-stalled-ms,omitempty"`
+	// XMigctlRDMAProvider is a migctl extension: the RDMA provider
+	// ("soft", "verbs") of a migration over rdma:, so an operator can see
+	// that software RDMA was chosen (migctl serve --rdma-provider);
+	// omitted for other transports. QMP clients ignore members they do
+	// not know.
+	XMigctlRDMAProvider string `json:"x-migctl-rdma-provider,omitempty"`
 }
 
 // MigrationStats is MigrationInfo's ram member (QEMU's MigrationStats).
@@ -106,6 +112,7 @@ func migrationInfo(in, out machine.Status, now time.Time) *MigrationInfo {
 		if in.Stalled > 0 {
 			info.XMigctlStalledMs = ms(in.Stalled)
 		}
+		info.XMigctlRDMAProvider = in.Stats.RDMAProvider
 	}
 	// Source (fill_source_migration_info).
 	switch out.Report {
@@ -135,6 +142,7 @@ func migrationInfo(in, out machine.Status, now time.Time) *MigrationInfo {
 	if out.Stalled > 0 {
 		info.XMigctlStalledMs = ms(out.Stalled)
 	}
+	info.XMigctlRDMAProvider = out.Stats.RDMAProvider
 	return info
 }
 

@@ -63,6 +63,10 @@ type Options struct {
 	// UUID is the guest's UUID in canonical form, for query-uuid; "" shows
 	// the zero UUID, as QEMU without -uuid.
 	UUID string
+	// Digest returns the hosted guest's digest for x-migctl-query-digest
+	// (migctl serve: the built-in guest's Checksum, which needs the guest
+	// stopped); nil makes the command fail.
+	Digest func() (uint64, error)
 	// FDs is the server's descriptor table: getfd adds to it, and fd:
 	// addresses are resolved from it (give the same table to the Host's
 	// transport, as transport.Config.Descriptors). Nil makes the server

@@ -4,8 +4,11 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"slices"
+	"sync"
 	"sync/atomic"
 
+	"github.com/migctl/migctl/internal/mutant"
 	"github.com/migctl/migctl/rdma/control"
 	"github.com/migctl/migctl/rdma/verbs"
 )
@@ -60,7 +63,7 @@ func (l *Listener) Accept(ctx context.Context, blocks []Block) (*Dest, error) {
 		_ = conn.Reject(ctx, err.Error())
 		return nil, err
 	}
-	d := &Dest{e: e, pinAll: caps.Flags&control.CapPinAll != 0, readMu: make(chan struct{}, 1)}
+	d := &Dest{e: e, pinAll: caps.Flags&control.CapPinAll != 0, readMu: make(chan struct{}, 1), open: !l.opts.HoldRAM || mutant.RDMAOpenRAM}
 	var off uint64
 	for _, b := range blocks {
 		d.own = append(d.own, dstBlock{name: b.Name, mem: b.Mem, addr: addrOf(b.Mem), offset: off,
@@ -120,7 +123,14 @@ type Dest struct {
 	e      *endpoint
 	pinAll bool
 	own    []dstBlock
-	blocks []*dstBlock // in the source's order, once RAM_BLOCKS_REQUEST was served (service goroutine)
+
+	// ramMu guards what serving the source's RAM requests touches: the
+	// service goroutine holds it while it handles a request, OpenRAM while
+	// it serves the held one.
+	ramMu  sync.Mutex
+	open   bool        // RAM_BLOCKS_REQUEST may be answered (no HoldRAM, or OpenRAM was called)
+	held   *heldBlocks // a RAM_BLOCKS_REQUEST waiting for OpenRAM
+	blocks []*dstBlock // in the source's order, once RAM_BLOCKS_REQUEST was served
 
 	readMu  chan struct{}
 	regs    atomic.Uint64
@@ -128,6 +138,39 @@ type Dest struct {
 	zeroed  atomic.Uint64
 	fins    atomic.Uint64
 	closing atomic.Bool
+}
+
+// heldBlocks is a RAM_BLOCKS_REQUEST kept until OpenRAM, with the receive
+// slot it arrived in (reposted, and its credit returned, when served).
+type heldBlocks struct {
+	names []string
+	slot  int
+}
+
+// OpenRAM opens the destination's RAM to the source (Options.HoldRAM):
+// the held RAM_BLOCKS_REQUEST, if it already arrived, is answered now
+// (registering every block first under rdma-pin-all), otherwise as soon as
+// it arrives. A failure fails the channel and is returned. Without
+// HoldRAM, OpenRAM does nothing.
+func (d *Dest) OpenRAM() error {
+	d.ramMu.Lock()
+	defer d.ramMu.Unlock()
+	if d.open {
+		return d.e.Err()
+	}
+	d.open = true
+	if err := d.e.Err(); err != nil {
+		return err
+	}
+	if h := d.held; h != nil {
+		d.held = nil
+		if err := d.serveBlocks(h.names); err != nil {
+			d.e.fail(err, true)
+			return err
+		}
+		d.e.repost(h.slot, true)
+	}
+	return d.e.Err()
 }
 
 // PinAll reports whether the source asked for rdma-pin-all.
@@ -154,20 +197,26 @@ func (d *Dest) ReadContext(ctx context.Context, p []byte) (int, error) {
 }
 
 // Write sends return-path bytes to the source (buffered; see Flush).
-func (d *Dest) Write(p []byte) (int, error) {
+func (d *Dest) Write(p []byte) (int, error) { return d.WriteContext(d.e.life, p) }
+
+// WriteContext is Write bounded by ctx as well as Options.Timeout.
+func (d *Dest) WriteContext(ctx context.Context, p []byte) (int, error) {
 	d.e.sendMu.Lock()
 	defer d.e.sendMu.Unlock()
 	if err := d.e.Err(); err != nil {
 		return 0, err
 	}
-	return d.e.writeStream(d.e.life, p, nil)
+	return d.e.writeStream(ctx, p, nil)
 }
 
 // Flush sends the buffered return-path bytes.
-func (d *Dest) Flush() error {
+func (d *Dest) Flush() error { return d.FlushContext(d.e.life) }
+
+// FlushContext is Flush bounded by ctx as well as Options.Timeout.
+func (d *Dest) FlushContext(ctx context.Context) error {
 	d.e.sendMu.Lock()
 	defer d.e.sendMu.Unlock()
-	return d.e.flushStream(d.e.life, nil)
+	return d.e.flushStream(ctx, nil)
 }
 
 // WaitSync blocks until the source's n-th Sync (REGISTER_FINISHED) arrived:
@@ -181,25 +230,36 @@ func (d *Dest) WaitSync(ctx context.Context, n uint64) error {
 func (d *Dest) Fail(err error) { d.e.fail(err, true) }
 
 // handle serves the source's requests; it runs on the service goroutine.
-func (d *Dest) handle(m control.Message) error {
+// A RAM_BLOCKS_REQUEST that arrives while the RAM is held (HoldRAM, before
+// OpenRAM) is kept with its slot.
+func (d *Dest) handle(m control.Message, slot int) (held bool, err error) {
+	d.ramMu.Lock()
+	defer d.ramMu.Unlock()
 	switch m.Type {
 	case control.TypeRAMBlocksRequest:
-		return d.serveBlocks(m.Names)
+		if !d.open {
+			if d.held != nil || d.blocks != nil {
+				return false, protocolf("a second RAM_BLOCKS_REQUEST")
+			}
+			d.held = &heldBlocks{names: slices.Clone(m.Names), slot: slot}
+			return true, nil
+		}
+		return false, d.serveBlocks(m.Names)
 	case control.TypeRegisterRequest:
-		return d.register(m.Regs)
+		return false, d.register(m.Regs)
 	case control.TypeCompress:
-		return d.compress(m.Comp)
+		return false, d.compress(m.Comp)
 	case control.TypeRegisterFinished:
 		d.fins.Add(1)
 		d.e.mu.Lock()
 		d.e.finished++
 		d.e.broadcast()
 		d.e.mu.Unlock()
-		return nil
+		return false, nil
 	case control.TypeUnregisterRequest:
-		return protocolf("UNREGISTER_REQUEST is not supported (QEMU never sends it)")
+		return false, protocolf("UNREGISTER_REQUEST is not supported (QEMU never sends it)")
 	}
-	return protocolf("unexpected %v from the source", m.Type)
+	return false, protocolf("unexpected %v from the source", m.Type)
 }
 
 func (d *Dest) serveBlocks(names []string) error {
@@ -332,6 +392,8 @@ func (d *Dest) Close() error {
 		return nil
 	}
 	return d.e.shutdown(d.readMu, nil, func() {
+		d.ramMu.Lock()
+		defer d.ramMu.Unlock()
 		for i := range d.own {
 			b := &d.own[i]
 			seen := map[verbs.MR]bool{}

@@ -46,6 +46,19 @@ type Options struct {
 	// and sizes it migrates, in its order, and the memory WriteRAM reads
 	// without copying when its data lies inside one of them.
 	Blocks []Block
+	// HoldRAM (destination) keeps the destination's RAM closed to the
+	// source until Dest.OpenRAM: the source's RAM_BLOCKS_REQUEST is held
+	// unanswered, so the source can neither register a chunk nor write a
+	// byte before the destination accepted the migration (migctl opens it
+	// once its connect guard passed). QEMU's destination likewise answers
+	// it only when its loader reaches the RAM section.
+	HoldRAM bool
+	// LazyBlocks (source) makes Dial send RAM_BLOCKS_REQUEST without
+	// waiting for the answer; the first WriteRAM or WriteZero waits for
+	// it (bounded by Timeout). Needed when the destination holds its RAM
+	// (HoldRAM) until it has read what the source writes to the stream
+	// after Dial. A layout mismatch then fails that first RAM write.
+	LazyBlocks bool
 }
 
 func (o Options) withDefaults() Options {
@@ -104,14 +117,17 @@ type inMsg struct {
 // posting order is program order; mu guards every field below it and
 // changed is closed and replaced (under mu) on every change.
 type endpoint struct {
-	conn    verbs.Conn
-	opts    Options
-	side    string // "source" or "destination"
-	peer    string
-	life    context.Context
-	stop    context.CancelFunc
-	served  chan struct{}
-	handler func(control.Message) error // requests from the peer (destination only)
+	conn   verbs.Conn
+	opts   Options
+	side   string // "source" or "destination"
+	peer   string
+	life   context.Context
+	stop   context.CancelFunc
+	served chan struct{}
+	// handler serves requests from the peer (destination only); held
+	// means it keeps the receive slot (and the peer's credit) for now and
+	// reposts it itself later.
+	handler func(m control.Message, slot int) (held bool, err error)
 
 	arena     []byte
 	arenaMR   verbs.MR
@@ -142,6 +158,7 @@ type endpoint struct {
 	reply      *control.Message
 	replyWant  control.Type
 	finished   int
+	waiting    int // goroutines blocked in waitFor (tests look)
 	errorSent  bool
 	errorDone  bool
 	freeStage  []int
@@ -260,10 +277,21 @@ func (e *endpoint) broadcast() {
 }
 
 // wait blocks until cond (evaluated under mu) holds, the channel failed, or
-// ctx or the timeout ends. A timeout fails the channel.
+// ctx or Options.Timeout ends. A timeout fails the channel.
 func (e *endpoint) wait(ctx context.Context, op string, cond func() bool) error {
-	timer := time.NewTimer(e.opts.Timeout)
-	defer timer.Stop()
+	return e.waitFor(ctx, op, cond, e.opts.Timeout)
+}
+
+// waitFor is wait bounded by limit instead of Options.Timeout; limit 0
+// waits for as long as ctx lets it (and until the channel fails or
+// closes).
+func (e *endpoint) waitFor(ctx context.Context, op string, cond func() bool, limit time.Duration) error {
+	var expired <-chan time.Time
+	if limit > 0 {
+		timer := time.NewTimer(limit)
+		defer timer.Stop()
+		expired = timer.C
+	}
 	for {
 		e.mu.Lock()
 		if e.err != nil {
@@ -276,14 +304,24 @@ func (e *endpoint) wait(ctx context.Context, op string, cond func() bool) error 
 			return nil
 		}
 		ch := e.changed
+		e.waiting++
 		e.mu.Unlock()
+		var err error
 		select {
 		case <-ch:
 		case <-ctx.Done():
-			return fmt.Errorf("rdma: %s: %w", op, ctx.Err())
-		case <-timer.C:
-			err := &TimeoutError{Op: op, After: e.opts.Timeout}
-			e.fail(err, true)
+			err = fmt.Errorf("rdma: %s: %w", op, ctx.Err())
+		case <-expired:
+			err = &TimeoutError{Op: op, After: limit}
+		}
+		e.mu.Lock()
+		e.waiting--
+		e.mu.Unlock()
+		if err != nil {
+			var te *TimeoutError
+			if errors.As(err, &te) {
+				e.fail(err, true)
+			}
 			return err
 		}
 	}
@@ -350,6 +388,13 @@ func (e *endpoint) serve() {
 			ctx = ft
 		}
 		if e.conn.CQ().Wait(ctx) != nil {
+			if !failed && e.Err() != nil {
+				// Woken by Close (which cancels life) right after a
+				// failure this loop has not seen yet: look again, so
+				// that an ERROR on its way still gets failGrace to
+				// leave before the connection is dropped.
+				continue
+			}
 			break
 		}
 	}
@@ -488,11 +533,14 @@ func (e *endpoint) received(slot int, b []byte) {
 			e.fail(protocolf("unexpected %v from the %s", m.Type, e.peer), true)
 			return
 		}
-		if err := e.handler(m); err != nil {
+		held, err := e.handler(m, slot)
+		if err != nil {
 			e.fail(err, true)
 			return
 		}
-		e.repost(slot, true)
+		if !held {
+			e.repost(slot, true)
+		}
 	}
 }
 
@@ -541,12 +589,25 @@ func (e *endpoint) sendCtrl(ctx context.Context, m control.Message, finWait bool
 
 // request sends a credited request and waits for its reply.
 func (e *endpoint) request(ctx context.Context, m control.Message, want control.Type) (control.Message, error) {
+	if err := e.postRequest(ctx, m, want); err != nil {
+		return control.Message{}, err
+	}
+	return e.awaitReply(ctx, want)
+}
+
+// postRequest sends a credited request whose reply awaitReply collects;
+// no other request may be sent meanwhile. sendMu must be held.
+func (e *endpoint) postRequest(ctx context.Context, m control.Message, want control.Type) error {
 	e.mu.Lock()
 	e.replyWant, e.reply = want, nil
 	e.mu.Unlock()
-	if err := e.sendCtrl(ctx, m, false); err != nil {
-		return control.Message{}, err
-	}
+	return e.sendCtrl(ctx, m, false)
+}
+
+// awaitReply waits for the reply of the request postRequest sent. A wait
+// that ends without it fails the channel: the reply may still come, and
+// the protocol's state is then unknown.
+func (e *endpoint) awaitReply(ctx context.Context, want control.Type) (control.Message, error) {
 	var r *control.Message
 	err := e.wait(ctx, "waiting for "+want.String(), func() bool { r = e.reply; return r != nil })
 	e.mu.Lock()
@@ -621,7 +682,11 @@ func (e *endpoint) readStream(ctx context.Context, p []byte) (int, error) {
 		return 0, nil
 	}
 	var n int
-	err := e.wait(ctx, "reading the stream", func() bool { return len(e.inbound) > 0 })
+	// Not bounded by Options.Timeout: a stream may idle for as long as the
+	// peer likes (a source paused before switchover, a long pass of RDMA
+	// WRITEs); ctx, Close and the channel's failure (a lost peer is seen
+	// by the provider) end the wait.
+	err := e.waitFor(ctx, "reading the stream", func() bool { return len(e.inbound) > 0 }, 0)
 	if err != nil {
 		e.mu.Lock()
 		pending := len(e.inbound) > 0
@@ -727,6 +792,14 @@ func (e *endpoint) replyWanted() bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return e.replyWant != 0
+}
+
+// waiters reports how many goroutines are blocked waiting on the channel
+// (tests).
+func (e *endpoint) waiters() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.waiting
 }
 
 // creditsLeft reports the credits the peer granted and this side has not

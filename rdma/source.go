@@ -98,13 +98,14 @@ type Source struct {
 	byName map[string]int
 
 	// Guarded by e.sendMu.
-	pend     pendWrite
-	stage    []byte
-	stageMR  verbs.MR
-	zero     []byte
-	zeroMR   verbs.MR
-	localPD  verbs.PD
-	closeErr error
+	blocksDue bool // RAM_BLOCKS_REQUEST sent, its result not adopted yet
+	pend      pendWrite
+	stage     []byte
+	stageMR   verbs.MR
+	zero      []byte
+	zeroMR    verbs.MR
+	localPD   verbs.PD
+	closeErr  error
 
 	readMu  chan struct{} // a one-token lock held by Read (Close takes it too)
 	writes  atomic.Uint64
@@ -178,19 +179,38 @@ func Dial(ctx context.Context, p verbs.Provider, addr string, opts Options) (*So
 		}
 	}
 	e.sendMu.Lock()
-	m, err := e.request(ctx, control.Message{Type: control.TypeRAMBlocksRequest, Names: names}, control.TypeRAMBlocksResult)
-	e.sendMu.Unlock()
+	err = e.postRequest(ctx, control.Message{Type: control.TypeRAMBlocksRequest, Names: names}, control.TypeRAMBlocksResult)
 	if err == nil {
-		err = s.adopt(m.Blocks)
-		if err != nil {
-			e.fail(err, true)
+		s.blocksDue = true
+		if !opts.LazyBlocks {
+			err = s.ensureBlocks(ctx)
 		}
 	}
+	e.sendMu.Unlock()
 	if err != nil {
 		_ = s.Close()
 		return nil, fmt.Errorf("rdma: dial %s: %w", addr, err)
 	}
 	return s, nil
+}
+
+// ensureBlocks waits for the RAM_BLOCKS_RESULT Dial asked for, if it has
+// not arrived yet, and adopts the destination's block table. sendMu must
+// be held.
+func (s *Source) ensureBlocks(ctx context.Context) error {
+	if !s.blocksDue {
+		return nil
+	}
+	m, err := s.e.awaitReply(ctx, control.TypeRAMBlocksResult)
+	if err != nil {
+		return err
+	}
+	s.blocksDue = false
+	if err := s.adopt(m.Blocks); err != nil {
+		s.e.fail(err, true)
+		return err
+	}
+	return nil
 }
 
 func (s *Source) adopt(remote []control.DestBlock) error {
@@ -228,20 +248,26 @@ func (s *Source) Stats() SourceStats {
 // They are buffered and leave as QEMU_FILE messages of at most 32 KiB, when
 // the buffer fills or on Flush/Sync; RAM writes issued before are posted
 // first, so they land before the destination reads these bytes.
-func (s *Source) Write(p []byte) (int, error) {
+func (s *Source) Write(p []byte) (int, error) { return s.WriteContext(s.e.life, p) }
+
+// WriteContext is Write bounded by ctx as well as Options.Timeout.
+func (s *Source) WriteContext(ctx context.Context, p []byte) (int, error) {
 	s.e.sendMu.Lock()
 	defer s.e.sendMu.Unlock()
 	if err := s.e.Err(); err != nil {
 		return 0, err
 	}
-	return s.e.writeStream(s.e.life, p, s.flushPending)
+	return s.e.writeStream(ctx, p, s.flushPending)
 }
 
 // Flush posts the pending RAM write and sends the buffered stream bytes.
-func (s *Source) Flush() error {
+func (s *Source) Flush() error { return s.FlushContext(s.e.life) }
+
+// FlushContext is Flush bounded by ctx as well as Options.Timeout.
+func (s *Source) FlushContext(ctx context.Context) error {
 	s.e.sendMu.Lock()
 	defer s.e.sendMu.Unlock()
-	return s.e.flushStream(s.e.life, s.flushPending)
+	return s.e.flushStream(ctx, s.flushPending)
 }
 
 // Sync ends a pass: it flushes, sends REGISTER_FINISHED and waits until
@@ -286,6 +312,9 @@ func (s *Source) ReadContext(ctx context.Context, p []byte) (int, error) {
 func (s *Source) WriteRAM(ctx context.Context, block string, offset uint64, data []byte) error {
 	s.e.sendMu.Lock()
 	defer s.e.sendMu.Unlock()
+	if err := s.ensureBlocks(ctx); err != nil {
+		return err
+	}
 	bi, err := s.check(block, offset, uint64(len(data)))
 	if err != nil {
 		return err
@@ -310,6 +339,9 @@ func (s *Source) WriteRAM(ctx context.Context, block string, offset uint64, data
 func (s *Source) WriteZero(ctx context.Context, block string, offset, length uint64) error {
 	s.e.sendMu.Lock()
 	defer s.e.sendMu.Unlock()
+	if err := s.ensureBlocks(ctx); err != nil {
+		return err
+	}
 	bi, err := s.check(block, offset, length)
 	if err != nil {
 		return err

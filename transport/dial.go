@@ -16,10 +16,23 @@ import (
 // use and is what the package-level Dial and Listen use. A Config is not
 // modified by its methods and may be shared by goroutines.
 type Config struct {
-	// RAM lists the guest RAM a destination's transport may write into
-	// directly (RDMA registers it); transports that carry a byte stream
-	// ignore it.
+	// RAM lists the guest's RAM for transports that move it outside the
+	// byte stream (rdma:, registered with Register): on the destination the
+	// memory the source's one-sided writes land in, on the source the
+	// memory they are sent from and the block layout announced. Transports
+	// that carry a byte stream ignore it.
 	RAM []RAMBlock
+
+	// PinRAM asks such a transport to register all of RAM up front instead
+	// of chunk by chunk on first use: QEMU's capability rdma-pin-all, set
+	// on the source (the destination adopts what the source asks).
+	PinRAM bool
+
+	// RDMAProvider names the provider an rdma: address opens ("verbs", the
+	// default when empty, or "soft"; see package rdma). transport only
+	// passes it on; the rdma scheme never falls back from one provider to
+	// another.
+	RDMAProvider string
 
 	// ResolveFD maps the name in an fd:NAME address (a descriptor a client
 	// registered with QMP's getfd) to a descriptor number. The channel works
@@ -116,7 +129,10 @@ func Dial(ctx context.Context, a Addr) (Conn, error) {
 //	exec:        start the command in its own process group; the Conn
 //	             writes to its stdin. Commit waits for it to exit 0; Close
 //	             kills the group at once
-//	rdma:, vsock: an error wrapping ErrUnsupported
+//	rdma:        opened by the scheme package rdma registers (Register):
+//	             the stream over SEND/RECV plus one-sided RAM writes from
+//	             RAM; without it linked, an error wrapping ErrUnsupported
+//	vsock:       an error wrapping ErrUnsupported
 //
 // For schemes other than tcp: and unix:, ctx is checked once before opening.
 // A numbered fd:N passes to the Conn on success (the Conn works on a
@@ -171,7 +187,7 @@ func (c *Config) dial(ctx context.Context, a Addr) (Conn, error) {
 // unsupported explains why scheme cannot be opened yet.
 func unsupported(scheme string) error {
 	if scheme == SchemeRDMA {
-		return fmt.Errorf("%w: the rdma: transport is not implemented yet (it belongs to the rdma package); use tcp: meanwhile", ErrUnsupported)
+		return fmt.Errorf("%w: the rdma: transport is registered by package rdma, which this program does not link (import github.com/migctl/migctl/rdma)", ErrUnsupported)
 	}
 	return fmt.Errorf("%w: the vsock: transport is not implemented yet (Go's net package has no AF_VSOCK); pass a connected vsock descriptor as fd:N instead", ErrUnsupported)
 }

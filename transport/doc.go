@@ -53,6 +53,9 @@
 // splice/sendfile/copy_file_range paths. Unwrap returns the underlying object
 // for callers that need it directly.
 //
-// rdma: and vsock: addresses parse but do not open yet: Dial and Listen
-// return an error wrapping [ErrUnsupported].
+// rdma: addresses are opened by the scheme package rdma registers with
+// [Register] (transport never imports it); [Config.RAM], [Config.PinRAM]
+// and [Config.RDMAProvider] are passed to it. A program that does not link
+// package rdma, and every vsock: address, gets an error wrapping
+// [ErrUnsupported].
 package transport

@@ -8,8 +8,8 @@ import (
 )
 
 // ErrUnsupported is returned (wrapped) by Dial and Listen for an address this
-// build cannot open: rdma: and vsock: today. It wraps errors.ErrUnsupported,
-// so either sentinel matches with errors.Is.
+// build cannot open: vsock:, and rdma: when package rdma is not linked. It
+// wraps errors.ErrUnsupported, so either sentinel matches with errors.Is.
 var ErrUnsupported = fmt.Errorf("transport: %w", errors.ErrUnsupported)
 
 // ErrSingleChannel is returned (wrapped) by Accept on a listener whose

@@ -57,7 +57,11 @@ func Listen(ctx context.Context, a Addr) (Listener, error) {
 //	             one channel; a listening socket is accepted on
 //	file:        open the file for reading at the offset
 //	exec:        start the command; its stdout is the one channel
-//	rdma:, vsock: an error wrapping ErrUnsupported
+//	rdma:        opened by the scheme package rdma registers (Register),
+//	             which registers the destination's RAM (Config.RAM) so the
+//	             source's one-sided writes land in it; without it linked, an
+//	             error wrapping ErrUnsupported
+//	vsock:       an error wrapping ErrUnsupported
 //
 // For schemes other than tcp: and unix:, ctx is checked once before opening.
 // Descriptors are handled as by Config.Dial.

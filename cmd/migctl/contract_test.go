@@ -179,6 +179,8 @@ func TestExplainAgreesWithTheMachine(t *testing.T) {
 		{side: "outgoing", uri: closed, caps: []string{"auto-converge"}, want: true},
 		{side: "outgoing", uri: closed, caps: []string{"postcopy-ram"}, rule: "migctl/not-implemented"},
 		{side: "outgoing", uri: "rdma:127.0.0.1:1", caps: []string{"xbzrle"}, rule: "rdma/no-xbzrle"},
+		{side: "outgoing", uri: "rdma:127.0.0.1:1", caps: []string{"rdma-pin-all"}, want: true}, // implemented by the rdma: transport (issue 10)
+		{side: "outgoing", uri: closed, caps: []string{"rdma-pin-all"}, rule: "rdma-pin-all/transports"},
 		{side: "outgoing", uri: closed, params: map[string]any{"tls-creds": "tls0"}, rule: "migctl/no-tls"},
 		{side: "outgoing", uri: closed, params: map[string]any{"mode": "cpr-reboot"}, rule: "migctl/mode-normal-only"},
 		{side: "outgoing", uri: closed, params: map[string]any{"mode": "cpr-exec"}, rule: "mode/cpr-exec-needs-command"},
@@ -193,6 +195,7 @@ func TestExplainAgreesWithTheMachine(t *testing.T) {
 		// incoming
 		{side: "incoming", uri: "tcp:127.0.0.1:0", want: true},
 		{side: "incoming", uri: "rdma:127.0.0.1:0", caps: []string{"mapped-ram"}, rule: "mapped-ram/transports"},
+		{side: "incoming", uri: "rdma:127.0.0.1:0", want: true},                           // the destination runs --rdma-provider soft (issue 10)
 		{side: "incoming", uri: "tcp:127.0.0.1:0", caps: []string{"multifd"}, want: true}, // implemented by the data-plane work (issue 8)
 		{side: "incoming", uri: "file:" + existing, want: true},
 		{side: "incoming", uri: "file:" + existing, caps: []string{"mapped-ram"}, want: true}, // implemented by the data-plane work (issue 8)
@@ -233,7 +236,11 @@ func TestExplainAgreesWithTheMachine(t *testing.T) {
 		var p *serveProc
 		switch {
 		case r.side == "incoming" && r.runState == "":
-			p = startServe(t, fmt.Sprintf("dst%d", i), smallGuest, "--destination")
+			args := []string{smallGuest, "--destination"}
+			if strings.HasPrefix(uri, "rdma:") {
+				args = append(args, "--rdma-provider", "soft") // verbs has no device here
+			}
+			p = startServe(t, fmt.Sprintf("dst%d", i), args...)
 		case r.side == "incoming":
 			p = startServe(t, fmt.Sprintf("src%d", i), smallGuest) // a source process: no -incoming
 		case r.runState == "inmigrate":

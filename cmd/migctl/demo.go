@@ -25,6 +25,7 @@ import (
 	"github.com/migctl/migctl/loaders"
 	"github.com/migctl/migctl/machine"
 	"github.com/migctl/migctl/spec"
+	"github.com/migctl/migctl/transport"
 )
 
 // configFlags are --cap and --param, applied to a controller.
@@ -144,15 +145,22 @@ type demoResult struct {
 	DestinationOverheadPct float64 `json:"destination_rss_overhead_pct"`
 	Verified               bool    `json:"verified"`
 	Error                  string  `json:"error,omitempty"`
+	// RDMAProvider is the RDMA provider of an rdma: migration (the
+	// source's query-migrate x-migctl-rdma-provider).
+	RDMAProvider string `json:"rdma_provider,omitempty"`
+	// DestinationCPUSeconds is the CPU time (user + system, all threads:
+	// getrusage RUSAGE_SELF) the destination process spent from listening
+	// to its report after loading.
+	DestinationCPUSeconds float64 `json:"destination_cpu_s"`
 }
 
 func newDemo() *cobra.Command {
 	var gf guestFlags
 	var cf configFlags
-	var transportName string
+	var transportName, rdmaProvider string
 	var asJSON bool
 	cmd := &cobra.Command{
-		Use:   "demo [--guest size=1G,dirty-rate=64M] [--transport tcp|unix|fd|file|exec] [--cap NAME=on]... [--param NAME=VALUE]...",
+		Use:   "demo [--guest size=1G,dirty-rate=64M] [--transport tcp|unix|fd|file|exec|rdma] [--rdma-provider verbs|soft] [--cap NAME=on]... [--param NAME=VALUE]...",
 		Short: "Migrate the built-in guest between two processes and verify the result",
 		Long: "demo starts a second migctl process as the destination, migrates a running built-in guest to it\n" +
 			"(over loopback TCP by default) with live progress, then prints a summary and checks that the\n" +
@@ -162,7 +170,10 @@ func newDemo() *cobra.Command {
 			"about twice the guest's RAM available (source and destination each hold a copy).\n\n" +
 			"With --cap pause-before-switchover=on the source pauses in pre-switchover before its last pass, as\n" +
 			"QEMU does; the demo shows the pause and sends migrate-continue itself (on a `migctl serve` the\n" +
-			"operator types `migctl migrate-continue`).\n\n" + guestHelp,
+			"operator types `migctl migrate-continue`).\n\n" +
+			"--transport rdma migrates over rdma:127.0.0.1 with the --rdma-provider given (verbs by default, which\n" +
+			"needs an RDMA device and a binary built with -tags rdma_verbs; soft runs RDMA's semantics over TCP).\n" +
+			"There is no fallback between them: without a device, verbs fails and says why.\n\n" + guestHelp,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			// Everything the flags say is checked first: a typo costs
@@ -173,6 +184,9 @@ func newDemo() *cobra.Command {
 			}
 			if !slices.Contains(demoTransports, transportName) {
 				return usagef("--transport %q: want %s", transportName, strings.Join(demoTransports, ", "))
+			}
+			if err := checkRDMAProvider(rdmaProvider); err != nil {
+				return err
 			}
 			s, err := loadSpec(cmd, nil)
 			if err != nil {
@@ -189,7 +203,7 @@ func newDemo() *cobra.Command {
 			}
 			specPath, _ := cmd.Flags().GetString("spec")
 			pr := newProgress(cmd.ErrOrStderr(), quiet(cmd), false)
-			res, err := runDemo(cmd.Context(), s, specPath, cfg, &cf, dc, transportName, pr)
+			res, err := runDemo(cmd.Context(), s, specPath, cfg, &cf, dc, demoTransport{name: transportName, rdmaProvider: rdmaProvider}, pr)
 			if cmd.Context().Err() != nil {
 				// Interrupted: no summary, no verdict (nothing was
 				// verified, nothing failed); main says "interrupted".
@@ -220,13 +234,20 @@ func newDemo() *cobra.Command {
 	gf.add(cmd, true)
 	cf.add(cmd)
 	cmd.Flags().StringArrayVar(&cf.destCaps, "destination-cap", nil, "capability `NAME=on|off` set on the destination only, after --cap (shows how a mismatch fails)")
-	cmd.Flags().StringVar(&transportName, "transport", "tcp", "`NAME`: tcp, unix, fd (a socketpair), file (save, then restore) or exec (cat > file, then cat file)")
+	cmd.Flags().StringVar(&transportName, "transport", "tcp", "`NAME`: tcp, unix, fd (a socketpair), file (save, then restore), exec (cat > file, then cat file) or rdma (see --rdma-provider)")
+	addRDMAProviderFlag(cmd.Flags(), &rdmaProvider)
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print one JSON object instead of the summary (progress still goes to stderr)")
 	return cmd
 }
 
 // demoTransports are the demo's --transport values.
-var demoTransports = []string{"tcp", "unix", "fd", "file", "exec"}
+var demoTransports = []string{"tcp", "unix", "fd", "file", "exec", "rdma"}
+
+// demoTransport is the demo's choice of transport.
+type demoTransport struct {
+	name         string // a demoTransports value
+	rdmaProvider string // --rdma-provider
+}
 
 // checkHostMemory refuses a demo the host cannot hold: the source and the
 // destination each hold the guest's RAM, so it needs about twice it
@@ -268,7 +289,11 @@ func printSummary(w io.Writer, r demoResult) {
 	if r.SourceChecksum == "" && r.TotalTimeMS == 0 {
 		return // the migration never started; the error says why
 	}
-	fmt.Fprintf(w, "\nmigration %s over %s\n", r.Status, r.Transport)
+	if r.RDMAProvider != "" {
+		fmt.Fprintf(w, "\nmigration %s over %s (RDMA provider %s)\n", r.Status, r.Transport, r.RDMAProvider)
+	} else {
+		fmt.Fprintf(w, "\nmigration %s over %s\n", r.Status, r.Transport)
+	}
 	fmt.Fprintf(w, "  guest          %s, dirtying %s\n", formatBytes(r.SizeBytes), formatRate(float64(r.DirtyRateBytes)))
 	fmt.Fprintf(w, "  total time     %.0f ms\n", r.TotalTimeMS)
 	fmt.Fprintf(w, "  downtime       %.1f ms (QEMU's: guest stopped on the source → its last byte sent)\n", r.DowntimeMS)
@@ -306,6 +331,9 @@ type destLine struct {
 	Error    string `json:"error,omitempty"`
 	// PeakRSS is the destination process's peak resident set (VmHWM).
 	PeakRSS uint64 `json:"peak_rss,omitempty"`
+	// CPUSeconds is the CPU time the destination process has used so far
+	// (user + system, every thread: getrusage RUSAGE_SELF).
+	CPUSeconds float64 `json:"cpu_s,omitempty"`
 }
 
 func startDest(ctx context.Context, args []string, extra []*os.File) (*destProc, error) {
@@ -382,7 +410,8 @@ const (
 	cancelTimeout = 30 * time.Second
 )
 
-func runDemo(ctx context.Context, s *spec.Spec, specPath string, cfg guest.Config, cf *configFlags, dc demoConfig, transportName string, pr *progress) (demoResult, error) {
+func runDemo(ctx context.Context, s *spec.Spec, specPath string, cfg guest.Config, cf *configFlags, dc demoConfig, dt demoTransport, pr *progress) (demoResult, error) {
+	transportName := dt.name
 	res := demoResult{Transport: transportName, SizeBytes: uint64(cfg.Size), DirtyRateBytes: uint64(cfg.DirtyRate)}
 	if !pr.quiet {
 		fmt.Fprintf(pr.w, "preparing a %s guest (pre-faulting and filling memory)...\n", formatBytes(uint64(cfg.Size)))
@@ -412,7 +441,7 @@ func runDemo(ctx context.Context, s *spec.Spec, specPath string, cfg guest.Confi
 		return res, err
 	}
 	defer os.RemoveAll(tmp)
-	destArgs := append([]string{"--guest", formatGuest(cfg)}, cf.args()...)
+	destArgs := append([]string{"--guest", formatGuest(cfg), "--rdma-provider", dt.rdmaProvider}, cf.args()...)
 	if specPath != "" {
 		destArgs = append(destArgs, "--spec", specPath) // both ends judge by the same rules
 	}
@@ -420,8 +449,11 @@ func runDemo(ctx context.Context, s *spec.Spec, specPath string, cfg guest.Confi
 	var srcURI string
 	var extra []*os.File
 	switch transportName {
-	case "tcp", "unix", "fd":
+	case "tcp", "unix", "fd", "rdma":
 		listen := "tcp:127.0.0.1:0"
+		if transportName == "rdma" {
+			listen = "rdma:127.0.0.1:0"
+		}
 		if transportName == "unix" {
 			listen = "unix:" + filepath.Join(tmp, "migration.sock")
 		}
@@ -452,6 +484,7 @@ func runDemo(ctx context.Context, s *spec.Spec, specPath string, cfg guest.Confi
 		if srcURI == "" {
 			srcURI = l.URI
 		}
+		res.DestinationCPUSeconds = -l.CPUSeconds
 	case "file":
 		srcURI = "file:" + filepath.Join(tmp, "guest.mig")
 	case "exec":
@@ -461,7 +494,7 @@ func runDemo(ctx context.Context, s *spec.Spec, specPath string, cfg guest.Confi
 	}
 
 	sub := c.Subscribe(256)
-	m, err := engine.Start(ctx, c, g, srcURI, engine.Options{Checksum: g.Checksum})
+	m, err := engine.Start(ctx, c, g, srcURI, engine.Options{Checksum: g.Checksum, Transport: &transport.Config{RDMAProvider: dt.rdmaProvider}})
 	if err != nil {
 		sub.Close()
 		return res, fmt.Errorf("migrate %s: %w", srcURI, err)
@@ -481,6 +514,7 @@ func runDemo(ctx context.Context, s *spec.Spec, specPath string, cfg guest.Confi
 	}
 	res.Passes, res.PagesSent, res.PagesZero, res.TransferredBytes = st.DirtySyncCount, st.Normal, st.Duplicate, st.Transferred
 	res.SourceChecksum = fmt.Sprintf("%016x", st.Checksum)
+	res.RDMAProvider = st.RDMAProvider
 	res.Status = string(sr.State)
 	if sr.Err != nil {
 		res.Error = sr.Err.Error()
@@ -499,12 +533,18 @@ func runDemo(ctx context.Context, s *spec.Spec, specPath string, cfg guest.Confi
 			return res, err
 		}
 		defer dest.wait()
+		l, err := dest.next(ctx, "listening")
+		if err != nil {
+			return res, err
+		}
+		res.DestinationCPUSeconds = -l.CPUSeconds
 	}
 	done, err := dest.next(ctx, "done")
 	if err != nil {
 		return res, err
 	}
 	res.DestinationChecksum = done.Checksum
+	res.DestinationCPUSeconds += done.CPUSeconds
 	if done.PeakRSS > 0 {
 		ram := uint64(0)
 		for _, b := range g.Blocks() {
@@ -582,7 +622,7 @@ func followDemo(ctx context.Context, c *machine.Controller, m *engine.Migration,
 func newDemoDestination() *cobra.Command {
 	var gf guestFlags
 	var cf configFlags
-	var listen string
+	var listen, rdmaProvider string
 	cmd := &cobra.Command{
 		Use:    "demo-destination",
 		Short:  "The destination process of `migctl demo` (internal)",
@@ -604,7 +644,10 @@ func newDemoDestination() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			err = demoDestination(cmd.Context(), s, cfg, dc, listen, report)
+			if err := checkRDMAProvider(rdmaProvider); err != nil {
+				return err
+			}
+			err = demoDestination(cmd.Context(), s, cfg, dc, listen, rdmaProvider, report)
 			if err != nil {
 				report(destLine{Event: "done", Error: err.Error()})
 				return &exitError{code: 1}
@@ -615,10 +658,11 @@ func newDemoDestination() *cobra.Command {
 	gf.add(cmd, true)
 	cf.add(cmd)
 	cmd.Flags().StringVar(&listen, "listen", "tcp:127.0.0.1:0", "`URI` to receive the migration on")
+	addRDMAProviderFlag(cmd.Flags(), &rdmaProvider)
 	return cmd
 }
 
-func demoDestination(ctx context.Context, s *spec.Spec, cfg guest.Config, dc demoConfig, listen string, report func(destLine)) error {
+func demoDestination(ctx context.Context, s *spec.Spec, cfg guest.Config, dc demoConfig, listen, rdmaProvider string, report func(destLine)) error {
 	g, err := guest.NewDestination(cfg)
 	if err != nil {
 		return err
@@ -634,7 +678,8 @@ func demoDestination(ctx context.Context, s *spec.Spec, cfg guest.Config, dc dem
 	}
 	var checksum uint64
 	in, err := loaders.Listen(ctx, c, g, listen, loaders.Options{
-		PageSums: true,
+		PageSums:  true,
+		Transport: &transport.Config{RDMAProvider: rdmaProvider},
 		BeforeStart: func(sums [][]uint32) error {
 			d, err := g.DigestWithPageSums(sums)
 			checksum = d.Sum()
@@ -644,7 +689,7 @@ func demoDestination(ctx context.Context, s *spec.Spec, cfg guest.Config, dc dem
 	if err != nil {
 		return err
 	}
-	report(destLine{Event: "listening", URI: in.Addr().String()})
+	report(destLine{Event: "listening", URI: in.Addr().String(), CPUSeconds: cpuSeconds()})
 	r, err := in.Wait(ctx)
 	if err != nil {
 		in.Abort("interrupted")
@@ -654,8 +699,18 @@ func demoDestination(ctx context.Context, s *spec.Spec, cfg guest.Config, dc dem
 	if r.Err != nil {
 		return r.Err
 	}
-	report(destLine{Event: "done", State: string(r.State), Checksum: fmt.Sprintf("%016x", checksum), PeakRSS: peakRSS()})
+	report(destLine{Event: "done", State: string(r.State), Checksum: fmt.Sprintf("%016x", checksum), PeakRSS: peakRSS(), CPUSeconds: cpuSeconds()})
 	return nil
+}
+
+// cpuSeconds returns the CPU time this process has used (user + system,
+// every thread), or 0 if getrusage fails.
+func cpuSeconds() float64 {
+	var ru unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
 }
 
 // peakRSS returns this process's peak resident set size (VmHWM), or 0.

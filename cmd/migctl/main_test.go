@@ -41,7 +41,7 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-func run(t *testing.T, args ...string) (stdout, stderr string, code int) {
+func run(t testing.TB, args ...string) (stdout, stderr string, code int) {
 	t.Helper()
 	var o, e bytes.Buffer
 	c := exec.Command(binary, args...)
@@ -59,9 +59,17 @@ func run(t *testing.T, args ...string) (stdout, stderr string, code int) {
 // the guest dirtying memory throughout; the destination's checksum must
 // equal the source's.
 func TestDemoTransports(t *testing.T) {
-	for _, tr := range []string{"tcp", "unix", "fd", "file", "exec"} {
+	for _, tr := range []string{"tcp", "unix", "fd", "file", "exec", "rdma", "rdma-pin-all"} {
 		t.Run(tr, func(t *testing.T) {
-			out, errOut, code := run(t, "demo", "--size", "32M", "--dirty-rate", "32M", "--transport", tr, "--json")
+			args := []string{"demo", "--size", "32M", "--dirty-rate", "32M", "--transport", tr, "--json"}
+			if strings.HasPrefix(tr, "rdma") {
+				// Software RDMA, chosen explicitly (verbs has no device here).
+				args = []string{"demo", "--size", "32M", "--dirty-rate", "32M", "--transport", "rdma", "--rdma-provider", "soft", "--json"}
+				if tr == "rdma-pin-all" {
+					args = append(args, "--cap", "rdma-pin-all=on")
+				}
+			}
+			out, errOut, code := run(t, args...)
 			var r demoResult
 			if err := json.Unmarshal([]byte(out), &r); err != nil {
 				t.Fatalf("demo --json printed %q (%v); stderr:\n%s", out, err, errOut)
@@ -74,6 +82,9 @@ func TestDemoTransports(t *testing.T) {
 			}
 			if r.DowntimeMS <= 0 || r.TotalTimeMS <= 0 {
 				t.Fatalf("times not measured: %+v", r)
+			}
+			if want := map[bool]string{true: "soft", false: ""}[strings.HasPrefix(tr, "rdma")]; r.RDMAProvider != want {
+				t.Fatalf("RDMA provider %q, want %q", r.RDMAProvider, want)
 			}
 		})
 	}

@@ -117,10 +117,10 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest, pau
 	defer c.Close()
 	exitCh := make(chan error, 1)
 	// fd: addresses are resolved from the server's descriptor table only.
-	tc := &transport.Config{Descriptors: fds}
+	tc := &transport.Config{Descriptors: fds, RDMAProvider: sf.rdmaProvider}
 	h := vmm.New(c, g, vmm.Options{
-		Engine: engine.Options{Dial: tc.Dial, Probe: tc.Probe, Logger: log},
-		Loader: loaders.Options{Listen: tc.Listen, Probe: tc.Probe, Logger: log},
+		Engine: engine.Options{Transport: tc, Probe: tc.Probe, Logger: log},
+		Loader: loaders.Options{Transport: tc, Probe: tc.Probe, Logger: log},
 		Exit: func(err error) {
 			select {
 			case exitCh <- err:
@@ -130,7 +130,7 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest, pau
 		Logger: log,
 	})
 	defer h.Close()
-	qopts.Logger, qopts.Objects, qopts.FDs = log, objs, fds
+	qopts.Logger, qopts.Objects, qopts.FDs, qopts.Digest = log, objs, fds, g.Checksum
 	if u, ok := guest.UUIDOf(g); ok {
 		qopts.UUID = u.String()
 	}
@@ -537,6 +537,9 @@ func qmpPrintStatus(w io.Writer, info qmp.MigrationInfo, rs qmp.RunState, mi *qm
 	}
 	for _, sa := range info.SocketAddress {
 		fmt.Fprintf(tw, "listening on\t%s\n", sa.URI())
+	}
+	if p := info.XMigctlRDMAProvider; p != "" {
+		fmt.Fprintf(tw, "rdma provider\t%s\n", p)
 	}
 	msField := func(name string, v *int64) {
 		if v != nil {

@@ -3,17 +3,20 @@ package main
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/migctl/migctl/creds"
 	"github.com/migctl/migctl/guest"
 	"github.com/migctl/migctl/host"
 	"github.com/migctl/migctl/machine"
 	"github.com/migctl/migctl/qmp"
+	"github.com/migctl/migctl/rdma"
 	"github.com/migctl/migctl/spec"
 )
 
@@ -27,6 +30,7 @@ type serveFlags struct {
 	tlsCreds               string
 	tlsAllow               []string
 	fds                    []int
+	rdmaProvider           string
 }
 
 func (f *serveFlags) add(cmd *cobra.Command) {
@@ -38,6 +42,23 @@ func (f *serveFlags) add(cmd *cobra.Command) {
 	fl.StringVar(&f.tlsCreds, "qmp-tls-creds", "", "tls-creds-x509 `DIR` (ca-cert.pem, server-cert.pem, server-key.pem) making clients of the tcp: QMP sockets authenticate with a certificate signed by ca-cert.pem")
 	fl.StringArrayVar(&f.tlsAllow, "qmp-tls-allow", nil, "with --qmp-tls-creds, accept only client certificates whose distinguished name matches this `GLOB` (QEMU's DN form, e.g. 'C=GB,O=Example,CN=*'; repeatable)")
 	fl.IntSliceVar(&f.fds, "fd", nil, "descriptor N inherited from the parent, usable (once) as fd:N in migrate or migrate-incoming (repeatable); other numbers are refused")
+	addRDMAProviderFlag(fl, &f.rdmaProvider)
+}
+
+// addRDMAProviderFlag adds --rdma-provider (serve and demo).
+func addRDMAProviderFlag(fl *pflag.FlagSet, p *string) {
+	fl.StringVar(p, "rdma-provider", rdma.DefaultProvider, "the RDMA provider `NAME` rdma: addresses run on: verbs (an RDMA device through rdma-core) or soft (RDMA's semantics in software over TCP); "+
+		"never a fallback: where verbs finds no device, rdma: migrations fail with its probe's reason until soft is chosen")
+}
+
+// checkRDMAProvider refuses a provider name the registry does not know,
+// before anything is opened (whether its device works is probed when an
+// rdma: address is used).
+func checkRDMAProvider(name string) error {
+	if !slices.Contains(rdma.Providers(), name) {
+		return usagef("--rdma-provider %q: want one of %s", name, strings.Join(rdma.Providers(), ", "))
+	}
+	return nil
 }
 
 // serveHelp documents the flags above in serve's long help.
@@ -47,6 +68,10 @@ const serveHelp = "\n\nTrust: the unix socket is created with mode 0600 (only it
 	"clients get network migrations (tcp:, rdma:, vsock:), fd:NAME, and unix:/file: only under --migration-dir,\n" +
 	"never exec: or another path. With --qmp-tls-creds its clients must present a certificate signed by\n" +
 	"ca-cert.pem (and matching a --qmp-tls-allow glob when given) and may do everything.\n\n" +
+	"RDMA: rdma: addresses run on --rdma-provider, verbs by default (an RDMA device through rdma-core; a binary\n" +
+	"built without -tags rdma_verbs, or a host without a device, fails each rdma: migration saying so) or soft\n" +
+	"(RDMA's semantics in software, over TCP). migctl never falls back from one to the other; query-migrate names\n" +
+	"the provider in x-migctl-rdma-provider.\n\n" +
 	"Descriptors: clients of the unix socket pass descriptors with getfd (SCM_RIGHTS) and use them as fd:NAME.\n" +
 	"fd:N works only for a descriptor declared with --fd N, which must be inherited from serve's parent (open and\n" +
 	"not close-on-exec when serve starts), never one of migctl's own.\n\n" +
@@ -57,6 +82,9 @@ const serveHelp = "\n\nTrust: the unix socket is created with mode 0600 (only it
 // directory.
 func (f *serveFlags) options() (qmp.Options, error) {
 	o := qmp.Options{MaxClients: f.maxClients, MaxPending: f.maxPending, NegotiationTimeout: f.negotiation}
+	if err := checkRDMAProvider(f.rdmaProvider); err != nil {
+		return o, err
+	}
 	switch {
 	case f.maxClients < 1:
 		return o, fmt.Errorf("--qmp-max-clients %d: want at least 1", f.maxClients)

@@ -32,8 +32,14 @@ type serveProc struct {
 // go-qemu's SocketMonitor — a QMP client nobody here wrote — to it.
 func startServe(t *testing.T, name string, args ...string) *serveProc {
 	t.Helper()
+	return startServeBin(t, binary, name, args...)
+}
+
+// startServeBin is startServe with another migctl binary.
+func startServeBin(t *testing.T, bin, name string, args ...string) *serveProc {
+	t.Helper()
 	sock := filepath.Join(t.TempDir(), name+".sock")
-	cmd := exec.Command(binary, append([]string{"serve", "--qmp", "unix:" + sock}, args...)...)
+	cmd := exec.Command(bin, append([]string{"serve", "--qmp", "unix:" + sock}, args...)...)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)

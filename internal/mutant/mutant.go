@@ -31,4 +31,8 @@ var (
 	// restarts its guest after any failure, even once it committed the
 	// switchover (the split brain the commit protocol prevents).
 	ResumeAfterCommit bool
+	// RDMAOpenRAM (tag mutant_rdma_open_ram): an RDMA destination opens
+	// its RAM to the source at once (Options.HoldRAM ignored), so a source
+	// the connect guard will refuse can register and write it.
+	RDMAOpenRAM bool
 )

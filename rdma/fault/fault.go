@@ -81,6 +81,13 @@ func (p *Provider) Resolve(ctx context.Context, addr string, cfg verbs.Config) (
 // Dropped reports how many completions Poll swallowed so far.
 func (p *Provider) Dropped() int64 { return p.dropped.Load() }
 
+// Registrations reports how many PD.Register calls were made so far
+// (including an injected failure).
+func (p *Provider) Registrations() int64 { return p.registers.Load() }
+
+// Writes reports how many RDMA WRITEs were posted so far.
+func (p *Provider) Writes() int64 { return p.writes.Load() }
+
 func (p *Provider) wrap(c verbs.Conn) verbs.Conn {
 	w := &conn{Conn: c, p: p}
 	w.cq = &cq{CQ: c.CQ(), p: p}

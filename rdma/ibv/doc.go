@@ -19,4 +19,4 @@ const Name = "verbs"
 
 // ErrNotBuilt is returned by New in a binary built without the rdma_verbs tag.
 var ErrNotBuilt = errors.New("rdma: provider verbs: this binary was built without rdma-core " +
-	"(rebuild with -tags rdma_verbs after apt-get install libibverbs-dev librdmacm-dev), and migctl never falls back to the soft provider on its own")
+	"(rebuild with -tags rdma_verbs after apt-get install libibverbs-dev librdmacm-dev) or choose the soft provider explicitly")
