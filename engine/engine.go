@@ -201,8 +201,8 @@ type sender struct {
 	m       *Migration
 	start   time.Time
 	cfg     guards.Config  // the frozen configuration of this run
-	conn    transport.Conn // raw, wrapped to feed the watchdog as writes progress
-	raw     transport.Conn // what Dial returned (its optional interfaces: transport.Committer)
+	conn    transport.Conn // the main channel, as Dial returned it
+	raw     transport.Conn // the same (its optional interfaces: transport.Committer, the RDMA and mapped-ram sinks')
 	enc     *stream.Encoder
 	rp      chan rpEvent // messages from the destination
 	rpDone  chan struct{}
@@ -269,7 +269,7 @@ func (s *sender) migrate() error {
 	if err != nil {
 		return fmt.Errorf("connect to %s: %w", m.addr, err)
 	}
-	conn := transport.Conn(&feedingConn{Conn: dialed, s: s})
+	conn := dialed
 	s.conn, s.raw = conn, dialed
 	stopInterrupt := context.AfterFunc(m.ioCtx, s.interrupt)
 	defer stopInterrupt()
@@ -299,7 +299,9 @@ func (s *sender) migrate() error {
 		}
 		defer s.mapped.close()
 	}
-	s.enc = stream.NewEncoder(conn)
+	// The encoder writes through feedingConn, so that a write's progress
+	// feeds the watchdog where it is the only sign of life (commit.go).
+	s.enc = stream.NewEncoder(&feedingConn{Conn: conn, s: s})
 	if err := s.enc.WriteHeader(m.g.ID()); err != nil {
 		return err
 	}

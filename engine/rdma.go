@@ -48,7 +48,7 @@ type rdmaSink struct {
 // openRDMA returns the RDMA sink when the main channel writes RAM
 // one-sidedly, or nil.
 func (s *sender) openRDMA() ramSink {
-	w, ok := s.conn.(ramWriter)
+	w, ok := s.raw.(ramWriter)
 	if !ok {
 		return nil
 	}
