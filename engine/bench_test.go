@@ -27,11 +27,16 @@ import (
 // MIGCTL_BENCH_SIZE (e.g. 2G for the figure).
 func benchSize(b *testing.B, def int64) int64 {
 	if s := os.Getenv("MIGCTL_BENCH_SIZE"); s != "" {
-		n, err := strconv.ParseInt(strings.TrimSuffix(strings.ToUpper(s), "G"), 10, 64)
-		if err != nil {
-			b.Fatal(err)
+		u := strings.ToUpper(s)
+		shift := 30
+		if strings.HasSuffix(u, "M") {
+			shift = 20
 		}
-		return n << 30
+		n, err := strconv.ParseInt(strings.TrimRight(u, "GM"), 10, 64)
+		if err != nil {
+			b.Fatalf("MIGCTL_BENCH_SIZE=%q: want a size such as 1G or 256M", s)
+		}
+		return n << shift
 	}
 	return def
 }
