@@ -493,3 +493,31 @@ func equalStates(a, b []machine.State) bool {
 	}
 	return true
 }
+
+// TestTrueDowntimeBothSides: with both sides on this host's boot and the
+// commit protocol, the guest's true downtime is measured exactly from the
+// two CLOCK_MONOTONIC stamps the sides exchange (the source's stop, the
+// destination's start): the same figure on both sides, and positive.
+func TestTrueDowntimeBothSides(t *testing.T) {
+	src, dst := commitEnds(t, guestCfg(), nil, nil)
+	m, in := run(t, src, dst, newGate(), nil, engine.Options{}, loaders.Options{})
+	sr := wait[engine.Result](t, "the source", m)
+	dr := wait[loaders.Result](t, "the destination", in)
+	if sr.Err != nil || dr.Err != nil {
+		t.Fatalf("source %v, destination %v", sr.Err, dr.Err)
+	}
+	s, d := sr.Stats, dr.Stats
+	if !s.TrueDowntimeExact || !d.TrueDowntimeExact {
+		t.Fatalf("exact on the source %v, on the destination %v", s.TrueDowntimeExact, d.TrueDowntimeExact)
+	}
+	if s.TrueDowntime != d.TrueDowntime || s.TrueDowntime <= 0 {
+		t.Fatalf("true downtime: source %v, destination %v", s.TrueDowntime, d.TrueDowntime)
+	}
+	srcLog, dstLog := src.g.RunLog(), dst.g.RunLog()
+	if len(dstLog) == 0 {
+		t.Fatal("the destination guest never ran")
+	}
+	if start := dstLog[0].Start; start.Before(srcLog[len(srcLog)-1].Stop) {
+		t.Fatal("the destination started before the source stopped")
+	}
+}

@@ -28,6 +28,7 @@ import (
 
 	"github.com/migctl/migctl/guards"
 	"github.com/migctl/migctl/guest"
+	"github.com/migctl/migctl/host"
 	"github.com/migctl/migctl/internal/mutant"
 	"github.com/migctl/migctl/internal/watchdog"
 	"github.com/migctl/migctl/machine"
@@ -220,6 +221,8 @@ type sender struct {
 	protoKnown chan struct{} // closed when proto is known
 	eofSent    bool          // the EOF marker and vmdesc are on the wire
 	pingSeq    uint32        // the last PING value sent (1: the first, which detects the protocol)
+	stopStamp  host.Stamp    // when the guest stopped here
+	startStamp host.Stamp    // when the destination's guest started (its STARTED), if it said
 	lastPing   time.Time
 	// ioMu orders the interrupt of a cancel or stall (a past deadline on
 	// the channel) with the farewell ABORT (a fresh deadline): farewell
@@ -457,6 +460,7 @@ func (s *sender) switchover(cfg guards.Config) error {
 		return fmt.Errorf("stop the guest: %w", err)
 	}
 	tStop := time.Now()
+	s.stopStamp = host.Now()
 	m.g.SyncDirty(s.dirty)
 	s.stats.Remaining = s.dirtyBytes()
 	b0 := s.moved()
@@ -507,6 +511,10 @@ func (s *sender) switchover(cfg guards.Config) error {
 		}
 		if err := s.commit(); err != nil {
 			return err
+		}
+		// When the guest stopped here, then go: one write.
+		if err := s.enc.WriteStopped(s.stopStamp.Boot, uint64(s.stopStamp.Mono)); err != nil {
+			return fmt.Errorf("send go: %w", err)
 		}
 		if err := s.enc.WriteTrailer(stream.TrailerGo); err != nil {
 			return fmt.Errorf("send go: %w", err)
@@ -590,10 +598,14 @@ func (s *sender) awaitConfirm(tStop time.Time) error {
 				return err
 			}
 			if confirmed {
-				// An upper bound of the guest's true downtime (stop here →
-				// the destination's guest runs), by the SHUT's half round
-				// trip.
+				// The guest's true downtime: exact from the destination's
+				// stamp (STARTED, before SHUT) on the same boot of the
+				// same host; otherwise an upper bound, by the SHUT's half
+				// round trip.
 				s.stats.TrueDowntime = time.Since(tStop)
+				if d, ok := s.startStamp.Sub(s.stopStamp); ok && d >= 0 {
+					s.stats.TrueDowntime, s.stats.TrueDowntimeExact = d, true
+				}
 				return nil
 			}
 		case <-s.m.ioCtx.Done():
@@ -647,6 +659,10 @@ func (s *sender) onRP(ev rpEvent, ok bool) (confirmed bool, err error) {
 		return true, nil
 	case stream.RPSwitchoverAck:
 		s.acked = true
+	case stream.RPStarted:
+		if boot, mono, ok := ev.msg.Started(); ok {
+			s.startStamp = host.Stamp{Boot: boot, Mono: time.Duration(mono)}
+		}
 	}
 	return false, nil
 }

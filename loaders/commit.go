@@ -7,6 +7,7 @@ import (
 	"io"
 	"time"
 
+	"github.com/migctl/migctl/host"
 	"github.com/migctl/migctl/internal/watchdog"
 	"github.com/migctl/migctl/machine"
 	"github.com/migctl/migctl/spec"
@@ -149,7 +150,7 @@ func (l *loader) awaitGo(dec *stream.Decoder) error {
 		return &lostError{err}
 	}
 	for {
-		t, err := dec.NextTrailer()
+		f, err := dec.NextTrailer()
 		if err != nil {
 			if errors.Is(err, io.EOF) {
 				err = errors.New("the source closed the channel without a word")
@@ -157,12 +158,14 @@ func (l *loader) awaitGo(dec *stream.Decoder) error {
 			return &lostError{err}
 		}
 		l.dog.Feed()
-		switch t {
+		switch f.Code {
 		case stream.TrailerGo:
 			l.waitingGo = false
 			return nil
 		case stream.TrailerAbort:
 			return ErrAborted
+		case stream.TrailerStopped:
+			l.srcStop = host.Stamp{Boot: f.Boot, Mono: time.Duration(f.MonoNs)}
 		}
 	}
 }

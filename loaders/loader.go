@@ -265,6 +265,7 @@ type loader struct {
 
 	// The commit protocol and liveness (commit.go).
 	hs        *stream.Handshake // the source's announcement
+	srcStop   host.Stamp        // when the source stopped its guest (its STOPPED frame)
 	proto     bool              // the source speaks the commit protocol and opened the return path
 	waitingGo bool              // loaded fired: only go, abort or the operator end the wait
 	dog       *watchdog.Dog
@@ -604,6 +605,20 @@ func (l *loader) complete(dec *stream.Decoder) error {
 		if err := in.g.Start(); err != nil {
 			in.log.Error("start the guest", "err", err)
 			return fmt.Errorf("start the guest: %w", err)
+		}
+	}
+	// The guest runs (or is ready to, told to stay paused): its true
+	// downtime ends now. A source that speaks the commit protocol gets the
+	// stamp; one on this boot of this host had sent its own.
+	started := host.Now()
+	if d, ok := started.Sub(l.srcStop); ok && d >= 0 {
+		l.statsMu.Lock()
+		l.stats.TrueDowntime, l.stats.TrueDowntimeExact = d, true // published by cleanup
+		l.statsMu.Unlock()
+	}
+	if l.proto {
+		if err := l.sendRP(stream.NewStarted(started.Boot, uint64(started.Mono))); err != nil {
+			in.log.Warn("tell the source when the guest started", "err", err)
 		}
 	}
 	if l.rp {

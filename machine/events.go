@@ -221,11 +221,18 @@ type Stats struct {
 	// the source's last byte written (with QEMU's return-path capability
 	// on, to the destination's SHUT), set on completion.
 	Downtime time.Duration
-	// TrueDowntime is the guest's downtime as measured by the source: from
-	// stopping its guest to the destination's confirmation that its guest
-	// runs (an upper bound by the confirmation's half round trip); 0 when
-	// the transport has no back channel (file, exec).
+	// TrueDowntime is the guest's true downtime: from the source stopping
+	// its guest to the destination's guest running. When both sides run on
+	// the same boot of the same host and speak the commit protocol it is
+	// exact (CLOCK_MONOTONIC stamps exchanged in the stream, on both
+	// sides; TrueDowntimeExact); otherwise, on the source, an upper bound:
+	// until the destination's confirmation arrived (its half round trip
+	// more). 0 where nothing measures it (one-way transports: the time
+	// until the save was durable; a destination without the source's stop).
 	TrueDowntime time.Duration
+	// TrueDowntimeExact says TrueDowntime was measured from both sides'
+	// monotonic stamps.
+	TrueDowntimeExact bool
 	// ThrottlePercent is auto-converge's current throttle of the source's
 	// guest (query-migrate's cpu-throttle-percentage); 0 when inactive.
 	ThrottlePercent int

@@ -32,6 +32,14 @@ type MigrationInfo struct {
 	// silent, once it missed two keepalives (x-migctl-keepalive), before
 	// x-migctl-io-timeout ends the migration.
 	XMigctlStalledMs *int64 `json:"x-migctl-stalled-ms,omitempty"`
+	// XMigctlTrueDowntimeUs (migctl extension, µs) is the guest's true
+	// downtime once the migration completed: from the source's stop to the
+	// destination guest running. XMigctlTrueDowntimeExact says it was
+	// measured from both sides' CLOCK_MONOTONIC stamps (same host, same
+	// boot); otherwise, on the source, it runs until the destination's
+	// confirmation arrived (an upper bound).
+	XMigctlTrueDowntimeUs    *int64 `json:"x-migctl-true-downtime-us,omitempty"`
+	XMigctlTrueDowntimeExact *bool  `json:"x-migctl-true-downtime-exact,omitempty"`
 	// XMigctlRDMAProvider is a migctl extension: the RDMA provider
 	// ("soft", "verbs") of a migration over rdma:, so an operator can see
 	// that software RDMA was chosen (migctl serve --rdma-provider);
@@ -76,6 +84,11 @@ func ms(d time.Duration) *int64 {
 	return &v
 }
 
+func us(d time.Duration) *int64 {
+	v := d.Microseconds()
+	return &v
+}
+
 func ramInfo(st machine.Stats) *MigrationStats {
 	return &MigrationStats{
 		Transferred:    st.Transferred,
@@ -112,6 +125,10 @@ func migrationInfo(in, out machine.Status, now time.Time) *MigrationInfo {
 		if in.Stalled > 0 {
 			info.XMigctlStalledMs = ms(in.Stalled)
 		}
+		if in.Stats.TrueDowntime > 0 {
+			exact := in.Stats.TrueDowntimeExact
+			info.XMigctlTrueDowntimeUs, info.XMigctlTrueDowntimeExact = us(in.Stats.TrueDowntime), &exact
+		}
 		info.XMigctlRDMAProvider = in.Stats.RDMAProvider
 	}
 	// Source (fill_source_migration_info).
@@ -141,6 +158,10 @@ func migrationInfo(in, out machine.Status, now time.Time) *MigrationInfo {
 	}
 	if out.Stalled > 0 {
 		info.XMigctlStalledMs = ms(out.Stalled)
+	}
+	if out.Report == spec.ReportFinal && out.Stats.TrueDowntime > 0 {
+		exact := out.Stats.TrueDowntimeExact
+		info.XMigctlTrueDowntimeUs, info.XMigctlTrueDowntimeExact = us(out.Stats.TrueDowntime), &exact
 	}
 	info.XMigctlRDMAProvider = out.Stats.RDMAProvider
 	return info

@@ -283,3 +283,31 @@ func TestYankAndStall(t *testing.T) {
 		t.Fatalf("source guest after yank: %+v", rs)
 	}
 }
+
+// TestTrueDowntimeOverQMP: after a completed migration both sides report
+// the guest's true downtime (migctl's x-migctl-true-downtime-us), measured
+// from both processes' monotonic stamps (exact: the nodes share this
+// host's boot) and therefore equal.
+func TestTrueDowntimeOverQMP(t *testing.T) {
+	src := newNode(t, nodeOpts{})
+	cs := src.client(t)
+	run(t, cs, "migrate-set-capabilities", caps("events", true))
+	_, cd := migrateFully(t, cs)
+	si := queryMigrate(t, cs)
+	// The destination knows it once its guest runs, which follows its
+	// MIGRATION completed: poll (no event marks it).
+	var di MigrationInfo
+	for deadline := time.Now().Add(testTimeout); ; time.Sleep(5 * time.Millisecond) {
+		if di = queryMigrate(t, cd); di.XMigctlTrueDowntimeUs != nil || time.Now().After(deadline) {
+			break
+		}
+	}
+	for name, info := range map[string]MigrationInfo{"source": si, "destination": di} {
+		if info.XMigctlTrueDowntimeUs == nil || *info.XMigctlTrueDowntimeUs <= 0 || info.XMigctlTrueDowntimeExact == nil || !*info.XMigctlTrueDowntimeExact {
+			t.Fatalf("%s query-migrate: %+v", name, info)
+		}
+	}
+	if *si.XMigctlTrueDowntimeUs != *di.XMigctlTrueDowntimeUs {
+		t.Fatalf("true downtime: source %d µs, destination %d µs", *si.XMigctlTrueDowntimeUs, *di.XMigctlTrueDowntimeUs)
+	}
+}

@@ -44,7 +44,36 @@ const (
 	// RPKeepalive proves the destination is alive while the source waits
 	// for it. No data.
 	RPKeepalive RPType = 0x7f03
+	// RPStarted says when the destination's guest started: 16 bytes of
+	// the host's boot id, then a be64 CLOCK_MONOTONIC reading in
+	// nanoseconds. Sent right before SHUT(0); a source on the same boot of
+	// the same host subtracts its own stop from it: the guest's true
+	// downtime.
+	RPStarted RPType = 0x7f04
 )
+
+// StampSize is the size of a boot id and a monotonic reading on the wire.
+const StampSize = 16 + 8
+
+// NewStarted returns an RPStarted message.
+func NewStarted(boot [16]byte, monoNs uint64) RPMessage {
+	return RPMessage{Type: RPStarted, Data: appendStamp(nil, boot, monoNs)}
+}
+
+// Started returns the boot id and monotonic reading of an RPStarted
+// message (ok false for any other message).
+func (m RPMessage) Started() (boot [16]byte, monoNs uint64, ok bool) {
+	if m.Type != RPStarted || len(m.Data) != StampSize {
+		return boot, 0, false
+	}
+	copy(boot[:], m.Data)
+	return boot, binary.BigEndian.Uint64(m.Data[16:]), true
+}
+
+func appendStamp(b []byte, boot [16]byte, monoNs uint64) []byte {
+	b = append(b, boot[:]...)
+	return binary.BigEndian.AppendUint64(b, monoNs)
+}
 
 // MaxHello bounds the text of an RPHello message.
 const MaxHello = 256
@@ -88,7 +117,20 @@ const (
 	// TrailerAbort says the source gave up before it committed: the
 	// destination must discard what it loaded.
 	TrailerAbort Trailer = 3
+	// TrailerStopped carries when the source stopped its guest: StampSize
+	// more bytes (boot id, be64 CLOCK_MONOTONIC nanoseconds) follow the
+	// code. Sent once, right before GO, so that a destination on the same
+	// boot of the same host knows the guest's true downtime too.
+	TrailerStopped Trailer = 4
 )
+
+// TrailerFrame is one frame read by NextTrailer: its code and, for
+// TrailerStopped, the source's stamp.
+type TrailerFrame struct {
+	Code   Trailer
+	Boot   [16]byte
+	MonoNs uint64
+}
 
 // TrailerMagic opens every trailer frame ("MGCT").
 const TrailerMagic = 0x4d474354
@@ -105,6 +147,8 @@ func (t Trailer) String() string {
 		return "GO"
 	case TrailerAbort:
 		return "ABORT"
+	case TrailerStopped:
+		return "STOPPED"
 	}
 	return fmt.Sprintf("TRAILER(%d)", uint32(t))
 }
@@ -120,10 +164,23 @@ func (e *Encoder) WriteTrailer(t Trailer) error {
 		return fmt.Errorf("%w: WriteTrailer before Close", ErrOrder)
 	}
 	if t < TrailerKeepalive || t > TrailerAbort {
-		return invalidf("trailer code %d", uint32(t))
+		return invalidf("trailer code %d (STOPPED is written by WriteStopped)", uint32(t))
 	}
 	e.write(AppendTrailer(nil, t))
 	return e.Flush()
+}
+
+// WriteStopped writes a TrailerStopped frame (when the source stopped its
+// guest) without flushing: GO follows at once, and its flush sends both.
+func (e *Encoder) WriteStopped(boot [16]byte, monoNs uint64) error {
+	if e.err != nil {
+		return e.err
+	}
+	if e.state != esClosed {
+		return fmt.Errorf("%w: WriteStopped before Close", ErrOrder)
+	}
+	e.write(appendStamp(AppendTrailer(nil, TrailerStopped), boot, monoNs))
+	return e.err
 }
 
 // AppendTrailer appends frame t to b, for a source that must write it
@@ -139,31 +196,41 @@ func AppendTrailer(b []byte, t Trailer) []byte {
 // returns io.EOF when the source closed cleanly between frames, and a
 // *DecodeError of class ErrCorrupt for a frame without the magic, with an
 // unknown code, or cut short.
-func (d *Decoder) NextTrailer() (Trailer, error) {
+func (d *Decoder) NextTrailer() (TrailerFrame, error) {
 	if d.err != nil {
-		return 0, d.err
+		return TrailerFrame{}, d.err
 	}
 	if d.state != dsDone || !d.vmdesc {
-		return 0, fmt.Errorf("%w: NextTrailer before the vmdesc", ErrOrder)
+		return TrailerFrame{}, fmt.Errorf("%w: NextTrailer before the vmdesc", ErrOrder)
 	}
 	pos := d.Offset()
-	var b [TrailerSize]byte
-	n, err := io.ReadFull(d.rb, b[:])
+	var b [TrailerSize + StampSize]byte
+	n, err := io.ReadFull(d.rb, b[:TrailerSize])
 	d.off.Add(int64(n))
 	switch {
 	case err == io.EOF:
-		return 0, io.EOF
+		return TrailerFrame{}, io.EOF
 	case err != nil:
-		return 0, d.ioErr(err, "a trailer frame")
+		return TrailerFrame{}, d.ioErr(err, "a trailer frame")
 	}
 	if m := binary.BigEndian.Uint32(b[0:]); m != TrailerMagic {
-		return 0, d.corrupt(pos, nil, "trailer frame magic %#08x, want %#08x", m, TrailerMagic)
+		return TrailerFrame{}, d.corrupt(pos, nil, "trailer frame magic %#08x, want %#08x", m, TrailerMagic)
 	}
-	t := Trailer(binary.BigEndian.Uint32(b[4:]))
-	if t < TrailerKeepalive || t > TrailerAbort {
-		return 0, d.corrupt(pos, nil, "unknown trailer frame code %d", uint32(t))
+	f := TrailerFrame{Code: Trailer(binary.BigEndian.Uint32(b[4:]))}
+	switch f.Code {
+	case TrailerKeepalive, TrailerGo, TrailerAbort:
+	case TrailerStopped:
+		n, err := io.ReadFull(d.rb, b[TrailerSize:])
+		d.off.Add(int64(n))
+		if err != nil {
+			return TrailerFrame{}, d.ioErr(err, "a STOPPED trailer frame")
+		}
+		copy(f.Boot[:], b[TrailerSize:])
+		f.MonoNs = binary.BigEndian.Uint64(b[TrailerSize+16:])
+	default:
+		return TrailerFrame{}, d.corrupt(pos, nil, "unknown trailer frame code %d", uint32(f.Code))
 	}
-	return t, nil
+	return f, nil
 }
 
 // Speaks reports whether the handshake announces extension ext.

@@ -32,12 +32,18 @@ func TestTrailerFrames(t *testing.T) {
 	for _, tr := range []Trailer{TrailerKeepalive, TrailerGo, TrailerAbort} {
 		must(t, e.WriteTrailer(tr))
 	}
-	want := []byte{'M', 'G', 'C', 'T', 0, 0, 0, 1, 'M', 'G', 'C', 'T', 0, 0, 0, 2, 'M', 'G', 'C', 'T', 0, 0, 0, 3}
+	boot := [16]byte{0xb0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0xbf}
+	must(t, e.WriteStopped(boot, 0x0102030405060708))
+	must(t, e.Flush())
+	want := []byte{'M', 'G', 'C', 'T', 0, 0, 0, 1, 'M', 'G', 'C', 'T', 0, 0, 0, 2, 'M', 'G', 'C', 'T', 0, 0, 0, 3,
+		'M', 'G', 'C', 'T', 0, 0, 0, 4, 0xb0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0xbf, 1, 2, 3, 4, 5, 6, 7, 8}
 	if got := buf.Bytes()[streamEnd:]; !bytes.Equal(got, want) {
 		t.Fatalf("trailer bytes %x, want %x", got, want)
 	}
-	if err := e.WriteTrailer(Trailer(4)); !errors.Is(err, ErrInvalid) {
-		t.Errorf("WriteTrailer(4): %v, want ErrInvalid", err)
+	for _, bad := range []Trailer{0, TrailerStopped, 5} {
+		if err := e.WriteTrailer(bad); !errors.Is(err, ErrInvalid) {
+			t.Errorf("WriteTrailer(%d): %v, want ErrInvalid", bad, err)
+		}
 	}
 
 	d := NewDecoder(bytes.NewReader(buf.Bytes()), testLimits())
@@ -65,16 +71,23 @@ func TestTrailerFrames(t *testing.T) {
 		t.Fatalf("handshake extensions: %+v", hs)
 	}
 	var got []Trailer
+	var stopped TrailerFrame
 	for {
-		tr, err := d.NextTrailer()
+		f, err := d.NextTrailer()
 		if err == io.EOF {
 			break
 		}
 		must(t, err)
-		got = append(got, tr)
+		got = append(got, f.Code)
+		if f.Code == TrailerStopped {
+			stopped = f
+		}
 	}
-	if !slices.Equal(got, []Trailer{1, 2, 3}) {
-		t.Fatalf("read %v, want keepalive, go, abort", got)
+	if !slices.Equal(got, []Trailer{1, 2, 3, 4}) {
+		t.Fatalf("read %v, want keepalive, go, abort, stopped", got)
+	}
+	if stopped.Boot != boot || stopped.MonoNs != 0x0102030405060708 {
+		t.Fatalf("STOPPED frame read as %+v", stopped)
 	}
 }
 
@@ -101,6 +114,7 @@ func TestTrailerCorrupt(t *testing.T) {
 		"unknown code": {'M', 'G', 'C', 'T', 0, 0, 0, 9},
 		"code zero":    {'M', 'G', 'C', 'T', 0, 0, 0, 0},
 		"cut short":    {'M', 'G', 'C', 'T', 0, 0},
+		"stopped cut":  {'M', 'G', 'C', 'T', 0, 0, 0, 4, 1, 2, 3},
 	} {
 		t.Run(name, func(t *testing.T) {
 			d := NewDecoder(bytes.NewReader(append(bytes.Clone(base.Bytes()), tail...)), testLimits())
@@ -125,8 +139,12 @@ func TestCommitRPMessages(t *testing.T) {
 	must(t, WriteRP(&buf, NewHello(ExtSwitchoverCommit, "other/2")))
 	must(t, WriteRP(&buf, RPMessage{Type: RPLoaded}))
 	must(t, WriteRP(&buf, RPMessage{Type: RPKeepalive}))
+	boot := [16]byte{15: 0xee}
+	must(t, WriteRP(&buf, NewStarted(boot, 42)))
 	want := append([]byte{0x7f, 0x01, 0, 27}, "switchover-commit/1 other/2"...)
-	want = append(want, 0x7f, 0x02, 0, 0, 0x7f, 0x03, 0, 0)
+	want = append(want, 0x7f, 0x02, 0, 0, 0x7f, 0x03, 0, 0, 0x7f, 0x04, 0, 24)
+	want = append(want, boot[:]...)
+	want = append(want, 0, 0, 0, 0, 0, 0, 0, 42)
 	if !bytes.Equal(buf.Bytes(), want) {
 		t.Fatalf("wire %x, want %x", buf.Bytes(), want)
 	}
@@ -140,11 +158,17 @@ func TestCommitRPMessages(t *testing.T) {
 			t.Fatalf("read %v, %v; want %v", m, err, typ)
 		}
 	}
+	m, err = ReadRP(&buf)
+	must(t, err)
+	if b, mono, ok := m.Started(); !ok || b != boot || mono != 42 {
+		t.Fatalf("STARTED read as %x %d %v", b, mono, ok)
+	}
 	for name, bad := range map[string][]byte{
 		"loaded with data":    {0x7f, 0x02, 0, 1, 'x'},
 		"keepalive with data": {0x7f, 0x03, 0, 1, 'x'},
 		"hello with a NUL":    {0x7f, 0x01, 0, 3, 'a', 0, 'b'},
 		"hello too long":      append([]byte{0x7f, 0x01, 0x01, 0x01}, bytes.Repeat([]byte{'a'}, 257)...),
+		"started too short":   append([]byte{0x7f, 0x04, 0, 23}, make([]byte, 23)...),
 	} {
 		if _, err := ReadRP(bytes.NewReader(bad)); !errors.Is(err, ErrCorrupt) {
 			t.Errorf("%s: %v, want ErrCorrupt", name, err)
@@ -173,6 +197,7 @@ func FuzzNextTrailer(f *testing.F) {
 	f.Add([]byte{'M', 'G', 'C', 'T', 0, 0, 0, 2})
 	f.Add([]byte{'M', 'G', 'C', 'T', 0, 0, 0, 1, 'M', 'G', 'C', 'T', 0, 0, 0, 3})
 	f.Add([]byte{'M', 'G'})
+	f.Add(append([]byte{'M', 'G', 'C', 'T', 0, 0, 0, 4}, make([]byte, 24)...))
 	var base bytes.Buffer
 	e := NewEncoder(&base)
 	must(f, e.WriteHeader(guestName))
@@ -189,7 +214,7 @@ func FuzzNextTrailer(f *testing.F) {
 			}
 		}
 		for {
-			tr, err := d.NextTrailer()
+			f, err := d.NextTrailer()
 			if err == io.EOF {
 				return
 			}
@@ -199,8 +224,8 @@ func FuzzNextTrailer(f *testing.F) {
 				}
 				return
 			}
-			if tr < TrailerKeepalive || tr > TrailerAbort {
-				t.Fatalf("accepted frame %v", tr)
+			if f.Code < TrailerKeepalive || f.Code > TrailerStopped {
+				t.Fatalf("accepted frame %v", f.Code)
 			}
 		}
 	})

@@ -118,6 +118,8 @@ func (t RPType) String() string {
 		return "MIGCTL_LOADED"
 	case RPKeepalive:
 		return "MIGCTL_KEEPALIVE"
+	case RPStarted:
+		return "MIGCTL_STARTED"
 	}
 	return fmt.Sprintf("RP(%#x)", uint16(t))
 }
@@ -143,6 +145,8 @@ func rpMaxLen(t RPType) int {
 		return MaxHello
 	case RPLoaded, RPKeepalive:
 		return 0
+	case RPStarted:
+		return StampSize
 	}
 	return -1
 }
@@ -158,7 +162,7 @@ func checkRP(m RPMessage) string {
 		return fmt.Sprintf("%v message of %d bytes, at most %d allowed", m.Type, n, limit)
 	}
 	switch m.Type {
-	case RPShut, RPPong, RPResumeAck, RPReqPages, RPSwitchoverAck, RPLoaded, RPKeepalive:
+	case RPShut, RPPong, RPResumeAck, RPReqPages, RPSwitchoverAck, RPLoaded, RPKeepalive, RPStarted:
 		if n != limit {
 			return fmt.Sprintf("%v message of %d bytes, want %d", m.Type, n, limit)
 		}
