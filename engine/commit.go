@@ -131,12 +131,8 @@ func (s *sender) keepalive() error {
 	if time.Since(s.lastPing) < s.liveDuration(paramKeepalive, time.Second) {
 		return nil
 	}
-	s.lastPing = time.Now()
-	s.pingSeq++
-	if err := s.enc.Ping(s.pingSeq); err != nil {
-		return err
-	}
-	return s.enc.Flush()
+	_, err := s.ping()
+	return err
 }
 
 // setProto records what the destination speaks; the first answer wins

@@ -61,3 +61,25 @@ func throttleStep(p throttleParams, current uint64, high int, dirtied, sent uint
 // clampThrottle keeps a throttle within QEMU's CPU_THROTTLE_PCT_MIN and
 // CPU_THROTTLE_PCT_MAX (1..99).
 func clampThrottle(p uint64) uint64 { return max(1, min(p, 99)) }
+
+// expectedDowntime is the switchover decision's estimate: how long sending
+// remaining bytes would take with the guest stopped, and the bandwidth it
+// assumed. The bandwidth is the pass's send rate (what the kernel
+// accepted), lowered to what the destination was seen to absorb (from its
+// PONGs; 0 while unknown) when that is less — socket buffers make a send
+// rate optimistic — and replaced altogether by the operator's
+// avail-switchover-bandwidth when set (QEMU 8.2+). Unknown bandwidth gives
+// an expected downtime of 0.
+func expectedDowntime(remaining uint64, sent, absorbed, avail float64) (bw float64, expected time.Duration) {
+	bw = sent
+	if absorbed > 0 && (bw == 0 || absorbed < bw) {
+		bw = absorbed
+	}
+	if avail > 0 {
+		bw = avail
+	}
+	if bw > 0 {
+		expected = time.Duration(float64(remaining) / bw * float64(time.Second))
+	}
+	return bw, expected
+}

@@ -1,6 +1,9 @@
 package engine
 
-import "testing"
+import (
+	"testing"
+	"time"
+)
 
 // throttleStep against QEMU's migration_trigger_throttle and
 // mig_throttle_guest_down (migration/ram.c), worked by hand: a period is
@@ -41,6 +44,33 @@ func TestThrottleStep(t *testing.T) {
 		if next != tc.wantNext || high != tc.wantHigh {
 			t.Errorf("%s: throttleStep(current %d, high %d, dirtied %d, sent %d) = %d, %d; want %d, %d",
 				tc.name, tc.current, tc.high, tc.dirtied, tc.sent, next, high, tc.wantNext, tc.wantHigh)
+		}
+	}
+}
+
+// TestExpectedDowntime: the switchover decision's bandwidth is the send
+// rate, lowered to the absorption rate the destination's PONGs showed,
+// replaced by avail-switchover-bandwidth when set (QEMU 8.2's
+// migration_update_counters: "switchover_bw" overrides the estimate).
+func TestExpectedDowntime(t *testing.T) {
+	const mb = 1e6
+	for _, tc := range []struct {
+		name                  string
+		remaining             uint64
+		sent, absorbed, avail float64
+		wantBW                float64
+		wantExpected          time.Duration
+	}{
+		{"send rate alone", 100 * mb, 1000 * mb, 0, 0, 1000 * mb, 100 * time.Millisecond},
+		{"the destination absorbs less", 100 * mb, 1000 * mb, 500 * mb, 0, 500 * mb, 200 * time.Millisecond},
+		{"the destination absorbs more (buffers drained faster than sent)", 100 * mb, 500 * mb, 1000 * mb, 0, 500 * mb, 200 * time.Millisecond},
+		{"only the absorption is known", 100 * mb, 0, 250 * mb, 0, 250 * mb, 400 * time.Millisecond},
+		{"the operator's figure wins", 100 * mb, 1000 * mb, 500 * mb, 100 * mb, 100 * mb, time.Second},
+		{"nothing known", 100 * mb, 0, 0, 0, 0, 0},
+	} {
+		bw, exp := expectedDowntime(tc.remaining, tc.sent, tc.absorbed, tc.avail)
+		if bw != tc.wantBW || exp != tc.wantExpected {
+			t.Errorf("%s: bandwidth %.0f, expected %v; want %.0f, %v", tc.name, bw, exp, tc.wantBW, tc.wantExpected)
 		}
 	}
 }

@@ -66,6 +66,10 @@ type Options struct {
 	// bounds them: a destination that keeps proving it is alive may take
 	// as long as its loading needs.
 	ConfirmTimeout time.Duration
+	// NoDrain skips the drain before the stop (a PING and its PONG, so the
+	// destination has absorbed what was queued before the guest stops):
+	// for measurements of what it buys.
+	NoDrain bool
 	// NoCommitProtocol makes the source behave as one without the
 	// switchover commit protocol (it does not announce it): for tests of
 	// the fallback with a destination that lacks it, and for interop.
@@ -191,7 +195,7 @@ func (m *Migration) Wait(ctx context.Context) (Result, error) {
 func (m *Migration) run() {
 	defer close(m.done)
 	defer m.cancelIO(nil)
-	s := &sender{m: m, start: time.Now(), dog: watchdog.New(), protoKnown: make(chan struct{}), pingSeq: 1}
+	s := &sender{m: m, start: time.Now(), dog: watchdog.New(), protoKnown: make(chan struct{}), pingSeq: 1, pings: newPingLog()}
 	err := s.migrate()
 	s.finish(err)
 	m.stopped = s.stopped
@@ -223,6 +227,7 @@ type sender struct {
 	pingSeq    uint32        // the last PING value sent (1: the first, which detects the protocol)
 	stopStamp  host.Stamp    // when the guest stopped here
 	startStamp host.Stamp    // when the destination's guest started (its STARTED), if it said
+	pings      *pingLog      // PINGs sent, PONGs read: what the destination absorbed (drain.go)
 	lastPing   time.Time
 	// ioMu orders the interrupt of a cancel or stall (a past deadline on
 	// the channel) with the farewell ABORT (a fresh deadline): farewell
@@ -325,6 +330,7 @@ func (s *sender) migrate() error {
 			return err
 		}
 		s.lastPing = time.Now()
+		s.pings.sentPing(1, s.enc.Stats().Bytes)
 		s.rp = make(chan rpEvent, 16)
 		s.rpDone = make(chan struct{})
 		go s.readRP()
@@ -395,14 +401,7 @@ func (s *sender) migrate() error {
 			s.stats.DirtyPagesRate = uint64(float64(remaining/pageSize) / elapsed.Seconds())
 		}
 		limit := s.liveDuration("downtime-limit", 300*time.Millisecond)
-		bw := s.bw
-		if avail := s.liveUint("avail-switchover-bandwidth"); avail > 0 {
-			bw = float64(avail) // the operator's figure replaces the estimate (QEMU 8.2+)
-		}
-		expected := time.Duration(0)
-		if bw > 0 {
-			expected = time.Duration(float64(remaining) / bw * float64(time.Second))
-		}
+		bw, expected := expectedDowntime(remaining, s.bw, s.pings.absorbed(), float64(s.liveUint("avail-switchover-bandwidth")))
 		s.stats.ExpectedDowntime = expected
 		if cfg.Caps["auto-converge"] {
 			s.autoConverge(sent, remaining)
@@ -451,6 +450,11 @@ func (s *sender) switchover(cfg guards.Config) error {
 			return err
 		}
 	}
+	// With the guest still running, let the destination absorb what is
+	// queued: the stop-copy phase then moves only what is dirty.
+	if err := s.drain(); err != nil {
+		return err
+	}
 	// The guest graph goes running → finish-migrate when the guest runs; a
 	// guest the operator paused stays paused (and is not restarted on
 	// failure). Stop is idempotent, so it is called either way.
@@ -461,6 +465,9 @@ func (s *sender) switchover(cfg guards.Config) error {
 	}
 	tStop := time.Now()
 	s.stopStamp = host.Now()
+	if s.rp != nil {
+		s.stats.BacklogAtStop = s.pings.backlog(s.moved())
+	}
 	m.g.SyncDirty(s.dirty)
 	s.stats.Remaining = s.dirtyBytes()
 	b0 := s.moved()
@@ -712,9 +719,11 @@ func (s *sender) readRP() {
 			}
 			continue
 		case stream.RPPong:
-			if v, _ := msg.Value(); v == 1 {
+			v, _ := msg.Value()
+			if v == 1 {
 				s.setProto(peerLacks) // no HELLO came first
 			}
+			s.pings.pong(v, time.Now())
 			continue
 		case stream.RPKeepalive:
 			continue

@@ -233,6 +233,11 @@ type Stats struct {
 	// TrueDowntimeExact says TrueDowntime was measured from both sides'
 	// monotonic stamps.
 	TrueDowntimeExact bool
+	// BacklogAtStop (source) is how many bytes written before the guest
+	// stopped the destination had not yet absorbed then (not acknowledged
+	// by a PONG): queued in socket buffers, they lengthen the downtime.
+	// The drain before the stop makes it 0.
+	BacklogAtStop uint64
 	// ThrottlePercent is auto-converge's current throttle of the source's
 	// guest (query-migrate's cpu-throttle-percentage); 0 when inactive.
 	ThrottlePercent int
