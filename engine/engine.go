@@ -57,7 +57,9 @@ type Options struct {
 	// getfd table and names the RDMA provider.
 	Transport *transport.Config
 	// Checksum, when set, is called with the source guest stopped after the
-	// last byte was sent; its result is published in Stats.Checksum.
+	// destination confirmed, once the statistics (the total time among
+	// them) are final: it is outside every measured time. Its result is in
+	// the Result's Stats.Checksum.
 	Checksum func() (uint64, error)
 	// ConfirmTimeout, when positive, bounds the wait for the destination's
 	// confirmation after the stream ends, or, without a return path, for
@@ -545,16 +547,18 @@ func (s *sender) switchover(cfg guards.Config) error {
 		s.stats.Downtime = s.stats.TrueDowntime
 	}
 	m.log.Info("switchover", "final_bytes", s.stats.DowntimeBytes, "sent_after", tSent.Sub(tStop), "downtime", s.stats.Downtime, "true_downtime", s.stats.TrueDowntime, "commit_protocol", s.proto.Load() == peerSpeaks)
-	if m.opts.Checksum != nil {
-		if sum, err := m.opts.Checksum(); err == nil {
-			s.stats.Checksum = sum
-		}
-	}
 	// The last statistics go out before the side turns terminal: from
 	// then on a new migration may start, and nothing of this run may
 	// overwrite its statistics.
 	s.stopWatch()
 	s.publish(true)
+	// The checksum (a demo's, a test's) is taken after the total time was
+	// measured, with the guest still stopped: it is no part of it.
+	if m.opts.Checksum != nil {
+		if sum, err := m.opts.Checksum(); err == nil {
+			s.stats.Checksum = sum
+		}
+	}
 	out, err = m.c.Fire(context.Background(), spec.Outgoing, machine.TriggerComplete, nil)
 	if err != nil {
 		return err

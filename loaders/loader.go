@@ -288,6 +288,11 @@ func (l *loader) load() error {
 		return err
 	}
 	l.conn = conn
+	if r, ok := receiverOf(conn); ok {
+		// Named from the start: every statistics the loader publishes,
+		// a refusal at connect's included, keeps x-migctl-rdma-provider.
+		l.noteProvider(r.Provider())
+	}
 	stopInterrupt := context.AfterFunc(in.ioCtx, l.interrupt)
 	defer stopInterrupt()
 	l.startWatch()

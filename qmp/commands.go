@@ -675,7 +675,11 @@ func cmdQueryMigrate(s *Server, _ *client, a *args) (any, func(), error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	return migrationInfo(in, out, time.Now()), nil, nil
+	info := migrationInfo(in, out, time.Now())
+	if in.Report != spec.ReportNone && s.opts.PrepareTime > 0 {
+		info.XMigctlPrepareMs = ms(s.opts.PrepareTime)
+	}
+	return info, nil, nil
 }
 
 func cmdCancel(s *Server, _ *client, a *args) (any, func(), error) {

@@ -63,6 +63,10 @@ type Options struct {
 	// UUID is the guest's UUID in canonical form, for query-uuid; "" shows
 	// the zero UUID, as QEMU without -uuid.
 	UUID string
+	// PrepareTime is how long the hosted guest's memory took to prepare
+	// before the server started (guest prealloc, as QEMU's -mem-prealloc):
+	// query-migrate shows it on a destination as x-migctl-prepare-ms.
+	PrepareTime time.Duration
 	// Digest returns the hosted guest's digest for x-migctl-query-digest
 	// (migctl serve: the built-in guest's Checksum, which needs the guest
 	// stopped); nil makes the command fail.

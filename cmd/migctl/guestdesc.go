@@ -121,8 +121,18 @@ func formatGuest(cfg guest.Config) string {
 	if cfg.Random {
 		random = "on"
 	}
-	return fmt.Sprintf("size=%d,dirty-rate=%d,seed=%d,writers=%d,zero=%s,random=%s",
+	desc := fmt.Sprintf("size=%d,dirty-rate=%d,seed=%d,writers=%d,zero=%s,random=%s",
 		cfg.Size, cfg.DirtyRate, cfg.Seed, cfg.Writers, strconv.FormatFloat(cfg.ZeroFraction, 'g', -1, 64), random)
+	if cfg.UUID != (guest.UUID{}) {
+		desc += ",uuid=" + cfg.UUID.String()
+	}
+	if cfg.Backing != "" {
+		desc += ",backing=" + cfg.Backing
+	}
+	if cfg.Prealloc {
+		desc += ",prealloc=on"
+	}
+	return desc
 }
 
 // guestFlags is --guest and the demo's older spellings of its keys, kept

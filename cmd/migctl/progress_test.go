@@ -115,6 +115,9 @@ func TestGuestDescription(t *testing.T) {
 		{"", guest.Config{Size: 1024 * mib, DirtyRate: 64 * mib, Seed: 1, Writers: 1, ZeroFraction: 0.1}},
 		{"size=64M", guest.Config{Size: 64 * mib, DirtyRate: 64 * mib, Seed: 1, Writers: 1, ZeroFraction: 0.1}},
 		{"size=64M,dirty-rate=0,seed=3,writers=4,zero=0,random=on", guest.Config{Size: 64 * mib, Seed: 3, Writers: 4, Random: true}},
+		// The keys the demo hands its destination process too.
+		{"size=64M,uuid=11111111-2222-3333-4444-555555555555,backing=memfd,prealloc=on", guest.Config{Size: 64 * mib, DirtyRate: 64 * mib, Seed: 1, Writers: 1, ZeroFraction: 0.1,
+			UUID: guest.UUID{0x11, 0x11, 0x11, 0x11, 0x22, 0x22, 0x33, 0x33, 0x44, 0x44, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55}, Backing: "memfd", Prealloc: true}},
 	} {
 		got, err := parseGuest(c.in)
 		if err != nil || got != c.want {

@@ -134,6 +134,7 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest, pau
 	if u, ok := guest.UUIDOf(g); ok {
 		qopts.UUID = u.String()
 	}
+	qopts.PrepareTime = g.PrepareTime()
 	srv := qmp.NewServer(c, h, qopts)
 	defer srv.Close()
 	for _, a := range addrs {

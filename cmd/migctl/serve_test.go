@@ -277,7 +277,7 @@ func TestServeCLIAcrossProcesses(t *testing.T) {
 func TestServePaused(t *testing.T) {
 	guest := "--guest=size=16M,dirty-rate=8M,seed=5"
 	src := startServe(t, "src", guest, "-S")
-	dst := startServe(t, "dst", guest, "--destination", "-S")
+	dst := startServe(t, "dst", guest+",prealloc=on", "--destination", "-S")
 	status := func(p *serveProc) string {
 		var rs struct {
 			Status  string `json:"status"`
@@ -299,7 +299,13 @@ func TestServePaused(t *testing.T) {
 		t.Fatalf("source after cont: %s", got)
 	}
 	dst.ok(`{"execute":"migrate-incoming","arguments":{"uri":"tcp:127.0.0.1:0"}}`)
-	port := listenPort(t, dst.info())
+	info := dst.info()
+	// prealloc=on: the destination prepared its memory before it served,
+	// and says how long that took apart from the migration.
+	if ms, ok := info["x-migctl-prepare-ms"].(float64); !ok || ms < 0 {
+		t.Fatalf("a prepared destination's query-migrate has no x-migctl-prepare-ms: %v", info)
+	}
+	port := listenPort(t, info)
 	src.ok(`{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":0}}`)
 	src.ok(fmt.Sprintf(`{"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:%s"}}`, port))
 	src.waitStatus("completed")
