@@ -38,12 +38,12 @@ type MigrationInfo struct {
 	// measured from both sides' CLOCK_MONOTONIC stamps (same host, same
 	// boot); otherwise, on the source, it runs until the destination's
 	// confirmation arrived (an upper bound).
-	XMigctlTrueDowntimeUs    *int64 `json:"x-migctl-true-downtime-us,omitempty"`
+	XMigctlTrueDowntimeUs *int64 `json:"x-migctl-true-downtime-us,omitempty"`
 	// XMigctlPrepareMs (migctl extension, a destination's) is how long its
 	// guest's memory took to prepare before the process was ready (guest
 	// prealloc=on, QEMU's -mem-prealloc): time spent before the migration,
 	// apart from the transfer.
-	XMigctlPrepareMs *int64 `json:"x-migctl-prepare-ms,omitempty"`
+	XMigctlPrepareMs         *int64 `json:"x-migctl-prepare-ms,omitempty"`
 	XMigctlTrueDowntimeExact *bool  `json:"x-migctl-true-downtime-exact,omitempty"`
 	// XMigctlRDMAProvider is a migctl extension: the RDMA provider
 	// ("soft", "verbs") of a migration over rdma:, so an operator can see
