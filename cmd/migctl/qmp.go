@@ -17,6 +17,7 @@ import (
 	"github.com/migctl/migctl/creds"
 	"github.com/migctl/migctl/engine"
 	"github.com/migctl/migctl/guest"
+	"github.com/migctl/migctl/internal/safe"
 	"github.com/migctl/migctl/loaders"
 	"github.com/migctl/migctl/qmp"
 	"github.com/migctl/migctl/spec"
@@ -199,12 +200,13 @@ func qmpConnect(cmd *cobra.Command, sock string) (*qmp.Client, context.Context, 
 	return cl, ctx, err
 }
 
-// qmpFail prints a server's error as the server gave it and turns any
-// error into exit status 1.
+// qmpFail prints a server's error as the server gave it (bounded and made
+// printable: the server may be another program, or quote a peer) and
+// turns any error into exit status 1.
 func qmpFail(cmd *cobra.Command, err error) error {
 	var qe *qmp.Error
 	if errors.As(err, &qe) {
-		fmt.Fprintln(cmd.ErrOrStderr(), qe.Desc)
+		fmt.Fprintln(cmd.ErrOrStderr(), serverText(qe.Desc))
 		return &exitError{code: 1}
 	}
 	return err
@@ -356,7 +358,7 @@ func qmpFollow(cmd *cobra.Command, ctx context.Context, cl *qmp.Client) error {
 			pr.finish(false)
 			msg := "migration " + info.Status
 			if info.ErrorDesc != "" {
-				msg += ": " + info.ErrorDesc
+				msg += ": " + serverText(info.ErrorDesc)
 			}
 			fmt.Fprintln(cmd.ErrOrStderr(), msg)
 			return &exitError{code: exitFailed}
@@ -561,9 +563,14 @@ func qmpPrintStatus(w io.Writer, info qmp.MigrationInfo, rs qmp.RunState, mi *qm
 		fmt.Fprintf(tw, "dirty pages rate\t%d pages/s\n", r.DirtyPagesRate)
 	}
 	if info.ErrorDesc != "" {
-		fmt.Fprintf(tw, "error\t%s\n", info.ErrorDesc)
+		fmt.Fprintf(tw, "error\t%s\n", serverText(info.ErrorDesc))
 	}
 }
+
+// serverText bounds and makes printable a text a QMP server sent before it
+// reaches the terminal: migctl serve already does so, but the client may
+// be talking to any QMP server (internal/safe).
+func serverText(s string) string { return safe.Printable(s, qmp.MaxDesc) }
 
 func qmpSetCapCmd() *cobra.Command {
 	cmd := qmpClientCmd("set-cap NAME=on|off...", "Set migration capabilities, all or nothing (QMP migrate-set-capabilities)",
