@@ -132,7 +132,8 @@ func Dial(ctx context.Context, a Addr) (Conn, error) {
 //	rdma:        opened by the scheme package rdma registers (Register):
 //	             the stream over SEND/RECV plus one-sided RAM writes from
 //	             RAM; without it linked, an error wrapping ErrUnsupported
-//	vsock:       an error wrapping ErrUnsupported
+//	vsock:       opened by the scheme package vsock registers (AF_VSOCK);
+//	             without it linked, an error wrapping ErrUnsupported
 //
 // For schemes other than tcp: and unix:, ctx is checked once before opening.
 // A numbered fd:N passes to the Conn on success (the Conn works on a
@@ -189,7 +190,7 @@ func unsupported(scheme string) error {
 	if scheme == SchemeRDMA {
 		return fmt.Errorf("%w: the rdma: transport is registered by package rdma, which this program does not link (import github.com/migctl/migctl/rdma)", ErrUnsupported)
 	}
-	return fmt.Errorf("%w: the vsock: transport is not implemented yet (Go's net package has no AF_VSOCK); pass a connected vsock descriptor as fd:N instead", ErrUnsupported)
+	return fmt.Errorf("%w: vsock: is opened by package vsock, which this program does not link (Go's net package has no AF_VSOCK); import it, or pass a connected vsock descriptor as fd:NAME", ErrUnsupported)
 }
 
 // refuseFIFO fails for a FIFO, which would block open until a peer appears

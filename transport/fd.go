@@ -175,3 +175,13 @@ func openFD(a Addr, fd int, write, consume bool) (Conn, net.Listener, error) {
 	}
 	return conn, ln, nil
 }
+
+// NewSocketConn returns a Conn over f, a connected stream socket of a
+// family the standard library's net package does not wrap (AF_VSOCK):
+// reads and writes go through the runtime's poller when f is non-blocking
+// (deadlines work), CloseWrite shuts the sending side down, and the
+// channel has a return path. The Conn owns f. Scheme packages (vsock)
+// build their channels with it.
+func NewSocketConn(f *os.File, a Addr) Conn {
+	return &fileConn{f: f, addr: a, canRead: true, canWrite: true, socket: true}
+}

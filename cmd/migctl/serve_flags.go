@@ -18,6 +18,7 @@ import (
 	"github.com/migctl/migctl/qmp"
 	"github.com/migctl/migctl/rdma"
 	"github.com/migctl/migctl/spec"
+	_ "github.com/migctl/migctl/vsock" // registers vsock: with transport
 )
 
 // serveFlags are `migctl serve`'s options beyond --qmp, --guest and
