@@ -103,14 +103,18 @@ func receive(ctx context.Context, ln net.Listener, region []byte, streams int) (
 	results := make(chan res, streams)
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	// An accept that fails ends the streams already accepted.
+	// An accept that fails ends the streams already accepted. The
+	// caller's context is checked after a failed accept, not the derived
+	// one: the AfterFunc above may close the listener before the parent's
+	// cancellation has reached the derived context.
+	parent := ctx
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(errors.New("the receiver ended"))
 	for i := 0; i < streams; i++ {
 		conn, err := ln.Accept()
 		if err != nil {
-			if ctx.Err() != nil {
-				err = fmt.Errorf("accept stream %d of %d: %w", i+1, streams, context.Cause(ctx))
+			if parent.Err() != nil {
+				err = fmt.Errorf("accept stream %d of %d: %w", i+1, streams, context.Cause(parent))
 			}
 			return 0, err
 		}
