@@ -16,9 +16,11 @@ import (
 )
 
 // multifdCfg dirties slowly enough that a compressing migration converges
-// under the race detector too.
+// under the race detector too, with the two cores busy: zstd over 4
+// channels under -race with a load of 9 moved less than the former 4 MiB/s
+// and never converged in CI (as QEMU would not without auto-converge).
 func multifdCfg() guest.Config {
-	return guest.Config{Size: 32 << 20, DirtyRate: 4 << 20, Seed: 21, ZeroFraction: 0.1}
+	return guest.Config{Size: 32 << 20, DirtyRate: 1 << 20, Seed: 21, ZeroFraction: 0.1}
 }
 
 func setBoth(t *testing.T, caps map[string]bool, params map[string]any, ends ...*end) {
