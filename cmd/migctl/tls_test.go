@@ -1,6 +1,8 @@
 package main
 
 import (
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
 	"fmt"
 	"strings"
@@ -23,7 +25,7 @@ func TestServeTLSMigration(t *testing.T) {
 	clientDir := credstest.Dir(t, []*credstest.CA{ca}, nil, ca.Client(t, "C", "GB", "O", "Example Org", "CN", "src.example"))
 	const dn = "C=GB,O=Example Org,CN=src.example" // QEMU's (GnuTLS's) form: certificate order, no spaces
 	trustsRogue := credstest.Dir(t, []*credstest.CA{rogue}, nil, rogue.Client(t, "CN", "alice"))
-	expired := credstest.Dir(t, []*credstest.CA{ca}, nil, ca.Issue(t, credstest.Expired(credstest.Options{Subject: ca.Cert.Subject})))
+	expired := credstest.Dir(t, []*credstest.CA{ca}, nil, ca.Issue(t, credstest.Expired(credstest.Options{Subject: pkix.Name{CommonName: "expired.example"}, Usage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})))
 	x509 := func(endpoint, dir, extra string) string {
 		b, _ := json.Marshal(dir)
 		return fmt.Sprintf(`{"execute":"object-add","arguments":{"qom-type":"tls-creds-x509","id":"tls0","endpoint":%q,"dir":%s%s}}`, endpoint, b, extra)
@@ -43,6 +45,20 @@ func TestServeTLSMigration(t *testing.T) {
 			dst: []string{x509("server", serverDir, ""),
 				`{"execute":"object-add","arguments":{"qom-type":"authz-list","id":"auth0","policy":"deny","rules":[{"match":"` + dn + `","policy":"allow"}]}}`,
 				params(`"tls-creds":"tls0","tls-authz":"auth0"`)}},
+		{name: "authz-simple allow",
+			src: []string{x509("client", clientDir, ""), params(`"tls-creds":"tls0"`)},
+			dst: []string{x509("server", serverDir, ""),
+				`{"execute":"object-add","arguments":{"qom-type":"authz-simple","id":"auth0","identity":"` + dn + `"}}`,
+				params(`"tls-creds":"tls0","tls-authz":"auth0"`)}},
+		{name: "authz-list glob deny",
+			src: []string{x509("client", clientDir, ""), params(`"tls-creds":"tls0"`)},
+			dst: []string{x509("server", serverDir, ""),
+				`{"execute":"object-add","arguments":{"qom-type":"authz-list","id":"auth0","policy":"allow","rules":[{"match":"*CN=src.*","policy":"deny","format":"glob"}]}}`,
+				params(`"tls-creds":"tls0","tls-authz":"auth0"`)},
+			srcWant: []string{"TLS: the peer refused the handshake (bad certificate)"},
+			dstWant: []string{"TLS x509 authz check for " + dn + " is denied", "'auth0'"}},
+		// The same names in reverse (RFC 4514's order, as OpenSSL prints
+		// it): QEMU compares the identity string exactly, so it is denied.
 		{name: "authz deny",
 			src: []string{x509("client", clientDir, ""), params(`"tls-creds":"tls0"`)},
 			dst: []string{x509("server", serverDir, ""),
