@@ -24,13 +24,9 @@ func TestServeTLSMigration(t *testing.T) {
 	serverDir := credstest.Dir(t, []*credstest.CA{ca}, ca.Server(t, "127.0.0.1", "dst.example"), nil)
 	clientDir := credstest.Dir(t, []*credstest.CA{ca}, nil, ca.Client(t, "C", "GB", "O", "Example Org", "CN", "src.example"))
 	const dn = "C=GB,O=Example Org,CN=src.example" // QEMU's (GnuTLS's) form: certificate order, no spaces
+	rogueClient := credstest.Dir(t, []*credstest.CA{ca, rogue}, nil, rogue.Client(t, "CN", "mallory"))
 	trustsRogue := credstest.Dir(t, []*credstest.CA{rogue}, nil, rogue.Client(t, "CN", "alice"))
 	expired := credstest.Dir(t, []*credstest.CA{ca}, nil, ca.Issue(t, credstest.Expired(credstest.Options{Subject: pkix.Name{CommonName: "expired.example"}, Usage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})))
-	x509 := func(endpoint, dir, extra string) string {
-		b, _ := json.Marshal(dir)
-		return fmt.Sprintf(`{"execute":"object-add","arguments":{"qom-type":"tls-creds-x509","id":"tls0","endpoint":%q,"dir":%s%s}}`, endpoint, b, extra)
-	}
-	params := func(kv string) string { return `{"execute":"migrate-set-parameters","arguments":{` + kv + `}}` }
 	for _, tc := range []struct {
 		name     string
 		src, dst []string // QMP commands before the migration
@@ -38,55 +34,61 @@ func TestServeTLSMigration(t *testing.T) {
 		dstWant  []string
 	}{
 		{name: "mutual x509",
-			src: []string{x509("client", clientDir, ""), params(`"tls-creds":"tls0"`)},
-			dst: []string{x509("server", serverDir, ""), params(`"tls-creds":"tls0"`)}},
+			src: []string{addX509("client", clientDir, ""), setParams(`"tls-creds":"tls0"`)},
+			dst: []string{addX509("server", serverDir, ""), setParams(`"tls-creds":"tls0"`)}},
 		{name: "authz allow",
-			src: []string{x509("client", clientDir, ""), params(`"tls-creds":"tls0","tls-hostname":"dst.example"`)},
-			dst: []string{x509("server", serverDir, ""),
+			src: []string{addX509("client", clientDir, ""), setParams(`"tls-creds":"tls0","tls-hostname":"dst.example"`)},
+			dst: []string{addX509("server", serverDir, ""),
 				`{"execute":"object-add","arguments":{"qom-type":"authz-list","id":"auth0","policy":"deny","rules":[{"match":"` + dn + `","policy":"allow"}]}}`,
-				params(`"tls-creds":"tls0","tls-authz":"auth0"`)}},
+				setParams(`"tls-creds":"tls0","tls-authz":"auth0"`)}},
 		{name: "authz-simple allow",
-			src: []string{x509("client", clientDir, ""), params(`"tls-creds":"tls0"`)},
-			dst: []string{x509("server", serverDir, ""),
+			src: []string{addX509("client", clientDir, ""), setParams(`"tls-creds":"tls0"`)},
+			dst: []string{addX509("server", serverDir, ""),
 				`{"execute":"object-add","arguments":{"qom-type":"authz-simple","id":"auth0","identity":"` + dn + `"}}`,
-				params(`"tls-creds":"tls0","tls-authz":"auth0"`)}},
+				setParams(`"tls-creds":"tls0","tls-authz":"auth0"`)}},
 		{name: "authz-list glob deny",
-			src: []string{x509("client", clientDir, ""), params(`"tls-creds":"tls0"`)},
-			dst: []string{x509("server", serverDir, ""),
+			src: []string{addX509("client", clientDir, ""), setParams(`"tls-creds":"tls0"`)},
+			dst: []string{addX509("server", serverDir, ""),
 				`{"execute":"object-add","arguments":{"qom-type":"authz-list","id":"auth0","policy":"allow","rules":[{"match":"*CN=src.*","policy":"deny","format":"glob"}]}}`,
-				params(`"tls-creds":"tls0","tls-authz":"auth0"`)},
+				setParams(`"tls-creds":"tls0","tls-authz":"auth0"`)},
 			srcWant: []string{"TLS: the peer refused the handshake (bad certificate)"},
 			dstWant: []string{"TLS x509 authz check for " + dn + " is denied", "'auth0'"}},
 		// The same names in reverse (RFC 4514's order, as OpenSSL prints
 		// it): QEMU compares the identity string exactly, so it is denied.
 		{name: "authz deny",
-			src: []string{x509("client", clientDir, ""), params(`"tls-creds":"tls0"`)},
-			dst: []string{x509("server", serverDir, ""),
+			src: []string{addX509("client", clientDir, ""), setParams(`"tls-creds":"tls0"`)},
+			dst: []string{addX509("server", serverDir, ""),
 				`{"execute":"object-add","arguments":{"qom-type":"authz-simple","id":"auth0","identity":"CN=src.example,O=Example Org,C=GB"}}`,
-				params(`"tls-creds":"tls0","tls-authz":"auth0"`)},
+				setParams(`"tls-creds":"tls0","tls-authz":"auth0"`)},
 			srcWant: []string{"TLS: the peer refused the handshake (bad certificate)"},
 			dstWant: []string{"TLS x509 authz check for " + dn + " is denied", "'auth0'"}},
 		{name: "hostname mismatch",
-			src:     []string{x509("client", clientDir, ""), params(`"tls-creds":"tls0","tls-hostname":"other.example"`)},
-			dst:     []string{x509("server", serverDir, ""), params(`"tls-creds":"tls0"`)},
+			src:     []string{addX509("client", clientDir, ""), setParams(`"tls-creds":"tls0","tls-hostname":"other.example"`)},
+			dst:     []string{addX509("server", serverDir, ""), setParams(`"tls-creds":"tls0"`)},
 			srcWant: []string{"Certificate does not match the hostname other.example", "dst.example, 127.0.0.1"},
 			dstWant: []string{"TLS: the peer refused the handshake (bad certificate)"}},
 		{name: "unknown CA",
-			src:     []string{x509("client", trustsRogue, ""), params(`"tls-creds":"tls0"`)},
-			dst:     []string{x509("server", serverDir, ""), params(`"tls-creds":"tls0"`)},
+			src:     []string{addX509("client", trustsRogue, ""), setParams(`"tls-creds":"tls0"`)},
+			dst:     []string{addX509("server", serverDir, ""), setParams(`"tls-creds":"tls0"`)},
 			srcWant: []string{"The certificate hasn't got a known issuer"},
 			dstWant: []string{"TLS: the peer refused the handshake (bad certificate)"}},
+		// The source trusts both CAs, the destination only its own.
+		{name: "unknown CA of the client certificate",
+			src:     []string{addX509("client", rogueClient, ""), setParams(`"tls-creds":"tls0"`)},
+			dst:     []string{addX509("server", serverDir, ""), setParams(`"tls-creds":"tls0"`)},
+			srcWant: []string{"TLS: the peer refused the handshake (unknown certificate authority)", "check the peer's ca-cert.pem"},
+			dstWant: []string{"The certificate hasn't got a known issuer"}},
 		{name: "expired certificate",
-			src:     []string{x509("client", expired, `,"sanity-check":false`), params(`"tls-creds":"tls0"`)},
-			dst:     []string{x509("server", serverDir, ""), params(`"tls-creds":"tls0"`)},
+			src:     []string{addX509("client", expired, `,"sanity-check":false`), setParams(`"tls-creds":"tls0"`)},
+			dst:     []string{addX509("server", serverDir, ""), setParams(`"tls-creds":"tls0"`)},
 			srcWant: []string{"TLS: the peer refused the handshake (expired certificate)"},
 			dstWant: []string{"The certificate has expired"}},
 		{name: "plaintext source to a TLS destination",
-			dst:     []string{x509("server", serverDir, ""), params(`"tls-creds":"tls0"`)},
+			dst:     []string{addX509("server", serverDir, ""), setParams(`"tls-creds":"tls0"`)},
 			srcWant: []string{"destination: TLS required: tls-creds is set here but the peer sent a migration stream (QEVM magic) in plaintext"},
 			dstWant: []string{"TLS required: tls-creds is set here but the peer sent a migration stream (QEVM magic) in plaintext"}},
 		{name: "TLS source to a plaintext destination",
-			src:     []string{x509("client", clientDir, ""), params(`"tls-creds":"tls0"`)},
+			src:     []string{addX509("client", clientDir, ""), setParams(`"tls-creds":"tls0"`)},
 			srcWant: []string{"TLS handshake failed: the peer closed the connection without answering the TLS ClientHello"},
 			dstWant: []string{"TLS not configured: the peer started a TLS handshake (a TLS ClientHello) but tls-creds is not set here"}},
 	} {
@@ -135,6 +137,18 @@ func TestServeTLSMigration(t *testing.T) {
 			}
 		})
 	}
+}
+
+// addX509 is the QMP object-add of a tls-creds-x509 object tls0 reading
+// dir; extra is more properties (`,"verify-peer":false`).
+func addX509(endpoint, dir, extra string) string {
+	b, _ := json.Marshal(dir)
+	return fmt.Sprintf(`{"execute":"object-add","arguments":{"qom-type":"tls-creds-x509","id":"tls0","endpoint":%q,"dir":%s%s}}`, endpoint, b, extra)
+}
+
+// setParams is migrate-set-parameters with kv as its arguments' members.
+func setParams(kv string) string {
+	return `{"execute":"migrate-set-parameters","arguments":{` + kv + `}}`
 }
 
 // Go's crypto/tls has no external pre-shared keys and migctl writes no
