@@ -2,10 +2,10 @@ package engine_test
 
 import (
 	"bytes"
-	"fmt"
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"path/filepath"
@@ -497,4 +497,3 @@ func destinationCancel(t *testing.T, tls bool) {
 		t.Error("the source guest does not run after the failure")
 	}
 }
-
