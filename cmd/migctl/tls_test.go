@@ -5,8 +5,10 @@ import (
 	"crypto/x509/pkix"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/migctl/migctl/creds/credstest"
 )
@@ -115,8 +117,11 @@ func TestServeTLSMigration(t *testing.T) {
 				}
 				return
 			}
-			src.waitStatus("failed")
-			dst.waitStatus("failed")
+			for _, p := range []*serveProc{src, dst} {
+				if end := p.waitEnd(); end != "failed" {
+					t.Fatalf("the migration ended %s, want failed", end)
+				}
+			}
 			for _, c := range []struct {
 				side string
 				p    *serveProc
@@ -136,6 +141,30 @@ func TestServeTLSMigration(t *testing.T) {
 				t.Errorf("the destination's memory changed (digest %s → %s)", before, after)
 			}
 		})
+	}
+}
+
+// waitEnd waits (bounded) for the side's migration to end and returns how:
+// completed, failed or cancelled — the first of them its MIGRATION events
+// report.
+func (p *serveProc) waitEnd() string {
+	p.t.Helper()
+	timer := time.NewTimer(60 * time.Second)
+	defer timer.Stop()
+	for {
+		p.mu.Lock()
+		seen := slices.Clone(p.statuses)
+		p.mu.Unlock()
+		for _, s := range seen {
+			if s == "completed" || s == "failed" || s == "cancelled" {
+				return s
+			}
+		}
+		select {
+		case <-p.changed:
+		case <-timer.C:
+			p.t.Fatalf("the migration did not end within 60 s (seen %v)", seen)
+		}
 	}
 }
 
