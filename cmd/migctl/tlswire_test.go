@@ -216,8 +216,11 @@ func TestServeTLSOnTheWire(t *testing.T) {
 			r := newRelay(t, "127.0.0.1:"+listenPort(t, dst.info()))
 			src.ok(setParams(`"max-bandwidth":0,"downtime-limit":2000`))
 			src.ok(fmt.Sprintf(`{"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:%d"}}`, r.port()))
-			src.waitStatus("completed")
-			dst.waitStatus("completed")
+			for _, p := range []*serveProc{src, dst} {
+				if end := p.waitEnd(); end != "completed" {
+					t.Fatalf("the migration ended %s, want completed: %v", end, p.info()["error-desc"])
+				}
+			}
 			if s, d := src.digest(), dst.digest(); s != d {
 				t.Fatalf("digests differ: source %s, destination %s", s, d)
 			}
