@@ -110,8 +110,11 @@ func TestServeTLSMigration(t *testing.T) {
 			src.ok(`{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":0,"downtime-limit":2000}}`)
 			src.ok(fmt.Sprintf(`{"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:%s"}}`, listenPort(t, dst.info())))
 			if tc.srcWant == nil {
-				src.waitStatus("completed")
-				dst.waitStatus("completed")
+				for _, p := range []*serveProc{src, dst} {
+					if end := p.waitEnd(); end != "completed" {
+						t.Fatalf("the migration ended %s, want completed: %v", end, p.info()["error-desc"])
+					}
+				}
 				if s, d := src.digest(), dst.digest(); s != d {
 					t.Fatalf("digests differ: source %s, destination %s", s, d)
 				}
