@@ -50,13 +50,7 @@ func newTLSEnd(t *testing.T, dest bool, cfg guest.Config) *tlsEnd {
 	c, err := machine.New(defaultSpec(t), machine.Options{
 		Facts:    map[string]string{"page-size": "4096", "guest": g.ID()},
 		Incoming: dest,
-		Objects: func() map[string]guards.Object {
-			out := map[string]guards.Object{}
-			for _, in := range objs.List() {
-				out[in.ID] = guards.Object{Type: in.Type, Endpoint: string(in.Endpoint), VerifyPeer: in.VerifyPeer}
-			}
-			return out
-		},
+		Objects:  guardObjects(objs),
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -71,6 +65,18 @@ func newTLSEnd(t *testing.T, dest bool, cfg guest.Config) *tlsEnd {
 		t.Fatal(err)
 	}
 	return &tlsEnd{end: &end{c: c, g: g}, objs: objs}
+}
+
+// guardObjects shows objs to a controller's guards (tls-objects), as
+// migctl serve wires it (qmp.GuardObjects).
+func guardObjects(objs *creds.Objects) func() map[string]guards.Object {
+	return func() map[string]guards.Object {
+		out := map[string]guards.Object{}
+		for _, in := range objs.List() {
+			out[in.ID] = guards.Object{Type: in.Type, Endpoint: string(in.Endpoint), VerifyPeer: in.VerifyPeer}
+		}
+		return out
+	}
 }
 
 // add is QMP's object-add.
@@ -100,7 +106,7 @@ type pki struct {
 
 const clientDN = "C=GB,O=Example Org,CN=src.example" // QEMU's form: certificate order, no spaces
 
-func newPKI(t *testing.T) *pki {
+func newPKI(t testing.TB) *pki {
 	p := &pki{ca: credstest.NewCA(t, "migration CA"), rogue: credstest.NewCA(t, "rogue CA")}
 	p.server = credstest.Dir(t, []*credstest.CA{p.ca}, p.ca.Server(t, "127.0.0.1", "localhost"), nil)
 	p.client = credstest.Dir(t, []*credstest.CA{p.ca}, nil, p.ca.Client(t, "C", "GB", "O", "Example Org", "CN", "src.example"))
