@@ -5,6 +5,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/json"
 	"fmt"
+	"net"
 	"slices"
 	"strings"
 	"testing"
@@ -26,6 +27,7 @@ func TestServeTLSMigration(t *testing.T) {
 	serverDir := credstest.Dir(t, []*credstest.CA{ca}, ca.Server(t, "127.0.0.1", "dst.example"), nil)
 	clientDir := credstest.Dir(t, []*credstest.CA{ca}, nil, ca.Client(t, "C", "GB", "O", "Example Org", "CN", "src.example"))
 	const dn = "C=GB,O=Example Org,CN=src.example" // QEMU's (GnuTLS's) form: certificate order, no spaces
+	expiredServer := credstest.Dir(t, []*credstest.CA{ca}, ca.Issue(t, credstest.Expired(credstest.Options{Subject: pkix.Name{CommonName: "127.0.0.1"}, IPs: []net.IP{net.IPv4(127, 0, 0, 1)}, Usage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})), nil)
 	rogueClient := credstest.Dir(t, []*credstest.CA{ca, rogue}, nil, rogue.Client(t, "CN", "mallory"))
 	trustsRogue := credstest.Dir(t, []*credstest.CA{rogue}, nil, rogue.Client(t, "CN", "alice"))
 	expired := credstest.Dir(t, []*credstest.CA{ca}, nil, ca.Issue(t, credstest.Expired(credstest.Options{Subject: pkix.Name{CommonName: "expired.example"}, Usage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})))
@@ -85,6 +87,14 @@ func TestServeTLSMigration(t *testing.T) {
 			dst:     []string{addX509("server", serverDir, ""), setParams(`"tls-creds":"tls0"`)},
 			srcWant: []string{"TLS: the peer refused the handshake (expired certificate)"},
 			dstWant: []string{"The certificate has expired"}},
+		{name: "expired server certificate",
+			src:     []string{addX509("client", clientDir, ""), setParams(`"tls-creds":"tls0"`)},
+			dst:     []string{addX509("server", expiredServer, `,"sanity-check":false`), setParams(`"tls-creds":"tls0"`)},
+			srcWant: []string{"The certificate has expired"},
+			// Go's TLS client answers any certificate it refuses with the
+			// bad_certificate alert (its server says expired_certificate),
+			// so the destination learns only that it was refused.
+			dstWant: []string{"TLS: the peer refused the handshake (bad certificate)"}},
 		{name: "plaintext source to a TLS destination",
 			dst:     []string{addX509("server", serverDir, ""), setParams(`"tls-creds":"tls0"`)},
 			srcWant: []string{"destination: TLS required: tls-creds is set here but the peer sent a migration stream (QEVM magic) in plaintext"},
