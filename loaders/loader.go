@@ -233,6 +233,12 @@ func (in *Incoming) run() {
 	defer close(in.done)
 	host.LowerThreadPriority()
 	l := &loader{in: in, start: time.Now(), dog: watchdog.New()}
+	if p, ok := in.ln.(provider); ok {
+		// Every statistics this run publishes keeps naming the RDMA
+		// provider publishListener named (a failure at connect publishes
+		// before failRAM notes it).
+		l.stats.RDMAProvider = p.Provider()
+	}
 	err := l.load()
 	l.finish(err)
 }
