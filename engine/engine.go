@@ -26,6 +26,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/migctl/migctl/creds"
 	"github.com/migctl/migctl/guards"
 	"github.com/migctl/migctl/guest"
 	"github.com/migctl/migctl/host"
@@ -88,6 +89,11 @@ type Options struct {
 	// which looks through the getfd table): an fd: on a regular file is
 	// seekable, so mapped-ram may use it.
 	Probe func(a transport.Addr) (transport.Props, bool, error)
+	// Creds holds the objects QMP's object-add made: with the parameter
+	// tls-creds set, every channel Dial opens is wrapped in TLS with the
+	// tls-creds-x509 object it names (engine/tls.go). Nil: a migration
+	// with tls-creds set fails.
+	Creds *creds.Objects
 }
 
 // Result is how a migration ended.
@@ -143,6 +149,7 @@ func Start(ctx context.Context, c *machine.Controller, g guest.Guest, uri string
 	if opts.Dial == nil {
 		opts.Dial = dialWithRAM(c, g, opts.Transport)
 	}
+	opts.Dial = (&tlsDialer{c: c, objs: opts.Creds, dial: opts.Dial}).Dial // TLS when tls-creds is set (tls.go)
 	ep := &guards.Endpoint{Transport: a.Scheme, URI: a.String(), Channels: opts.Channels, Props: probeProps(opts.Probe, a)}
 	if _, err := c.Fire(ctx, spec.Outgoing, machine.TriggerMigrate, &machine.Args{Endpoint: ep}); err != nil {
 		return nil, err
@@ -767,6 +774,9 @@ func (s *sender) destinationReason(err error) error {
 				return &failure{reason: "destination: " + string(ev.msg.Data), aborted: true}
 			}
 			if ev.err != nil {
+				if tlsRefusal(ev.err) { // the destination refused our TLS credentials (tls.go)
+					return ev.err
+				}
 				return err
 			}
 		case <-timer.C:

@@ -94,7 +94,10 @@ func (s *sender) openMultifd(cfg guards.Config, pageSize uint64) (*multifdSink, 
 		per: multifd.PagesPerPacket(pageSize), jobs: make(chan mfJob), failed: make(chan struct{}),
 		ctx: m.ioCtx,
 	}
-	var uuid [16]byte // the guest's UUID: all zero until guests carry one (QEMU without -uuid)
+	// Every channel's initial packet carries the guest's UUID, all zero
+	// when it has none, as QEMU fills it from -uuid whatever validate-uuid
+	// says (the destination judges it: loaders/multifd.go).
+	uuid, _ := guest.UUIDOf(m.g)
 	for id := range n {
 		conn, err := m.opts.Dial(m.ioCtx, m.addr)
 		if err != nil {

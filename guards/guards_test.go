@@ -203,7 +203,13 @@ var ruleCases = []ruleCase{
 		peer: &guards.Peer{Caps: map[string]bool{"mapped-ram": true}}},
 	{name: "multifd at migrate (implemented)", caps: []string{"multifd"}, transport: "tcp", trigger: "migrate"},
 	{name: "multifd with qatzip (no accelerator)", caps: []string{"multifd"}, params: map[string]string{"multifd-compression": "qatzip"}, transport: "tcp", trigger: "migrate", refuse: []string{"qatzip", "hardware"}},
-	{name: "TLS at migrate-incoming (not implemented)", side: spec.Incoming, params: map[string]string{"tls-creds": "tls0"}, transport: "tcp", trigger: "incoming", refuse: []string{"TLS", "tls-creds"}},
+	{name: "TLS at migrate-incoming over tcp (implemented)", side: spec.Incoming, params: map[string]string{"tls-creds": "tls0"}, transport: "tcp", trigger: "incoming"},
+	{name: "TLS at migrate over unix (implemented)", params: map[string]string{"tls-creds": "tls0", "tls-hostname": "dst"}, transport: "unix", trigger: "migrate"},
+	// TLS needs the peer's answers: a one-way transport is refused, as is
+	// rdma:, which QEMU would run in the clear.
+	{name: "TLS at migrate over exec", params: map[string]string{"tls-creds": "tls0"}, transport: "exec", trigger: "migrate", refuse: []string{"TLS", "tls-creds", "both ways", "exec"}},
+	{name: "TLS at migrate-incoming over file", side: spec.Incoming, params: map[string]string{"tls-creds": "tls0"}, transport: "file", trigger: "incoming", refuse: []string{"TLS", "both ways", "file"}},
+	{name: "TLS at migrate over rdma", params: map[string]string{"tls-creds": "tls0"}, transport: "rdma", trigger: "migrate", refuse: []string{"TLS", "tls-creds", "rdma", "in the clear"}},
 	{name: "events and return-path at migrate", caps: []string{"events", "return-path"}, transport: "tcp", trigger: "migrate"},
 	// The seed: a peer announcing mapped-ram to a destination listening on rdma.
 	{name: "peer announces mapped-ram on rdma", side: spec.Incoming, state: "listening", transport: "rdma",

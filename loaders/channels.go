@@ -9,6 +9,8 @@ import (
 	"io"
 	"time"
 
+	"github.com/migctl/migctl/creds"
+	"github.com/migctl/migctl/guest"
 	"github.com/migctl/migctl/multifd"
 	"github.com/migctl/migctl/stream"
 	"github.com/migctl/migctl/transport"
@@ -50,8 +52,12 @@ func (c *peekedConn) Read(p []byte) (int, error) {
 
 // classify reads the first four bytes of c (bounded by channelTimeout and
 // by ctx through the caller closing c) and returns its role and a Conn that
-// replays them.
-func classify(c transport.Conn) (role, transport.Conn, error) {
+// replays them. With tls-creds set they must be a TLS ClientHello: the
+// handshake runs and the role is read inside the TLS connection (tls.go).
+// A mismatch of TLS and plaintext is a *creds.MismatchError; for a
+// plaintext main stream refused by a TLS destination the Conn is returned
+// with it, so the source can be told why over its return path.
+func (l *loader) classify(c transport.Conn) (role, transport.Conn, error) {
 	_ = c.SetDeadline(time.Now().Add(channelTimeout))
 	defer c.SetDeadline(time.Time{})
 	start := int64(-1)
@@ -63,6 +69,25 @@ func classify(c transport.Conn) (role, transport.Conn, error) {
 	var head [4]byte
 	if _, err := io.ReadFull(c, head[:]); err != nil {
 		return 0, nil, fmt.Errorf("read the first bytes of a new connection: %w", err)
+	}
+	cfg, err := l.tlsConfig()
+	if err != nil {
+		return 0, nil, err
+	}
+	kind := creds.KindOf(head[:])
+	if cfg != nil || kind == creds.KindTLS {
+		if err := creds.Expect(kind, head[:], cfg != nil); err != nil {
+			if kind == creds.KindStream {
+				return 0, &peekedConn{Conn: c, head: bytes.Clone(head[:]), start: start}, err
+			}
+			return 0, nil, err
+		}
+		if c, err = l.secure(c, bytes.Clone(head[:]), cfg); err != nil {
+			return 0, nil, err
+		}
+		if _, err := io.ReadFull(c, head[:]); err != nil {
+			return 0, nil, fmt.Errorf("read the first bytes inside TLS: %w", err)
+		}
 	}
 	pc := &peekedConn{Conn: c, head: bytes.Clone(head[:]), start: start}
 	switch binary.BigEndian.Uint32(head[:]) {
@@ -86,9 +111,16 @@ func (l *loader) acceptMain() (main transport.Conn, early []transport.Conn, err 
 		}
 		// A cancel ends the wait for the connection's first bytes at once.
 		stop := context.AfterFunc(in.ioCtx, func() { c.Close() })
-		r, pc, err := classify(c)
+		r, pc, err := l.classify(c)
 		if !stop() {
 			err = errors.Join(err, context.Cause(in.ioCtx))
+		}
+		if err != nil && pc != nil {
+			// A plaintext source refused by TLS: finish tells it why
+			// over its return path, in the clear it speaks.
+			l.conn = pc
+			closeAll(early)
+			return nil, nil, err
 		}
 		if err != nil {
 			c.Close()
@@ -109,9 +141,10 @@ func (l *loader) acceptMain() (main transport.Conn, early []transport.Conn, err 
 
 // acceptMultifd completes the n multifd channels (some may have arrived
 // before the main stream): it accepts the rest, reads each one's initial
-// packet and checks it (UUID, a channel id below n, each id once), within
+// packet and checks it (the UUID channelUUID asks for, or the first
+// channel's when uuid is nil; a channel id below n; each id once), within
 // channelTimeout. It returns the channels indexed by id.
-func (l *loader) acceptMultifd(early []transport.Conn, n int, uuid [16]byte) ([]transport.Conn, error) {
+func (l *loader) acceptMultifd(early []transport.Conn, n int, uuid *[16]byte) ([]transport.Conn, error) {
 	in := l.in
 	ctx, cancel := context.WithTimeout(in.ioCtx, channelTimeout)
 	defer cancel()
@@ -129,7 +162,18 @@ func (l *loader) acceptMultifd(early []transport.Conn, n int, uuid [16]byte) ([]
 		if err != nil {
 			return fmt.Errorf("multifd channel: %w", err)
 		}
-		if err := init.Check(uuid, n); err != nil {
+		switch {
+		case uuid == nil:
+			first := init.UUID
+			uuid = &first
+		case init.UUID != *uuid && l.hs != nil && l.hs.UUID != "":
+			return fmt.Errorf("multifd channel %d carries VM UUID %s, but the main stream announced %s: the channel belongs to another migration",
+				init.Channel, guest.UUID(init.UUID), guest.UUID(*uuid))
+		case init.UUID != *uuid:
+			return fmt.Errorf("multifd channel %d carries VM UUID %s, another channel %s: the channels come from different sources",
+				init.Channel, guest.UUID(init.UUID), guest.UUID(*uuid))
+		}
+		if err := init.Check(*uuid, n); err != nil {
 			return err
 		}
 		if chans[init.Channel] != nil {
@@ -152,7 +196,7 @@ func (l *loader) acceptMultifd(early []transport.Conn, n int, uuid [16]byte) ([]
 		if err != nil {
 			return fail(fmt.Errorf("waiting for multifd channels (%d of %d connected): %w", got, n, err))
 		}
-		r, pc, err := classify(c)
+		r, pc, err := l.classify(c)
 		if err == nil && r != roleMultifd {
 			err = errors.New("a second main stream connected while the multifd channels were expected")
 		}

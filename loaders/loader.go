@@ -24,6 +24,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/migctl/migctl/creds"
 	"github.com/migctl/migctl/guards"
 	"github.com/migctl/migctl/guest"
 	"github.com/migctl/migctl/host"
@@ -79,6 +80,12 @@ type Options struct {
 	// the zero Config): migctl serve's resolves fd: addresses from QMP's
 	// getfd table and names the RDMA provider.
 	Transport *transport.Config
+	// Creds holds the objects QMP's object-add made: with the parameter
+	// tls-creds set, every accepted channel must open a TLS session with
+	// the tls-creds-x509 object it names, tls-authz checking the source's
+	// certificate (loaders/tls.go). Nil: a migration with tls-creds set
+	// fails.
+	Creds *creds.Objects
 	// LockedBatch, for measurement only, makes the loader hold the
 	// controller lock while it reads and applies batches of this many
 	// records — what QEMU's destination did before its loader thread — so
@@ -226,6 +233,12 @@ func (in *Incoming) run() {
 	defer close(in.done)
 	host.LowerThreadPriority()
 	l := &loader{in: in, start: time.Now(), dog: watchdog.New()}
+	if p, ok := in.ln.(provider); ok {
+		// Every statistics this run publishes keeps naming the RDMA
+		// provider publishListener named (a failure at connect publishes
+		// before failRAM notes it).
+		l.stats.RDMAProvider = p.Provider()
+	}
 	err := l.load()
 	l.finish(err)
 }
@@ -276,6 +289,7 @@ type loader struct {
 	// farewell set, the interrupt no longer touches the channel.
 	ioMu     sync.Mutex
 	farewell bool
+	tls      acceptTLS // TLS or plaintext, decided at the first connection (tls.go)
 }
 
 func (l *loader) load() error {

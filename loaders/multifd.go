@@ -67,8 +67,7 @@ func (l *loader) startMultifd(cfg guards.Config, early []transport.Conn) error {
 		closeAll(early)
 		return err
 	}
-	var uuid [16]byte // the guest's UUID: all zero until guests carry one
-	conns, err := l.acceptMultifd(early, n, uuid)
+	conns, err := l.acceptMultifd(early, n, l.channelUUID())
 	if err != nil {
 		return err
 	}
@@ -115,6 +114,34 @@ func (l *loader) startMultifd(cfg guards.Config, early []transport.Conn) error {
 		}
 	}()
 	return nil
+}
+
+// channelUUID is the VM UUID every multifd channel's initial packet must
+// carry, or nil when the first channel's sets it for the others.
+//
+// The source fills the packet with its guest's UUID (all zero without
+// one) whatever validate-uuid says, as QEMU does. QEMU's destination
+// compares it with its own -uuid always; migctl applies validate-uuid's
+// rule instead, the one the main stream follows (the capability is the
+// source's; the destination compares whenever a UUID arrives and accepts
+// with a warning when it has none): when the main stream announced a
+// UUID (validate-uuid on at the source, which has one) the connect guard
+// already compared it with this guest's, and every channel must carry
+// that same UUID; when it announced none, the channels must agree with
+// one another, so that they all come from one source. A destination
+// without -uuid thus accepts a source with one, and two guests with
+// different UUIDs migrate with multifd when validate-uuid is off, where
+// QEMU refuses both.
+func (l *loader) channelUUID() *[16]byte {
+	if l.hs == nil || l.hs.UUID == "" {
+		return nil
+	}
+	u, err := guest.ParseUUID(l.hs.UUID)
+	if err != nil {
+		return nil // the connect guard refused an unparsable UUID before this
+	}
+	want := [16]byte(u)
+	return &want
 }
 
 // received returns the bytes read on every channel so far.

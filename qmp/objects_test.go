@@ -2,33 +2,12 @@ package qmp
 
 import (
 	"encoding/json"
+	"path/filepath"
 	"strings"
 	"testing"
 
-	migctl "github.com/migctl/migctl"
 	"github.com/migctl/migctl/creds/credstest"
-	"github.com/migctl/migctl/guards"
-	"github.com/migctl/migctl/spec"
 )
-
-// specWithoutRule returns the repository's spec without the named rule:
-// the rules migctl/no-tls refuses TLS until the data plane carries it,
-// and the tls-objects guard is tested behind it.
-func specWithoutRule(t *testing.T, name string) *spec.Spec {
-	t.Helper()
-	text := string(migctl.DefaultSpec)
-	start := strings.Index(text, "\n  - name: "+name+"\n")
-	if start < 0 {
-		t.Fatalf("rule %s not in the spec", name)
-	}
-	end := strings.Index(text[start+1:], "\n  - name: ")
-	text = text[:start] + text[start+1+end:]
-	s, err := spec.Load("transitions.yaml", []byte(text), guards.Default().Names())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return s
-}
 
 func jstr(s string) string { b, _ := json.Marshal(s); return string(b) }
 
@@ -90,12 +69,12 @@ func TestObjectCommands(t *testing.T) {
 // The controller's guards see the server's objects: migrate-incoming with
 // tls-creds naming no object, or credentials for the wrong end, is
 // refused before anything listens; with the right object it is judged by
-// the rules alone (migctl/no-tls until the data plane carries TLS).
+// the rules alone.
 func TestObjectsReachTheGuards(t *testing.T) {
 	ca := credstest.NewCA(t, "migration CA")
 	srvDir := credstest.Dir(t, []*credstest.CA{ca}, ca.Server(t, "127.0.0.1"), nil)
 	cliDir := credstest.Dir(t, []*credstest.CA{ca}, nil, ca.Client(t, "CN", "src"))
-	n := newNode(t, nodeOpts{dest: true, spec: specWithoutRule(t, "migctl/no-tls")})
+	n := newNode(t, nodeOpts{dest: true})
 	cl := n.client(t)
 	run(t, cl, "migrate-set-parameters", map[string]any{"tls-creds": "tls0"})
 	e := fails(t, cl, "migrate-incoming", map[string]any{"uri": "tcp:127.0.0.1:0"})
@@ -117,10 +96,14 @@ func TestObjectsReachTheGuards(t *testing.T) {
 	run(t, cl, "object-add", json.RawMessage(`{"qom-type":"authz-simple","id":"auth0","identity":"CN=src"}`))
 	run(t, cl, "migrate-set-parameters", map[string]any{"tls-authz": "auth0"})
 
-	// With the repository's spec, tls-creds itself is still refused.
+	// TLS needs a two-way channel: a destination reading a file refuses
+	// tls-creds (rule migctl/tls-needs-two-way).
 	d := newNode(t, nodeOpts{dest: true})
-	if e := fails(t, d.client(t), "migrate-set-parameters", map[string]any{"tls-creds": "tls0"}); !strings.Contains(e.Desc, "do not implement TLS yet") {
-		t.Fatalf("tls-creds with the repository's spec: %q", e.Desc)
+	dc := d.client(t)
+	run(t, dc, "object-add", json.RawMessage(`{"qom-type":"tls-creds-x509","id":"tls0","dir":`+jstr(srvDir)+`,"endpoint":"server"}`))
+	run(t, dc, "migrate-set-parameters", map[string]any{"tls-creds": "tls0"})
+	if e := fails(t, dc, "migrate-incoming", map[string]any{"uri": "file:" + filepath.Join(t.TempDir(), "none")}); !strings.Contains(e.Desc, "needs a channel that carries bytes both ways") {
+		t.Fatalf("tls-creds over file: %q", e.Desc)
 	}
 }
 

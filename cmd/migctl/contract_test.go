@@ -103,23 +103,27 @@ func TestEndedMigrationTransportForgotten(t *testing.T) {
 	src.refused(`{"execute":"migrate","arguments":{"uri":"exec:cat >/dev/null"}}`, "return-path", "exec")
 }
 
-// Item 4: tls-creds can never be accepted and then ignored: it is refused
-// when set, also on a destination that already listens, with the reason.
-// libvirt's always-on set (late-block-activate on the destination,
+// Item 4: tls-creds can never be accepted and then ignored: it is
+// honoured (issue 12), so a destination that already listens refuses one
+// naming no credentials, and a source that accepted it while idle (a
+// string until a migration uses it, as in QEMU) refuses to migrate
+// without them, each with the reason. libvirt's always-on set (late-block-activate on the destination,
 // pause-before-switchover and events on both) is accepted — the first as
 // vacuous, the second honoured — and a migration with it completes.
 func TestSettingsHonouredRefusedOrVacuous(t *testing.T) {
 	src := startServe(t, "src", smallGuest)
 	dst := startServe(t, "dst", smallGuest, "--destination")
 	dst.ok(`{"execute":"migrate-incoming","arguments":{"uri":"tcp:127.0.0.1:0","exit-on-error":false}}`)
-	dst.refused(`{"execute":"migrate-set-parameters","arguments":{"tls-creds":"tls0"}}`, "tls-creds", "TLS")
-	src.refused(`{"execute":"migrate-set-parameters","arguments":{"tls-creds":"tls0"}}`, "tls-creds", "TLS")
+	dst.refused(`{"execute":"migrate-set-parameters","arguments":{"tls-creds":"tls0"}}`, "tls-creds", "TLS", "No TLS credentials with id 'tls0'")
+	src.ok(`{"execute":"migrate-set-parameters","arguments":{"tls-creds":"tls0"}}`)
+	port := listenPort(t, dst.info())
+	src.refused(fmt.Sprintf(`{"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:%s"}}`, port), "tls-creds", "No TLS credentials with id 'tls0'")
+	src.ok(`{"execute":"migrate-set-parameters","arguments":{"tls-creds":""}}`)
 	dst.ok(`{"execute":"migrate-set-parameters","arguments":{"tls-creds":""}}`) // clearing it is fine, as libvirt does
 
 	dst.ok(capsJSON("late-block-activate", true))
 	src.ok(capsJSON("pause-before-switchover", true))
 	src.ok(`{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":0}}`)
-	port := listenPort(t, dst.info())
 	src.ok(fmt.Sprintf(`{"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:%s"}}`, port))
 	src.waitStatus("pre-switchover")
 	src.ok(`{"execute":"migrate-continue","arguments":{"state":"pre-switchover"}}`)
@@ -181,7 +185,10 @@ func TestExplainAgreesWithTheMachine(t *testing.T) {
 		{side: "outgoing", uri: "rdma:127.0.0.1:1", caps: []string{"xbzrle"}, rule: "rdma/no-xbzrle"},
 		{side: "outgoing", uri: "rdma:127.0.0.1:1", caps: []string{"rdma-pin-all"}, want: true}, // implemented by the rdma: transport (issue 10)
 		{side: "outgoing", uri: closed, caps: []string{"rdma-pin-all"}, rule: "rdma-pin-all/transports"},
-		{side: "outgoing", uri: closed, params: map[string]any{"tls-creds": "tls0"}, rule: "migctl/no-tls"},
+		// TLS runs on two-way sockets (issue 12); one-way transports and
+		// rdma: (which QEMU would run in the clear) are refused.
+		{side: "outgoing", uri: "exec:false", params: map[string]any{"tls-creds": "tls0", "tls-hostname": "dst"}, rule: "migctl/tls-needs-two-way"},
+		{side: "outgoing", uri: "rdma:127.0.0.1:1", params: map[string]any{"tls-creds": "tls0"}, rule: "migctl/rdma-no-tls"},
 		{side: "outgoing", uri: closed, params: map[string]any{"mode": "cpr-reboot"}, rule: "migctl/mode-normal-only"},
 		{side: "outgoing", uri: closed, params: map[string]any{"mode": "cpr-exec"}, rule: "mode/cpr-exec-needs-command"},
 		{side: "outgoing", uri: closed, params: map[string]any{"zero-page-detection": "none"}, want: true},
@@ -203,7 +210,7 @@ func TestExplainAgreesWithTheMachine(t *testing.T) {
 		{side: "incoming", uri: "tcp:127.0.0.1:0", caps: []string{"background-snapshot"}, rule: "background-snapshot/not-incoming"},
 		{side: "incoming", uri: "tcp:127.0.0.1:0", caps: []string{"postcopy-ram", "postcopy-preempt"}, rule: "migctl/not-implemented"},
 		{side: "incoming", uri: "exec:cat " + existing, caps: []string{"return-path"}, rule: "return-path/needs-transport/return-path"},
-		{side: "incoming", uri: "tcp:127.0.0.1:0", params: map[string]any{"tls-creds": "tls0"}, rule: "migctl/no-tls"},
+		{side: "incoming", uri: "file:" + existing, params: map[string]any{"tls-creds": "tls0"}, rule: "migctl/tls-needs-two-way"},
 		{side: "incoming", uri: "tcp:127.0.0.1:0", caps: []string{"return-path", "switchover-ack"}, want: true},
 		{side: "incoming", uri: "tcp:127.0.0.1:0", caps: []string{"late-block-activate", "events"}, want: true},
 		{side: "incoming", uri: "tcp:127.0.0.1:0", runState: "running", rule: "guest/no-incoming"},

@@ -120,8 +120,9 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest, pau
 	// fd: addresses are resolved from the server's descriptor table only.
 	tc := &transport.Config{Descriptors: fds, RDMAProvider: sf.rdmaProvider}
 	h := vmm.New(c, g, vmm.Options{
-		Engine: engine.Options{Transport: tc, Probe: tc.Probe, Logger: log},
-		Loader: loaders.Options{Transport: tc, Probe: tc.Probe, Logger: log},
+		// The objects QMP's object-add makes: tls-creds and tls-authz name them.
+		Engine: engine.Options{Transport: tc, Probe: tc.Probe, Logger: log, Creds: objs},
+		Loader: loaders.Options{Transport: tc, Probe: tc.Probe, Logger: log, Creds: objs},
 		Exit: func(err error) {
 			select {
 			case exitCh <- err:
