@@ -90,6 +90,10 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest bool
 		printSpecErrors(cmd.ErrOrStderr(), err)
 		return &exitError{code: 1}
 	}
+	holds, err := sf.holdPoints(s)
+	if err != nil {
+		return &usageError{err: err}
+	}
 	var g *guest.Builtin
 	if dest {
 		g, err = guest.NewDestination(cfg)
@@ -107,7 +111,7 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest bool
 		}
 	}
 	objs := creds.NewObjects()
-	c, err := serveController(s, g, dest, objs)
+	c, err := serveController(s, g, dest, objs, holds)
 	if err != nil {
 		return err
 	}
@@ -127,7 +131,10 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest bool
 		Logger: log,
 	})
 	defer h.Close()
-	qopts.Logger, qopts.Objects, qopts.FDs = log, objs, fds
+	if holds != nil {
+		defer holds.Close() // before h.Close: a held migration must not delay shutdown
+	}
+	qopts.Logger, qopts.Objects, qopts.FDs, qopts.Holds = log, objs, fds, holds
 	if u, ok := guest.UUIDOf(g); ok {
 		qopts.UUID = u.String()
 	}
