@@ -66,6 +66,10 @@ var notSpecNames = []struct {
 	{"qmp/commands.go", "pre-switchover", 1, "QEMU's MigrationStatus enum"},
 	{"qmp/commands.go", "device", 1, "QEMU's MigrationStatus enum"},
 	{"qmp/commands.go", "failing", 1, "QEMU's MigrationStatus enum"},
+	{"bench/cmd/sidebyside/main.go", "commit", 1, "the git commit a benchmark ran on (a key of its host facts)"},
+	{"bench/cmd/sidebyside/report.go", "commit", 1, "the git commit a benchmark ran on (a key of its host facts)"},
+	{"transport/commit.go", "commit", 2, "the operation a CommitError names (CommitError.Op)"},
+	{"transport/exec.go", "commit", 2, "the operation a CommitError names (CommitError.Op)"},
 	{"creds/objects.go", "loaded", 1, "QEMU's deprecated tls-creds property, refused by name"},
 	{"qmp/server.go", "listen", 1, "a socket operation's name in an error"},
 	{"cmd/migctl/qmp.go", "migrate", 1, "the QMP command a client sends"},
@@ -90,6 +94,12 @@ var notSpecNames = []struct {
 	{"multifd/reader.go", "none", 1, "multifd-compression's value none"},
 	{"multifd/zero.go", "none", 2, "zero-page-detection's value none"},
 	{"uffd/abi.go", "none", 1, "the word for an empty feature set"},
+	{"bench/cmd/sidebyside/names.go", "migrate", 1, "the QMP command the benchmark sends to QEMU and migctl serve"},
+	{"bench/cmd/sidebyside/names.go", "cont", 1, "the QMP command the benchmark sends to a QEMU source"},
+	{"bench/cmd/sidebyside/names.go", "completed", 1, "QEMU's MigrationStatus read from query-migrate"},
+	{"bench/cmd/sidebyside/names.go", "failed", 1, "QEMU's MigrationStatus read from query-migrate"},
+	{"bench/cmd/sidebyside/names.go", "cancelled", 1, "QEMU's MigrationStatus read from query-migrate"},
+	{"bench/cmd/sidebyside/names.go", "none", 1, "the value of QEMU's -display option"},
 }
 
 // No Go file outside the contract's declarations spells a spec state or

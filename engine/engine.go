@@ -20,13 +20,16 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/migctl/migctl/guards"
 	"github.com/migctl/migctl/guest"
 	"github.com/migctl/migctl/internal/mutant"
+	"github.com/migctl/migctl/internal/watchdog"
 	"github.com/migctl/migctl/machine"
 	"github.com/migctl/migctl/multifd"
 	"github.com/migctl/migctl/spec"
@@ -49,9 +52,17 @@ type Options struct {
 	// Checksum, when set, is called with the source guest stopped after the
 	// last byte was sent; its result is published in Stats.Checksum.
 	Checksum func() (uint64, error)
-	// ConfirmTimeout bounds the wait for the destination's confirmation
-	// after the stream ends (default 60 s).
+	// ConfirmTimeout, when positive, bounds the wait for the destination's
+	// confirmation after the stream ends, or, without a return path, for
+	// the stream to become durable (transport.Committer: a file's fsync and
+	// rename, an exec: command's exit). By default x-migctl-io-timeout
+	// bounds them: a destination that keeps proving it is alive may take
+	// as long as its loading needs.
 	ConfirmTimeout time.Duration
+	// NoCommitProtocol makes the source behave as one without the
+	// switchover commit protocol (it does not announce it): for tests of
+	// the fallback with a destination that lacks it, and for interop.
+	NoCommitProtocol bool
 	// Channels lists the channel types the migration was given (QMP's
 	// channels argument); the rules judge them with the URI.
 	Channels []string
@@ -59,6 +70,11 @@ type Options struct {
 	// each packet it writes (a test blocks one channel with it to show the
 	// others keep moving pages). Nil in production.
 	MultifdHook func(channel int)
+	// Probe resolves the properties of the address's endpoint for the
+	// rules (default transport.Probe; serve passes its transport.Config's,
+	// which looks through the getfd table): an fd: on a regular file is
+	// seekable, so mapped-ram may use it.
+	Probe func(a transport.Addr) (transport.Props, bool, error)
 }
 
 // Result is how a migration ended.
@@ -86,6 +102,9 @@ type Migration struct {
 	contOnce sync.Once
 	done     chan struct{}
 	result   Result // written by run before done is closed
+	stopped  bool   // the run stopped a running guest (written by run before done is closed)
+	// resolveMu serialises Resolve calls (each fires on the controller).
+	resolveMu sync.Mutex
 }
 
 // ErrCancelled is the cause recorded when a migration is cancelled.
@@ -111,10 +130,7 @@ func Start(ctx context.Context, c *machine.Controller, g guest.Guest, uri string
 	if opts.Dial == nil {
 		opts.Dial = transport.Dial
 	}
-	if opts.ConfirmTimeout <= 0 {
-		opts.ConfirmTimeout = 60 * time.Second
-	}
-	ep := &guards.Endpoint{Transport: a.Scheme, URI: a.String(), Channels: opts.Channels}
+	ep := &guards.Endpoint{Transport: a.Scheme, URI: a.String(), Channels: opts.Channels, Props: probeProps(opts.Probe, a)}
 	if _, err := c.Fire(ctx, spec.Outgoing, machine.TriggerMigrate, &machine.Args{Endpoint: ep}); err != nil {
 		return nil, err
 	}
@@ -168,29 +184,47 @@ func (m *Migration) Wait(ctx context.Context) (Result, error) {
 func (m *Migration) run() {
 	defer close(m.done)
 	defer m.cancelIO(nil)
-	s := &sender{m: m, start: time.Now()}
+	s := &sender{m: m, start: time.Now(), dog: watchdog.New(), protoKnown: make(chan struct{}), pingSeq: 1}
 	err := s.migrate()
 	s.finish(err)
+	m.stopped = s.stopped
 }
 
 // sender holds one run's state; it belongs to the migration goroutine.
 type sender struct {
 	m       *Migration
 	start   time.Time
-	cfg     guards.Config // the frozen configuration of this run
-	conn    transport.Conn
+	cfg     guards.Config  // the frozen configuration of this run
+	conn    transport.Conn // raw, wrapped to feed the watchdog as writes progress
+	raw     transport.Conn // what Dial returned (its optional interfaces: transport.Committer)
 	enc     *stream.Encoder
 	rp      chan rpEvent // messages from the destination
 	rpDone  chan struct{}
 	stopped bool // the engine stopped the guest (it was running)
-	// committed: the destination confirmed that its guest runs; from here
-	// on the source never restarts its own guest.
+	// committed: the source fired commit (the destination loaded
+	// everything, or a one-way save is durable); from here on it never
+	// restarts its own guest on its own.
 	committed bool
-	final     machine.State // the state complete led to
-	stats     machine.Stats
-	dirty     [][]uint64
-	blocks    []*guest.Block
-	lastPub   time.Time
+	// The commit protocol and liveness (commit.go).
+	dog        *watchdog.Dog
+	stopDog    context.CancelFunc
+	dogDone    chan struct{}
+	proto      atomic.Int32  // peerUnknown, peerSpeaks, peerLacks; written by readRP
+	protoOnce  sync.Once     // guards closing protoKnown
+	protoKnown chan struct{} // closed when proto is known
+	eofSent    bool          // the EOF marker and vmdesc are on the wire
+	pingSeq    uint32        // the last PING value sent (1: the first, which detects the protocol)
+	lastPing   time.Time
+	// ioMu orders the interrupt of a cancel or stall (a past deadline on
+	// the channel) with the farewell ABORT (a fresh deadline): farewell
+	// set, the interrupt no longer touches the channel.
+	ioMu     sync.Mutex
+	farewell bool
+	final    machine.State // the state complete led to
+	stats    machine.Stats
+	dirty    [][]uint64
+	blocks   []*guest.Block
+	lastPub  time.Time
 	// bandwidth estimate, bytes per second
 	bw float64
 	// acked: the destination sent SWITCHOVER_ACK (capability switchover-ack)
@@ -203,6 +237,7 @@ type sender struct {
 	zeroMode multifd.ZeroPageDetection
 	multifd  bool
 	sink     ramSink
+	mapped   *mappedSink // capability mapped-ram (engine/mapped.go)
 	// Pages handed to the sink, and those the scanner found zero.
 	pagesPut, scanZero uint64
 }
@@ -212,20 +247,27 @@ type rpEvent struct {
 	err error
 }
 
-// failure is an error that carries the destination's own reason.
-type failure struct{ reason string }
+// failure is an error that carries the destination's own reason. aborted
+// marks the destination's failure report (its reason or SHUT non-zero):
+// it promises the destination will never run the guest.
+type failure struct {
+	reason  string
+	aborted bool
+}
 
 func (f *failure) Error() string { return f.reason }
 
 func (s *sender) migrate() error {
 	m := s.m
-	conn, err := m.opts.Dial(m.ioCtx, m.addr)
+	dialed, err := m.opts.Dial(m.ioCtx, m.addr)
 	if err != nil {
 		return fmt.Errorf("connect to %s: %w", m.addr, err)
 	}
-	s.conn = conn
-	stopClose := context.AfterFunc(m.ioCtx, func() { conn.Close() })
-	defer stopClose()
+	conn := transport.Conn(&feedingConn{Conn: dialed, s: s})
+	s.conn, s.raw = conn, dialed
+	stopInterrupt := context.AfterFunc(m.ioCtx, s.interrupt)
+	defer stopInterrupt()
+	s.startWatch()
 	if _, err := m.c.Fire(m.ioCtx, spec.Outgoing, machine.TriggerStart, nil); err != nil {
 		return err
 	}
@@ -245,20 +287,33 @@ func (s *sender) migrate() error {
 		s.stats.Total += uint64(len(b.Mem))
 	}
 
+	if cfg.Caps["mapped-ram"] { // before the stream's first byte: it notes where that is
+		if s.mapped, err = prepareMapped(m.ioCtx, s.raw, cfg, pageSize); err != nil {
+			return err
+		}
+		defer s.mapped.close()
+	}
 	s.enc = stream.NewEncoder(conn)
 	if err := s.enc.WriteHeader(m.g.ID()); err != nil {
 		return err
 	}
-	if err := s.enc.WriteHandshake(handshake(m.c.Spec(), cfg, m.g, pageSize)); err != nil {
+	hs := handshake(m.c.Spec(), cfg, m.g, pageSize)
+	if conn.ReturnPath() && !m.opts.NoCommitProtocol {
+		hs.Extensions = []string{stream.ExtSwitchoverCommit}
+	}
+	if err := s.enc.WriteHandshake(hs); err != nil {
 		return err
 	}
 	if conn.ReturnPath() {
 		if err := s.enc.OpenReturnPath(); err != nil {
 			return err
 		}
+		// PING(1): a destination that speaks the commit protocol answers
+		// HELLO before its PONG.
 		if err := s.enc.Ping(1); err != nil {
 			return err
 		}
+		s.lastPing = time.Now()
 		s.rp = make(chan rpEvent, 16)
 		s.rpDone = make(chan struct{})
 		go s.readRP()
@@ -267,7 +322,12 @@ func (s *sender) migrate() error {
 	for i, b := range s.blocks {
 		sb[i] = stream.Block{Name: b.Name, Size: uint64(len(b.Mem))}
 	}
-	if err := s.enc.StartRAM(pageSize, sb); err != nil {
+	if s.mapped != nil {
+		err = s.mapped.startRAM(s.enc, pageSize, sb)
+	} else {
+		err = s.enc.StartRAM(pageSize, sb)
+	}
+	if err != nil {
 		return err
 	}
 	if s.zeroMode, err = multifd.ParseZeroPageDetection(cfg.Params["zero-page-detection"]); err != nil {
@@ -279,7 +339,9 @@ func (s *sender) migrate() error {
 	if err := s.enc.Flush(); err != nil {
 		return err
 	}
-	if s.multifd {
+	if s.mapped != nil {
+		s.sink = s.mapped // with multifd too: its channels write the file, no connections
+	} else if s.multifd {
 		k, err := s.openMultifd(cfg, pageSize)
 		if err != nil {
 			return err
@@ -337,6 +399,9 @@ func (s *sender) migrate() error {
 		if err := s.checkRP(); err != nil {
 			return err
 		}
+		if err := s.keepalive(); err != nil {
+			return err
+		}
 		if expected <= limit {
 			if !cfg.Caps["switchover-ack"] || s.acked || mutant.SkipSwitchoverAckWait {
 				break
@@ -353,19 +418,24 @@ func (s *sender) migrate() error {
 	return s.switchover(cfg)
 }
 
-// switchover stops the guest, sends the rest and the devices, and waits
-// for the destination to confirm.
+// switchover stops the guest, sends the rest and the devices, and runs
+// the commit protocol (commit.go) with the destination.
 func (s *sender) switchover(cfg guards.Config) error {
 	m := s.m
+	if s.rp != nil {
+		// Know whether the destination speaks the commit protocol before
+		// the guest stops (the answer came with its first records).
+		if err := s.awaitProto(); err != nil {
+			return err
+		}
+	}
 	out, err := m.c.Fire(m.ioCtx, spec.Outgoing, machine.TriggerSwitchover, nil)
 	if err != nil {
 		return err
 	}
 	if out.To == machine.StatePreSwitchover {
-		select {
-		case <-m.cont:
-		case <-m.ioCtx.Done():
-			return context.Cause(m.ioCtx)
+		if err := s.awaitContinue(); err != nil {
+			return err
 		}
 	}
 	// The guest graph goes running → finish-migrate when the guest runs; a
@@ -395,32 +465,61 @@ func (s *sender) switchover(cfg guards.Config) error {
 	if err := s.enc.Close(); err != nil {
 		return fmt.Errorf("finish the stream: %w", err)
 	}
+	if s.mapped != nil { // the completion marker, last
+		if err := s.mapped.complete(); err != nil {
+			return err
+		}
+	}
+	s.eofSent = true
 	tSent := time.Now()
 	s.stats.DowntimeBytes = s.moved() - b0
 	s.stats.Remaining = 0
-	if s.rp == nil {
-		// No return path (file, exec): the stream is complete once the
-		// channel is closed; for exec that waits for the command.
-		err := s.conn.Close()
+	switch {
+	case s.rp == nil:
+		// No back channel (file, exec, a pipe): the source commits when
+		// its last byte is durable.
+		err := s.commitOneWay()
 		s.stats.Downtime = time.Since(tStop)
 		if err != nil {
-			return fmt.Errorf("close %s: %w", m.addr, err)
+			return fmt.Errorf("finish %s: %w", m.addr, err)
 		}
-	} else {
-		// QEMU's downtime ends when the source has written its last byte,
-		// or, with its return-path capability on, when the destination's
-		// SHUT arrived.
+		if err := s.commit(); err != nil {
+			return err
+		}
+		s.stats.TrueDowntime = s.stats.Downtime
+	case s.proto.Load() == peerSpeaks:
+		// LOADED, commit, go, SHUT(0). QEMU's downtime ends with the last
+		// byte written, or with its return-path capability on with the
+		// destination's confirmation.
+		s.stats.Downtime = tSent.Sub(tStop)
+		if err := s.awaitLoaded(); err != nil {
+			return err
+		}
+		if err := s.commit(); err != nil {
+			return err
+		}
+		if err := s.enc.WriteTrailer(stream.TrailerGo); err != nil {
+			return fmt.Errorf("send go: %w", err)
+		}
+		_ = s.conn.CloseWrite()
+		if err := s.awaitConfirm(tStop); err != nil {
+			return err
+		}
+	default:
+		// A destination without the protocol: it runs the guest as soon
+		// as the stream ended. The source cannot know whether it does
+		// until SHUT(0) (the split brain the protocol closes is possible
+		// here, as with QEMU).
 		s.stats.Downtime = tSent.Sub(tStop)
 		_ = s.conn.CloseWrite()
 		if err := s.awaitConfirm(tStop); err != nil {
 			return err
 		}
-		if cfg.Caps["return-path"] {
-			s.stats.Downtime = s.stats.TrueDowntime
-		}
 	}
-	s.committed = true
-	m.log.Info("switchover", "final_bytes", s.stats.DowntimeBytes, "sent_after", tSent.Sub(tStop), "downtime", s.stats.Downtime, "true_downtime", s.stats.TrueDowntime)
+	if s.rp != nil && cfg.Caps["return-path"] {
+		s.stats.Downtime = s.stats.TrueDowntime
+	}
+	m.log.Info("switchover", "final_bytes", s.stats.DowntimeBytes, "sent_after", tSent.Sub(tStop), "downtime", s.stats.Downtime, "true_downtime", s.stats.TrueDowntime, "commit_protocol", s.proto.Load() == peerSpeaks)
 	if m.opts.Checksum != nil {
 		if sum, err := m.opts.Checksum(); err == nil {
 			s.stats.Checksum = sum
@@ -429,6 +528,7 @@ func (s *sender) switchover(cfg guards.Config) error {
 	// The last statistics go out before the side turns terminal: from
 	// then on a new migration may start, and nothing of this run may
 	// overwrite its statistics.
+	s.stopWatch()
 	s.publish(true)
 	out, err = m.c.Fire(context.Background(), spec.Outgoing, machine.TriggerComplete, nil)
 	if err != nil {
@@ -439,11 +539,39 @@ func (s *sender) switchover(cfg guards.Config) error {
 	return nil
 }
 
+// awaitContinue waits in pre-switchover for migrate-continue, sending
+// keepalives meanwhile.
+func (s *sender) awaitContinue() error {
+	m := s.m
+	t := time.NewTicker(min(max(s.liveDuration(paramKeepalive, time.Second)/2, 5*time.Millisecond), 500*time.Millisecond))
+	defer t.Stop()
+	for {
+		select {
+		case <-m.cont:
+			return nil
+		case <-t.C:
+			if err := s.keepalive(); err != nil {
+				return err
+			}
+		case ev, ok := <-s.rp:
+			if err := s.beforeSwitchover(ev, ok); err != nil {
+				return err
+			}
+		case <-m.ioCtx.Done():
+			return context.Cause(m.ioCtx)
+		}
+	}
+}
+
 // awaitConfirm waits for SHUT from the destination: status 0 means its
 // guest runs (the downtime ends here).
 func (s *sender) awaitConfirm(tStop time.Time) error {
-	timer := time.NewTimer(s.m.opts.ConfirmTimeout)
-	defer timer.Stop()
+	var deadline <-chan time.Time
+	if d := s.m.opts.ConfirmTimeout; d > 0 {
+		timer := time.NewTimer(d)
+		defer timer.Stop()
+		deadline = timer.C
+	}
 	for {
 		select {
 		case ev, ok := <-s.rp:
@@ -460,7 +588,7 @@ func (s *sender) awaitConfirm(tStop time.Time) error {
 			}
 		case <-s.m.ioCtx.Done():
 			return context.Cause(s.m.ioCtx)
-		case <-timer.C:
+		case <-deadline:
 			return fmt.Errorf("the destination did not confirm within %s", s.m.opts.ConfirmTimeout)
 		}
 	}
@@ -501,10 +629,10 @@ func (s *sender) onRP(ev rpEvent, ok bool) (confirmed bool, err error) {
 	}
 	switch ev.msg.Type {
 	case stream.RPFailReason:
-		return false, &failure{reason: "destination: " + string(ev.msg.Data)}
+		return false, &failure{reason: "destination: " + string(ev.msg.Data), aborted: true}
 	case stream.RPShut:
 		if v, _ := ev.msg.Value(); v != 0 {
-			return false, &failure{reason: fmt.Sprintf("the destination failed (status %d)", v)}
+			return false, &failure{reason: fmt.Sprintf("the destination failed (status %d)", v), aborted: true}
 		}
 		return true, nil
 	case stream.RPSwitchoverAck:
@@ -523,8 +651,10 @@ func (s *sender) beforeSwitchover(ev rpEvent, ok bool) error {
 	return err
 }
 
-// readRP reads return-path messages until the connection ends. A failure
-// reason followed by SHUT is reported as one failure.
+// readRP reads return-path messages until the connection ends. Every
+// message feeds the watchdog; the commit protocol's HELLO and the first
+// PONG tell what the destination speaks; keepalives and PONGs go no
+// further. A failure reason followed by SHUT is reported as one failure.
 func (s *sender) readRP() {
 	defer close(s.rpDone)
 	defer close(s.rp)
@@ -533,7 +663,7 @@ func (s *sender) readRP() {
 		msg, err := stream.ReadRP(s.conn)
 		if err != nil {
 			if reason != "" {
-				err = &failure{reason: "destination: " + reason}
+				err = &failure{reason: "destination: " + reason, aborted: true}
 			} else if s.m.ioCtx.Err() == nil {
 				err = fmt.Errorf("return path: %w", err)
 			}
@@ -543,8 +673,24 @@ func (s *sender) readRP() {
 			}
 			return
 		}
-		if msg.Type == stream.RPFailReason {
+		s.dog.Feed()
+		switch msg.Type {
+		case stream.RPFailReason:
 			reason = string(msg.Data)
+			continue
+		case stream.RPHello:
+			if slices.Contains(msg.Extensions(), stream.ExtSwitchoverCommit) && !s.m.opts.NoCommitProtocol {
+				s.setProto(peerSpeaks)
+			} else {
+				s.setProto(peerLacks)
+			}
+			continue
+		case stream.RPPong:
+			if v, _ := msg.Value(); v == 1 {
+				s.setProto(peerLacks) // no HELLO came first
+			}
+			continue
+		case stream.RPKeepalive:
 			continue
 		}
 		if msg.Type == stream.RPShut && reason != "" {
@@ -579,7 +725,7 @@ func (s *sender) destinationReason(err error) error {
 				return f
 			}
 			if ev.msg.Type == stream.RPFailReason {
-				return &failure{reason: "destination: " + string(ev.msg.Data)}
+				return &failure{reason: "destination: " + string(ev.msg.Data), aborted: true}
 			}
 			if ev.err != nil {
 				return err
@@ -664,6 +810,9 @@ func (s *sender) between(sent int, since time.Time) error {
 	if err := s.checkRP(); err != nil {
 		return err
 	}
+	if err := s.keepalive(); err != nil {
+		return err
+	}
 	// Pace to max-bandwidth, re-reading it at least every 100 ms so a
 	// change applies at once (it is a live parameter).
 	for {
@@ -675,6 +824,9 @@ func (s *sender) between(sent int, since time.Time) error {
 		wait := want - time.Since(since)
 		if wait <= 0 {
 			break
+		}
+		if err := s.keepalive(); err != nil {
+			return err
 		}
 		if err := s.enc.Flush(); err != nil {
 			return err
@@ -768,19 +920,34 @@ func (s *sender) publish(force bool) {
 	_ = s.m.c.PublishStats(spec.Outgoing, s.stats)
 }
 
-// finish ends the run: on success the side is completed; on failure or
-// cancel the guest is restarted and the side goes to failed or cancelled.
+// finish ends the run: on success the side is completed. On a failure
+// before the commit (or one the destination reported after it) the guest
+// runs here again and the side goes to failed or cancelled; on any other
+// failure after the commit the side goes to unknown-outcome with the guest
+// stopped here.
 func (s *sender) finish(err error) {
 	m := s.m
-	if err != nil && s.rp != nil {
-		err = s.destinationReason(err)
+	if err != nil {
+		// A stall or a yank explains the I/O error it provoked.
+		var stall *StallError
+		if cause := context.Cause(m.ioCtx); errors.As(cause, &stall) || errors.Is(cause, ErrYanked) {
+			err = cause
+		}
+		if s.rp != nil {
+			err = s.destinationReason(err)
+		}
+		s.sendAbort()
 	}
 	m.cancelIO(err)
+	s.stopWatch()
 	if s.conn != nil {
 		s.conn.Close()
 	}
 	if s.rpDone != nil {
 		<-s.rpDone
+	}
+	if s.sink != nil {
+		_ = s.sink.close()
 	}
 	if err == nil {
 		m.result = Result{State: s.final, Stats: s.stats}
@@ -793,11 +960,12 @@ func (s *sender) finish(err error) {
 			t.Throttle(0) // QEMU stops throttling when the migration ends
 		}
 	}
-	switch {
-	case s.committed:
-		// The destination runs the guest: never run it here as well.
-		m.log.Error("the migration failed after the destination took over the guest; the guest stays stopped here", "err", err)
-	case s.stopped:
+	if s.committed && !destinationAborted(err) {
+		// The destination may run the guest: never run it here as well.
+		s.endUnknown(err)
+		return
+	}
+	if s.stopped {
 		if rerr := m.g.Start(); rerr != nil {
 			m.log.Error("restart the source guest", "err", rerr)
 		}
@@ -806,7 +974,8 @@ func (s *sender) finish(err error) {
 	cancelled := errors.Is(context.Cause(m.ioCtx), ErrCancelled)
 	s.publish(true) // before the side turns terminal (see switchover)
 	// From cancelling the spec ignores fail; otherwise fail leads to
-	// failing. Either way cleanup ends the run.
+	// failing (from committed too: the destination aborted). Either way
+	// cleanup ends the run.
 	if _, ferr := m.c.Fire(ctx, spec.Outgoing, machine.TriggerFail, &machine.Args{Reason: err.Error()}); ferr != nil {
 		m.log.Error("fire fail", "err", ferr)
 	}

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strconv"
@@ -40,7 +41,8 @@ type multifdSink struct {
 	wg      sync.WaitGroup
 	failed  chan struct{} // closed at a channel's first error
 	errOnce sync.Once
-	err     error // the first channel error; read after failed is closed
+	err     error           // the first channel error; read after failed is closed
+	ctx     context.Context // the migration's I/O context: a cancel or a stall ends every wait
 }
 
 // mfChannel is one multifd connection and its writer goroutine's counters.
@@ -90,6 +92,7 @@ func (s *sender) openMultifd(cfg guards.Config, pageSize uint64) (*multifdSink, 
 	k := &multifdSink{
 		enc: s.enc, main: &streamSink{enc: s.enc}, zero: s.zeroMode, ps: pageSize,
 		per: multifd.PagesPerPacket(pageSize), jobs: make(chan mfJob), failed: make(chan struct{}),
+		ctx: m.ioCtx,
 	}
 	var uuid [16]byte // the guest's UUID: all zero until guests carry one (QEMU without -uuid)
 	for id := range n {
@@ -194,6 +197,8 @@ func (k *multifdSink) dispatch() error {
 		return nil
 	case <-k.failed:
 		return k.err
+	case <-k.ctx.Done():
+		return context.Cause(k.ctx)
 	}
 }
 
@@ -235,6 +240,8 @@ func (k *multifdSink) end(final bool) error {
 		case ch.syncs <- mfJob{sync: true, num: k.num.Add(1), done: done}:
 		case <-k.failed:
 			return k.err
+		case <-k.ctx.Done():
+			return context.Cause(k.ctx)
 		}
 	}
 	var errs []error
@@ -246,6 +253,8 @@ func (k *multifdSink) end(final bool) error {
 			}
 		case <-k.failed:
 			return k.err
+		case <-k.ctx.Done():
+			return context.Cause(k.ctx)
 		}
 	}
 	if err := errors.Join(errs...); err != nil {

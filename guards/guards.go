@@ -78,6 +78,23 @@ type Endpoint struct {
 	// Channels lists the channel types the migration was given (QMP's
 	// channels argument, e.g. main and cpr); empty for a plain uri.
 	Channels []string
+	// Props, when not nil, are this endpoint's own transport properties,
+	// keyed by the spec's property names (spec.PropSeekable, ...) and found
+	// by probing it (transport.Probe: fstat of an fd: descriptor). They
+	// replace the properties the spec declares for Transport in every rule:
+	// an fd: on a regular file is seekable and takes extra descriptors, as
+	// file: does; on a socket it is neither. A name missing from Props is a
+	// property the endpoint lacks. Nil: the spec's declaration applies.
+	Props map[string]bool
+}
+
+// has reports whether the endpoint, of spec transport t, has property
+// prop: its probed Props when it has them, else t's declaration.
+func (e *Endpoint) has(t *spec.Transport, prop string) bool {
+	if e.Props != nil {
+		return e.Props[prop]
+	}
+	return t.Has(prop)
 }
 
 // Peer is what the other side announced in its handshake.
@@ -116,6 +133,10 @@ type Input struct {
 	// GuestState is the guest graph's current state ("" when the spec has
 	// no guest graph).
 	GuestState string
+	// Sides holds every graph's current state by graph name (incoming,
+	// outgoing, guest), for guards that judge one graph's edge by
+	// another's state (outcome-known); nil outside a controller.
+	Sides map[string]string
 	// Objects are the named objects the process holds (QMP object-add:
 	// TLS credentials, authorization lists), by id, as they are at this
 	// Fire; nil when the process keeps no object registry. The
@@ -183,6 +204,7 @@ const (
 	ConfigMutable         = "config-mutable"
 	PauseBeforeSwitchover = "pause-before-switchover"
 	TLSObjects            = "tls-objects"
+	OutcomeKnown          = "outcome-known"
 )
 
 // Default returns the registry of every guard migctl implements.
@@ -192,6 +214,7 @@ func Default() Registry {
 		ConfigMutable:         configMutable,
 		PauseBeforeSwitchover: pauseBeforeSwitchover,
 		TLSObjects:            tlsObjects,
+		OutcomeKnown:          outcomeKnown,
 	}
 }
 
@@ -343,6 +366,29 @@ func mutableStates(sd *spec.Side) []string {
 		}
 	}
 	return out
+}
+
+// outcomeKnown refuses while any migration side is in a state whose
+// outcome is unknown (spec State.Outcome): the guest may neither start nor
+// resume on its own there, whatever an operator's plain cont says.
+func outcomeKnown(in *Input) error {
+	var rs []Refusal
+	for _, name := range spec.SideNames {
+		sd := in.Spec.Side(name)
+		if sd == nil {
+			continue
+		}
+		st := sd.State(in.Sides[name])
+		if st == nil || st.Outcome != spec.OutcomeUnknown {
+			continue
+		}
+		rs = append(rs, Refusal{Reason: fmt.Sprintf("the %s migration is in %s: whether the guest runs on the other side is unknown; "+
+			"say what happened with x-migctl-resolve-switchover first", name, st.QMPStatus())})
+	}
+	if len(rs) > 0 {
+		return refuse(OutcomeKnown, rs...)
+	}
+	return nil
 }
 
 // pauseBeforeSwitchover allows its edge when the capability of the same

@@ -31,9 +31,12 @@ type ruleCase struct {
 	caps      []string
 	params    map[string]string
 	transport string // scheme; URI is derived
-	features  []string
-	enabling  []string // caps turned on by the change under judgement
-	peer      *guards.Peer
+	// props, when set, are the endpoint's probed properties
+	// (guards.Endpoint.Props), replacing the spec's declaration.
+	props    map[string]bool
+	features []string
+	enabling []string // caps turned on by the change under judgement
+	peer     *guards.Peer
 	// refuse lists substrings every one of which must appear in the
 	// refusal; nil means the configuration must be allowed.
 	refuse []string
@@ -47,6 +50,13 @@ var uris = map[string]string{
 	"file": "file:/tmp/f",
 	"rdma": "rdma:0.0.0.0:4444",
 }
+
+// The properties transport.Probe gives an fd: endpoint, written from the
+// spec's declarations of file: and fd: (a socket).
+var (
+	regularFileProps = map[string]bool{"multi-channel": false, "seekable": true, "return-path": false, "extra-fds": true, "streamable": false}
+	socketProps      = map[string]bool{"multi-channel": false, "seekable": false, "return-path": true, "extra-fds": false, "streamable": true}
+)
 
 var allFeatures = []string{"userfaultfd", "uffd-wp", "kvm-dirty-ring", "msg-zerocopy", "colo-replication"}
 
@@ -87,7 +97,7 @@ func (c ruleCase) input(s *spec.Spec) *guards.Input {
 		in.Previous, in.Change = prev, ch
 	}
 	if c.transport != "" {
-		in.Transport = &guards.Endpoint{Transport: c.transport, URI: uris[c.transport]}
+		in.Transport = &guards.Endpoint{Transport: c.transport, URI: uris[c.transport], Props: c.props}
 	}
 	for _, f := range c.features {
 		in.Features[f] = true
@@ -165,6 +175,19 @@ var ruleCases = []ruleCase{
 	{name: "multifd + mapped-ram over file", caps: []string{"multifd", "mapped-ram"}, transport: "file"},
 	{name: "postcopy-preempt over exec", caps: []string{"postcopy-preempt", "postcopy-ram"}, transport: "exec", refuse: []string{"postcopy-preempt"}},
 	{name: "direct-io over file", caps: []string{"multifd", "mapped-ram"}, params: map[string]string{"direct-io": "true"}, transport: "file"},
+	// An fd: endpoint is judged by what its descriptor is (Endpoint.Props,
+	// from transport.Probe): a regular file is seekable and takes extra
+	// descriptors, as file:; a socket is neither; unprobed, the spec's fd:
+	// declaration (a socket) applies.
+	{name: "mapped-ram over fd on a regular file", caps: []string{"mapped-ram"}, transport: "fd", props: regularFileProps},
+	{name: "mapped-ram over fd on a socket", caps: []string{"mapped-ram"}, transport: "fd", props: socketProps, refuse: []string{"mapped-ram", "seekable", "fd:3"}},
+	{name: "mapped-ram over fd, not probed", caps: []string{"mapped-ram"}, transport: "fd", refuse: []string{"mapped-ram", "seekable", "fd:3"}},
+	{name: "multifd + mapped-ram over fd on a regular file", caps: []string{"multifd", "mapped-ram"}, transport: "fd", props: regularFileProps},
+	{name: "multifd over fd on a regular file without mapped-ram", caps: []string{"multifd"}, transport: "fd", props: regularFileProps, refuse: []string{"multifd", "switch mapped-ram on", "fd:3"}},
+	{name: "multifd over fd on a socket", caps: []string{"multifd"}, transport: "fd", props: socketProps, refuse: []string{"multifd", "one channel", "fd:3"}},
+	{name: "direct-io over fd on a regular file", caps: []string{"multifd", "mapped-ram"}, params: map[string]string{"direct-io": "true"}, transport: "fd", props: regularFileProps},
+	{name: "return-path over fd on a pipe", caps: []string{"return-path"}, transport: "fd", props: map[string]bool{"streamable": true}, refuse: []string{"return-path", "fd:3"}},
+	{name: "return-path over fd on a socket", caps: []string{"return-path"}, transport: "fd", props: socketProps},
 	{name: "cpr-transfer over file", params: map[string]string{"mode": "cpr-transfer"}, transport: "file", refuse: []string{"cpr-transfer"}},
 	{name: "cpr-transfer over unix", params: map[string]string{"mode": "cpr-transfer"}, transport: "unix"},
 	// §3 cross-parameter checks and §4.5.
@@ -175,6 +198,9 @@ var ruleCases = []ruleCase{
 	{name: "multifd + compression without mapped-ram", caps: []string{"multifd"}, params: map[string]string{"multifd-compression": "zlib"}, transport: "tcp"},
 	// migctl's own limits: judged when a migration starts, not on set.
 	{name: "xbzrle at migrate (not implemented)", caps: []string{"xbzrle"}, transport: "tcp", trigger: "migrate", refuse: []string{"xbzrle", "does not implement"}},
+	{name: "mapped-ram at migrate over file (implemented)", caps: []string{"mapped-ram"}, transport: "file", trigger: "migrate"},
+	{name: "mapped-ram at connect over file (implemented)", side: spec.Incoming, state: "listening", caps: []string{"mapped-ram"}, transport: "file", trigger: "connect",
+		peer: &guards.Peer{Caps: map[string]bool{"mapped-ram": true}}},
 	{name: "multifd at migrate (implemented)", caps: []string{"multifd"}, transport: "tcp", trigger: "migrate"},
 	{name: "multifd with qatzip (no accelerator)", caps: []string{"multifd"}, params: map[string]string{"multifd-compression": "qatzip"}, transport: "tcp", trigger: "migrate", refuse: []string{"qatzip", "hardware"}},
 	{name: "TLS at migrate-incoming (not implemented)", side: spec.Incoming, params: map[string]string{"tls-creds": "tls0"}, transport: "tcp", trigger: "incoming", refuse: []string{"TLS", "tls-creds"}},

@@ -111,12 +111,12 @@ func holds(c *spec.Cond, in *Input, cfg Config, unknownTransport bool) bool {
 				return false
 			}
 			for _, p := range c.TransportHas {
-				if !t.Has(p) {
+				if !in.Transport.has(t, p) {
 					return false
 				}
 			}
 			for _, p := range c.TransportLacks {
-				if t.Has(p) {
+				if in.Transport.has(t, p) {
 					return false
 				}
 			}

@@ -33,6 +33,10 @@ const (
 type peekedConn struct {
 	transport.Conn
 	head []byte
+	// start is the file offset of the channel's first byte when it is a
+	// regular file (file:, or an fd: on one), -1 otherwise: where a
+	// mapped-ram file's stream starts.
+	start int64
 }
 
 func (c *peekedConn) Read(p []byte) (int, error) {
@@ -50,11 +54,17 @@ func (c *peekedConn) Read(p []byte) (int, error) {
 func classify(c transport.Conn) (role, transport.Conn, error) {
 	_ = c.SetDeadline(time.Now().Add(channelTimeout))
 	defer c.SetDeadline(time.Time{})
+	start := int64(-1)
+	if f, ok := transport.RegularFile(c); ok {
+		if off, err := f.Seek(0, io.SeekCurrent); err == nil {
+			start = off
+		}
+	}
 	var head [4]byte
 	if _, err := io.ReadFull(c, head[:]); err != nil {
 		return 0, nil, fmt.Errorf("read the first bytes of a new connection: %w", err)
 	}
-	pc := &peekedConn{Conn: c, head: bytes.Clone(head[:])}
+	pc := &peekedConn{Conn: c, head: bytes.Clone(head[:]), start: start}
 	switch binary.BigEndian.Uint32(head[:]) {
 	case stream.Magic:
 		return roleMain, pc, nil
@@ -74,7 +84,12 @@ func (l *loader) acceptMain() (main transport.Conn, early []transport.Conn, err 
 			closeAll(early)
 			return nil, nil, fmt.Errorf("wait for the source on %s: %w", in.ln.Addr(), err)
 		}
+		// A cancel ends the wait for the connection's first bytes at once.
+		stop := context.AfterFunc(in.ioCtx, func() { c.Close() })
 		r, pc, err := classify(c)
+		if !stop() {
+			err = errors.Join(err, context.Cause(in.ioCtx))
+		}
 		if err != nil {
 			c.Close()
 			closeAll(early)

@@ -27,6 +27,7 @@ import (
 	"github.com/migctl/migctl/guards"
 	"github.com/migctl/migctl/guest"
 	"github.com/migctl/migctl/host"
+	"github.com/migctl/migctl/internal/watchdog"
 	"github.com/migctl/migctl/machine"
 	"github.com/migctl/migctl/spec"
 	"github.com/migctl/migctl/stream"
@@ -65,6 +66,15 @@ type Options struct {
 	// passes a transport.Config's Listen whose Descriptors resolve fd:
 	// addresses from QMP's getfd table.
 	Listen func(ctx context.Context, a transport.Addr) (transport.Listener, error)
+	// NoCommitProtocol makes the destination behave as one without the
+	// switchover commit protocol (it never answers HELLO, and starts the
+	// guest as soon as the stream ended): for tests of the fallback with a
+	// source that lacks it, and for interop.
+	NoCommitProtocol bool
+	// Probe resolves the properties of the address's endpoint for the
+	// rules (default transport.Probe; serve passes its transport.Config's):
+	// an fd: on a regular file is seekable, so mapped-ram may use it.
+	Probe func(a transport.Addr) (transport.Props, bool, error)
 	// LockedBatch, for measurement only, makes the loader hold the
 	// controller lock while it reads and applies batches of this many
 	// records — what QEMU's destination did before its loader thread — so
@@ -93,6 +103,7 @@ type Result struct {
 type Wire struct {
 	MainPages, MainZeros       uint64 // PAGE and ZERO records on the main stream
 	MultifdPages, MultifdZeros uint64 // normal pages and zero entries of multifd packets
+	MappedPages, MappedBytes   uint64 // pages read from a mapped-ram file's offsets
 }
 
 // Incoming is one incoming migration.
@@ -109,6 +120,8 @@ type Incoming struct {
 	pfDone   chan struct{}      // closed when pre-faulting ends
 	done     chan struct{}
 	result   Result
+	// resolveMu serialises Resolve calls.
+	resolveMu sync.Mutex
 }
 
 // ErrCancelled is wrapped by the error of an incoming migration that was
@@ -135,7 +148,7 @@ func Listen(ctx context.Context, c *machine.Controller, g guest.Guest, uri strin
 	if opts.Populate == nil {
 		opts.Populate = guest.Populate
 	}
-	ep := &guards.Endpoint{Transport: a.Scheme, URI: a.String(), Channels: opts.Channels}
+	ep := &guards.Endpoint{Transport: a.Scheme, URI: a.String(), Channels: opts.Channels, Props: probeProps(opts.Probe, a)}
 	if _, err := c.Fire(ctx, spec.Incoming, machine.TriggerIncoming, &machine.Args{Endpoint: ep}); err != nil {
 		return nil, err
 	}
@@ -207,7 +220,7 @@ func (in *Incoming) Abort(reason string) {
 func (in *Incoming) run() {
 	defer close(in.done)
 	host.LowerThreadPriority()
-	l := &loader{in: in, start: time.Now()}
+	l := &loader{in: in, start: time.Now(), dog: watchdog.New()}
 	err := l.load()
 	l.finish(err)
 }
@@ -233,8 +246,8 @@ type loader struct {
 	ackSwitchover bool
 	// final is the state the last Fire led to.
 	final machine.State
-	recv received   // pages that arrived, for zero pages
-	mf   *multifdIn // multifd channels, when on
+	recv  received   // pages that arrived, for zero pages
+	mf    *multifdIn // multifd channels, when on
 	// What the main stream carried (the multifd readers count theirs in
 	// mf); atomic: a statistics goroutine reads them while the loader runs.
 	mainPages, mainZeros atomic.Uint64
@@ -243,7 +256,20 @@ type loader struct {
 	// multifd, a ticker goroutine call; it guards stats, wire and lastPub.
 	statsMu sync.Mutex
 	wire    Wire
-	wg    sync.WaitGroup // goroutines of this run (the delayed switchover ack)
+	wg      sync.WaitGroup // goroutines of this run (the delayed switchover ack, keepalives)
+
+	// The commit protocol and liveness (commit.go).
+	hs        *stream.Handshake // the source's announcement
+	proto     bool              // the source speaks the commit protocol and opened the return path
+	waitingGo bool              // loaded fired: only go, abort or the operator end the wait
+	dog       *watchdog.Dog
+	stopDog   context.CancelFunc
+	dogDone   chan struct{}
+	// ioMu orders the interrupt of a cancel or stall (a past deadline on
+	// the channel) with telling the source why (a fresh deadline):
+	// farewell set, the interrupt no longer touches the channel.
+	ioMu     sync.Mutex
+	farewell bool
 }
 
 func (l *loader) load() error {
@@ -256,8 +282,9 @@ func (l *loader) load() error {
 		return err
 	}
 	l.conn = conn
-	stopClose := context.AfterFunc(in.ioCtx, func() { conn.Close() })
-	defer stopClose()
+	stopInterrupt := context.AfterFunc(in.ioCtx, l.interrupt)
+	defer stopInterrupt()
+	l.startWatch()
 
 	blocks := in.g.Blocks()
 	l.recv = newReceived(blocks)
@@ -297,6 +324,7 @@ func (l *loader) load() error {
 			hs = rec.Handshake
 		}
 	}
+	l.hs = hs
 	peer := &guards.Peer{Caps: hs.Capabilities, Params: hs.Parameters, Facts: map[string]string{
 		"page-size": strconv.FormatUint(hs.PageSize, 10),
 		"guest":     hs.GuestID,
@@ -316,6 +344,9 @@ func (l *loader) load() error {
 		cfg = in.c.Config()
 	}
 	l.ackSwitchover = cfg.Caps["switchover-ack"]
+	if handled, err := l.mappedRAM(cfg, early); handled { // loaders/mapped.go
+		return err
+	}
 	// Every channel is there before loading starts, as QEMU's destination
 	// waits for main + all multifd channels.
 	if cfg.Caps["multifd"] {
@@ -355,7 +386,7 @@ func (l *loader) loop(dec *stream.Decoder) error {
 			return err
 		}
 		if done {
-			return l.complete()
+			return l.complete(dec)
 		}
 		if err := context.Cause(l.in.ioCtx); err != nil {
 			return err
@@ -375,6 +406,7 @@ func (l *loader) batch(dec *stream.Decoder, n int, locked bool) (done bool, err 
 			}
 			return false, err
 		}
+		l.dog.Feed()
 		if rec.Kind == stream.KindEOF {
 			return true, nil
 		}
@@ -452,6 +484,11 @@ func (l *loader) apply(dec *stream.Decoder, rec stream.Record, locked bool) erro
 		switch rec.Command {
 		case stream.CmdOpenReturnPath:
 			l.rp = l.conn.ReturnPath()
+			if l.rp && l.hs.Speaks(stream.ExtSwitchoverCommit) && !l.in.opts.NoCommitProtocol {
+				if err := l.speakCommit(); err != nil {
+					return err
+				}
+			}
 			// switchover-ack: no device of ours needs more time before
 			// switchover, so the destination allows it at once, as QEMU does
 			// when no device asks to delay it.
@@ -495,12 +532,14 @@ func (l *loader) page(rec stream.Record) ([]byte, error) {
 	return b.Mem[rec.Offset : rec.Offset+ps], nil
 }
 
-// complete fires complete, then arrive on the guest graph, starts the
-// guest when arrive leads to running (not when the operator asked it to
-// stay paused), and confirms to the source. The state machine decides
-// first: a cancel that won the race leaves complete refused and the guest
-// never starts.
-func (l *loader) complete() error {
+// complete reads the vmdesc (a stream without it is incomplete: a save cut
+// short), runs the commit protocol's wait for go when the source speaks
+// it, fires complete, then arrive on the guest graph, starts the guest
+// when arrive leads to running (not when the operator asked it to stay
+// paused), and confirms to the source. The state machine decides first: a
+// cancel that won the race leaves complete refused and the guest never
+// starts.
+func (l *loader) complete(dec *stream.Decoder) error {
 	in := l.in
 	if l.mf != nil {
 		// The source half-closed its channels after the last sync: the
@@ -509,17 +548,37 @@ func (l *loader) complete() error {
 		case <-l.mf.done:
 		case <-time.After(channelTimeout):
 			return errors.New("the multifd channels did not end after the stream did")
+		case <-in.ioCtx.Done():
+			return context.Cause(in.ioCtx)
 		}
 		if err := l.mf.failure(); err != nil {
 			return err
 		}
 	}
+	rec, err := dec.Next()
+	switch {
+	case errors.Is(err, io.EOF):
+		return errors.New("the stream ends after its EOF marker without the vmdesc: it was cut short (an incomplete save?)")
+	case err != nil:
+		return fmt.Errorf("read the vmdesc: %w", err)
+	case rec.Kind != stream.KindVMDesc:
+		return fmt.Errorf("a %v record after the EOF marker, want the vmdesc", rec.Kind)
+	}
+	resume := l.dog.Pause() // local work: nothing is expected from the source
 	l.stopPrefault()
 	if in.opts.BeforeStart != nil {
 		if err := in.opts.BeforeStart(l.pageSums); err != nil {
+			resume()
 			return err
 		}
 	}
+	resume()
+	if l.proto {
+		if err := l.awaitGo(dec); err != nil {
+			return err
+		}
+	}
+	l.stopWatch()
 	l.publish(true, nil) // the last statistics, before the side turns terminal
 	out, err := in.c.Fire(context.Background(), spec.Incoming, machine.TriggerComplete, nil)
 	if err != nil {
@@ -547,7 +606,13 @@ func (l *loader) complete() error {
 // tellSource sends the failure reason and SHUT(1), half-closes, and reads
 // and discards what the source still sends until it closes (bounded), so
 // closing does not reset the connection before the source has read why.
+// Called only once the side failed or was cancelled: SHUT(1) promises the
+// source that the guest never runs here.
 func (l *loader) tellSource(reason string) {
+	l.ioMu.Lock()
+	l.farewell = true
+	l.ioMu.Unlock()
+	_ = l.conn.SetDeadline(time.Now().Add(drainTimeout))
 	if len(reason) > stream.MaxFailReason {
 		reason = reason[:stream.MaxFailReason]
 	}
@@ -555,13 +620,27 @@ func (l *loader) tellSource(reason string) {
 		return
 	}
 	_ = l.conn.CloseWrite()
-	_ = l.conn.SetDeadline(time.Now().Add(drainTimeout))
 	_, _ = io.Copy(io.Discard, l.conn)
+}
+
+// interrupt unblocks the loader's I/O on the main channel when the run is
+// cancelled, stalls or is yanked: a past deadline ends a blocked read or
+// write at once and keeps the channel open to tell the source why; a
+// channel without deadlines is closed.
+func (l *loader) interrupt() {
+	l.ioMu.Lock()
+	defer l.ioMu.Unlock()
+	if l.farewell {
+		return
+	}
+	if err := l.conn.SetDeadline(time.Unix(1, 0)); err != nil {
+		l.conn.Close()
+	}
 }
 
 // drainTimeout bounds how long a failed destination waits for the source
 // to read its reason and hang up.
-const drainTimeout = 5 * time.Second
+const drainTimeout = time.Second
 
 func (l *loader) sendRP(m stream.RPMessage) error {
 	l.rpMu.Lock()
@@ -625,7 +704,8 @@ func (l *loader) publish(force bool, dec *stream.Decoder) {
 		l.stats.MultifdBytes = l.mf.received()
 		l.stats.Transferred += l.stats.MultifdBytes
 	}
-	l.stats.Normal = l.wire.MainPages + l.wire.MultifdPages
+	l.stats.Transferred += l.wire.MappedBytes
+	l.stats.Normal = l.wire.MainPages + l.wire.MultifdPages + l.wire.MappedPages
 	l.stats.Duplicate = l.wire.MainZeros + l.wire.MultifdZeros
 	l.stats.NormalBytes = l.stats.Normal * l.stats.PageSize
 	l.stats.TotalTime = now.Sub(l.start)
@@ -635,39 +715,67 @@ func (l *loader) publish(force bool, dec *stream.Decoder) {
 	_ = l.in.c.PublishStats(spec.Incoming, l.stats)
 }
 
-// finish records the outcome; on failure it tells the source why over the
-// return path (when there is one) so the source fails too and keeps its
-// guest running.
+// finish records the outcome. On a failure while the source's go was
+// awaited (the channel broke, stalled or carried garbage) the outcome is
+// unknown: the side waits in unknown-outcome and the source is told
+// nothing. On any other failure the side fails (or ends cancelled) and
+// then tells the source why over the return path (when there is one), so
+// the source fails too and keeps its guest running.
 func (l *loader) finish(err error) {
 	in := l.in
 	l.stopPrefault()
 	if err != nil {
+		var stall *StallError
 		if cause := context.Cause(in.ioCtx); errors.Is(cause, ErrCancelled) {
 			err = cause // what the loader saw is only the consequence
 		} else if l.mf != nil && l.mf.failure() != nil {
 			err = l.mf.failure() // a channel failed; the main stream was closed under it
+		} else if errors.As(cause, &stall) || errors.Is(cause, ErrYanked) {
+			err = cause
+		}
+		l.stopWatch()
+		l.publish(true, nil) // the last statistics, before the side turns terminal
+		if l.waitingGo && !errors.Is(err, ErrCancelled) && !errors.Is(err, ErrAborted) {
+			l.endUnknown(err)
+			if st, _ := in.c.Status(spec.Incoming, 0); st.State == l.final && !st.Terminal {
+				err = fmt.Errorf("%w: %v", ErrOutcomeUnknown, err)
+				l.cleanup(err)
+				return
+			}
+			// A cancel won the race: the side is cancelling; fail it below.
 		}
 		reason := err.Error()
-		if l.conn != nil && l.conn.ReturnPath() {
-			l.tellSource(reason)
-		}
 		bg := context.Background()
-		l.publish(true, nil) // the last statistics, before the side turns terminal
 		var ge *machine.GuardError
+		told := false
 		if errors.As(err, &ge) && ge.To != "" {
 			l.final = ge.To // the connect guard already moved the side
+			told = true
 		} else {
 			// From cancelling the spec ignores fail; cleanup then ends it.
 			out, ferr := in.c.Fire(bg, spec.Incoming, machine.TriggerFail, &machine.Args{Reason: reason})
 			l.final = out.To
+			told = ferr == nil
 			if ferr == nil && out.Ignored {
 				if out, cerr := in.c.Fire(bg, spec.Incoming, machine.TriggerCleanup, nil); cerr == nil {
 					l.final = out.To
 				}
 			}
 		}
+		// A source that went silent is not waited for: it would not read.
+		if told && l.conn != nil && l.conn.ReturnPath() && !errors.As(err, &stall) {
+			l.tellSource(reason)
+		}
 		in.log.Info("incoming migration ended", "state", l.final, "err", err, "pages_loaded", l.loaded)
 	}
+	l.cleanup(err)
+}
+
+// cleanup releases the run's channels and goroutines and records the
+// result.
+func (l *loader) cleanup(err error) {
+	in := l.in
+	l.stopWatch()
 	in.cancelIO(err)
 	if l.conn != nil {
 		l.conn.Close()

@@ -42,16 +42,16 @@ func (r received) mark(bi, p int) (was bool) {
 // the controller lock and in parallel, and the per-pass barrier the main
 // stream's FLUSH records wait on.
 type multifdIn struct {
-	sync  *multifd.RecvSync
-	wg    sync.WaitGroup
-	errMu sync.Mutex
-	err   error // the first reader error
-	done  chan struct{}
-	pages atomic.Uint64 // normal pages applied
-	zeros atomic.Uint64 // zero entries applied
+	sync    *multifd.RecvSync
+	wg      sync.WaitGroup
+	errMu   sync.Mutex
+	err     error // the first reader error
+	done    chan struct{}
+	pages   atomic.Uint64 // normal pages applied
+	zeros   atomic.Uint64 // zero entries applied
 	conns   []transport.Conn
 	readers []*multifd.Reader
-	abort context.CancelCauseFunc // ends the whole incoming migration
+	abort   context.CancelCauseFunc // ends the whole incoming migration
 }
 
 // startMultifd accepts the multifd channels the frozen configuration asks
@@ -158,6 +158,7 @@ func (l *loader) readChannel(id int, r *multifd.Reader) error {
 		if err != nil {
 			return fmt.Errorf("multifd channel %d: %w", id, err)
 		}
+		l.dog.Feed()
 		if len(h.Normal)+len(h.Zero) > 0 {
 			b, ok := l.blocks[h.Block]
 			if !ok {

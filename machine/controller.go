@@ -125,6 +125,9 @@ type side struct {
 	history  []Record
 	stats    Stats
 	started  time.Time // when the current migration left the initial/terminal state
+	// stalled is since when the peer has been silent, as the data plane's
+	// watchdog reported it (PublishStalled); zero when it is not.
+	stalled time.Time
 }
 
 // Record is one entry of a side's history: a transition, a refusal that
@@ -235,13 +238,18 @@ func (c *Controller) build(name string, g *spec.Side) (*side, error) {
 		guard := func(ctx context.Context, _ ...any) bool { return c.edgeAllows(ctx, sd, idx) }
 		switch {
 		case t.Kind == spec.KindIgnore:
-			on := t.On
-			cfg.InternalTransition(on, func(ctx context.Context, _ ...any) error {
+			// Ignored when its guards (if any) allow; refused with their
+			// reasons otherwise (OnUnhandledTrigger below).
+			var guards []stateless.GuardFunc
+			if len(t.Guards) > 0 {
+				guards = append(guards, guard)
+			}
+			cfg.InternalTransition(t.On, func(ctx context.Context, _ ...any) error {
 				if f := fctx(ctx); f != nil {
 					f.ignored = true
 				}
 				return nil
-			})
+			}, guards...)
 		case t.Kind == spec.KindRefuse:
 			// Fire answers these before stateless sees them.
 		case len(t.Guards) == 0:
@@ -376,6 +384,9 @@ func (c *Controller) transitioned(ctx context.Context, sd *side, from, to, trigg
 			sd.errDesc = ""
 			sd.stats = Stats{}
 		}
+		if sd.graph.Terminal(to) || to == sd.graph.Initial {
+			sd.stalled = time.Time{}
+		}
 		if (sd.graph.Terminal(to) || to == sd.graph.Initial) && !mutant.KeepEndpoint {
 			// The migration ended: the next one is judged against its own
 			// transport, never this one's.
@@ -501,6 +512,7 @@ func (c *Controller) fireLocked(ctx context.Context, sideName string, trigger Tr
 func cloneEndpoint(e *guards.Endpoint) *guards.Endpoint {
 	ep := *e
 	ep.Channels = slices.Clone(e.Channels)
+	ep.Props = maps.Clone(e.Props)
 	return &ep
 }
 
@@ -538,6 +550,10 @@ func (c *Controller) input(sd *side, trigger string) *guards.Input {
 	}
 	if g := c.sides[spec.Guest]; g != nil {
 		in.GuestState = g.state
+	}
+	in.Sides = make(map[string]string, len(c.sides))
+	for name, o := range c.sides {
+		in.Sides[name] = o.state
 	}
 	if c.opts.Objects != nil {
 		in.Objects = c.opts.Objects()
@@ -717,6 +733,10 @@ type Status struct {
 	Error string
 	// Started is when the current migration began (zero if never).
 	Started time.Time
+	// Stalled is how long the peer has been silent, once the data plane's
+	// watchdog saw it miss two keepalives (zero otherwise): QMP shows it as
+	// x-migctl-stalled-ms before x-migctl-io-timeout ends the migration.
+	Stalled time.Duration
 	Stats   Stats
 	History []Record
 }
@@ -739,6 +759,9 @@ func (c *Controller) Status(sideName string, history int) (Status, error) {
 		Error:     sd.errDesc,
 		Started:   sd.started,
 		Stats:     sd.stats,
+	}
+	if !sd.stalled.IsZero() {
+		st.Stalled = max(c.opts.Now().Sub(sd.stalled), time.Millisecond)
 	}
 	if s := sd.graph.State(sd.state); s != nil {
 		st.Terminal = s.Terminal

@@ -251,6 +251,24 @@ func (c *Controller) PublishStats(sideName string, st Stats) error {
 	return nil
 }
 
+// PublishStalled records that the side's peer has been silent since
+// since (the zero time: it is not, or no longer); Status reports it as
+// Stalled. It does nothing in a terminal or initial state, so a watchdog
+// that reports late never marks the next migration.
+func (c *Controller) PublishStalled(sideName string, since time.Time) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	sd, err := c.side(sideName)
+	if err != nil {
+		return err
+	}
+	if sd.graph.Terminal(sd.state) || sd.state == sd.graph.Initial {
+		return nil
+	}
+	sd.stalled = since
+	return nil
+}
+
 // PublishPass announces a new dirty-sync pass (QMP's MIGRATION_PASS).
 func (c *Controller) PublishPass(sideName string, pass uint64) error {
 	c.mu.Lock()

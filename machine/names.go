@@ -42,6 +42,16 @@ const (
 	TriggerConnect      Trigger = "connect"       // incoming: the source connected and announced itself
 	TriggerLoad         Trigger = "load"          // incoming: loading starts
 
+	// The switchover commit protocol (docs/stream.md).
+	TriggerLoaded Trigger = "loaded" // incoming: everything arrived; LOADED sent, waiting for go
+	TriggerCommit Trigger = "commit" // outgoing: LOADED arrived (or a one-way save is durable); go follows
+	TriggerLost   Trigger = "lost"   // both sides: the channel broke or stalled after the commit point
+	// An operator's x-migctl-resolve-switchover, per side and answer.
+	TriggerResolveRunning Trigger = "resolve-running" // outgoing: the destination runs the guest
+	TriggerResolveGone    Trigger = "resolve-gone"    // outgoing: the destination never will; resume here
+	TriggerResolveStart   Trigger = "resolve-start"   // incoming: the source is gone; start the guest here
+	TriggerResolveDiscard Trigger = "resolve-discard" // incoming: the source runs the guest; discard
+
 	// The guest graph (QEMU's run state).
 	TriggerBoot          Trigger = "boot"           // the guest starts (a process without -incoming)
 	TriggerAwaitIncoming Trigger = "await-incoming" // the guest waits for an incoming migration (-incoming)
@@ -71,6 +81,10 @@ var contract = []spec.Need{
 	trig(spec.Outgoing, TriggerFail, "engine: failure"),
 	trig(spec.Outgoing, TriggerCleanup, "engine: torn down"),
 	state(spec.Outgoing, StatePreSwitchover, "engine: waits for continue there"),
+	trig(spec.Outgoing, TriggerCommit, "engine: LOADED arrived, or a one-way save is durable"),
+	trig(spec.Outgoing, TriggerLost, "engine: the channel broke after the commit"),
+	trig(spec.Outgoing, TriggerResolveRunning, "engine.Migration.Resolve"),
+	trig(spec.Outgoing, TriggerResolveGone, "engine.Migration.Resolve"),
 
 	trig(spec.Incoming, TriggerIncoming, "loaders.Listen"),
 	trig(spec.Incoming, TriggerListen, "loaders: listener open"),
@@ -81,6 +95,10 @@ var contract = []spec.Need{
 	trig(spec.Incoming, TriggerCancel, "loaders.Incoming.Cancel"),
 	trig(spec.Incoming, TriggerFail, "loaders: failure"),
 	trig(spec.Incoming, TriggerCleanup, "loaders: torn down"),
+	trig(spec.Incoming, TriggerLoaded, "loaders: LOADED sent"),
+	trig(spec.Incoming, TriggerLost, "loaders: the channel broke before go"),
+	trig(spec.Incoming, TriggerResolveStart, "loaders.Incoming.Resolve"),
+	trig(spec.Incoming, TriggerResolveDiscard, "loaders.Incoming.Resolve"),
 
 	trig(spec.Guest, TriggerBoot, "machine.New without Options.Incoming"),
 	trig(spec.Guest, TriggerAwaitIncoming, "machine.New with Options.Incoming"),

@@ -31,6 +31,11 @@ type Options struct {
 	// Limits.PageSize is overridden by PageSize; Limits.Blocks, if set, are
 	// the destination's blocks.
 	Limits stream.Limits
+	// DetectZero makes the Saver's channel goroutines test each page they
+	// are handed (Submit) and mark the zero ones absent instead of writing
+	// them: QEMU's zero-page-detection multifd, done by the channels. Pages
+	// given to WritePages directly are written as they are.
+	DetectZero bool
 }
 
 func (o Options) normalize() (Options, error) {
@@ -86,6 +91,11 @@ type Saver struct {
 	jobs chan job
 	wg   sync.WaitGroup
 
+	// reader reads the main stream back for its checksum (Complete): main
+	// itself, or a read-only description of it when main is write-only
+	// (a file: stream is opened O_WRONLY, as QEMU opens it).
+	reader *os.File
+
 	mu       sync.Mutex // guards inflight, drained, err, records
 	inflight int
 	drained  chan struct{}
@@ -93,6 +103,21 @@ type Saver struct {
 	records  [][]byte
 	finished bool
 	closed   atomic.Bool
+
+	written, zeros, bytes atomic.Uint64 // Stats
+}
+
+// SaverStats counts what a Saver did with the pages it was given.
+type SaverStats struct {
+	// Pages written (a page written again counts again) and their bytes.
+	Pages, Bytes uint64
+	// Zero pages the channel goroutines found (Options.DetectZero).
+	Zeros uint64
+}
+
+// Stats returns the counts so far; safe from any goroutine.
+func (s *Saver) Stats() SaverStats {
+	return SaverStats{Pages: s.written.Load(), Bytes: s.bytes.Load(), Zeros: s.zeros.Load()}
 }
 
 // NewSaver prepares the page writes for the layout StartRAMMapped returned.
@@ -102,7 +127,7 @@ func NewSaver(main *os.File, layout []stream.MappedRAMBlock, o Options) (*Saver,
 	if err != nil {
 		return nil, err
 	}
-	s := &Saver{main: main, pagesF: main, o: o, align: 1, blocks: map[string]*saveBlock{},
+	s := &Saver{main: main, pagesF: main, reader: main, o: o, align: 1, blocks: map[string]*saveBlock{},
 		jobs: make(chan job), drained: make(chan struct{})}
 	close(s.drained)
 	for _, l := range layout {
@@ -113,9 +138,21 @@ func NewSaver(main *os.File, layout []stream.MappedRAMBlock, o Options) (*Saver,
 		s.blocks[l.Name] = b
 		s.order = append(s.order, b)
 	}
+	fl, err := unix.FcntlInt(main.Fd(), unix.F_GETFL, 0)
+	if err != nil {
+		return nil, fmt.Errorf("mapped-ram: %s: %w", main.Name(), err)
+	}
+	if fl&unix.O_ACCMODE == unix.O_WRONLY {
+		r, err := reopen(main, unix.O_RDONLY)
+		if err != nil {
+			return nil, fmt.Errorf("mapped-ram: the completion marker needs the main stream read back, and %s is open write-only and cannot be opened for reading: %w", main.Name(), err)
+		}
+		s.reader = r
+	}
 	if o.DirectIO {
 		f, err := reopen(main, unix.O_WRONLY|unix.O_DIRECT)
 		if err != nil {
+			s.closeFiles()
 			return nil, err
 		}
 		s.pagesF = f
@@ -132,7 +169,12 @@ func (s *Saver) Alignment() int { return s.align }
 
 func (s *Saver) worker() {
 	for j := range s.jobs {
-		err := s.WritePages(j.b.Name, j.offsets, j.pages)
+		var err error
+		if s.o.DetectZero {
+			err = s.writeOrZero(j)
+		} else {
+			err = s.WritePages(j.b.Name, j.offsets, j.pages)
+		}
 		s.mu.Lock()
 		if err != nil && s.err == nil {
 			s.err = err
@@ -143,6 +185,48 @@ func (s *Saver) worker() {
 		}
 		s.mu.Unlock()
 	}
+}
+
+// writeOrZero is a channel's work under DetectZero: the zero pages of the
+// batch are marked absent, the others written (in their order, so runs of
+// consecutive pages stay one pwritev).
+func (s *Saver) writeOrZero(j job) error {
+	var zero, offs []uint64
+	var pages [][]byte
+	for i, p := range j.pages {
+		if isZeroPage(p) {
+			zero = append(zero, j.offsets[i])
+			continue
+		}
+		offs = append(offs, j.offsets[i])
+		pages = append(pages, p)
+	}
+	if len(zero) > 0 {
+		if err := s.MarkZero(j.b.Name, zero); err != nil {
+			return err
+		}
+		s.zeros.Add(uint64(len(zero)))
+	}
+	if len(offs) == 0 {
+		return nil
+	}
+	return s.WritePages(j.b.Name, offs, pages)
+}
+
+// isZeroPage reports whether p is all zero bytes, eight at a time.
+func isZeroPage(p []byte) bool {
+	for len(p) >= 8 {
+		if binary.NativeEndian.Uint64(p) != 0 {
+			return false
+		}
+		p = p[8:]
+	}
+	for _, c := range p {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 func (s *Saver) block(name string, offsets []uint64) (*saveBlock, error) {
@@ -206,6 +290,8 @@ func (s *Saver) WritePages(block string, offsets []uint64, pages [][]byte) error
 			n := o / ps
 			b.bits[n/64].Or(1 << (n % 64))
 		}
+		s.written.Add(uint64(j - i))
+		s.bytes.Add(uint64(j-i) * ps)
 		i = j
 	}
 	return nil
@@ -361,14 +447,14 @@ func (s *Saver) Complete(start int64) error {
 	if err != nil {
 		return fmt.Errorf("mapped-ram: %w", err)
 	}
-	idx, err := stream.ScanMappedRAM(s.main, start, end, s.o.Limits, RecordSize)
+	idx, err := stream.ScanMappedRAM(s.reader, start, end, s.o.Limits, RecordSize)
 	if err != nil {
 		return fmt.Errorf("mapped-ram: the stream just written does not scan: %w", err)
 	}
 	if len(idx.Blocks) != len(s.order) {
 		return fmt.Errorf("mapped-ram: the stream lists %d blocks, the Saver laid out %d", len(idx.Blocks), len(s.order))
 	}
-	streamCRC, err := streamChecksum(s.main, idx)
+	streamCRC, err := streamChecksum(s.reader, idx)
 	if err != nil {
 		return err
 	}
@@ -408,16 +494,24 @@ func streamChecksum(f io.ReaderAt, idx *stream.MappedRAMIndex) (uint32, error) {
 	return sum, nil
 }
 
-// Close stops the channel goroutines and closes the O_DIRECT descriptor.
-// It does not close the main file.
+// Close stops the channel goroutines and closes the descriptors the Saver
+// opened (O_DIRECT, read-back). It does not close the main file.
 func (s *Saver) Close() error {
 	if s.closed.Swap(true) {
 		return nil
 	}
 	close(s.jobs)
 	s.wg.Wait()
+	return s.closeFiles()
+}
+
+func (s *Saver) closeFiles() error {
+	var errs []error
 	if s.pagesF != s.main {
-		return s.pagesF.Close()
+		errs = append(errs, s.pagesF.Close())
 	}
-	return nil
+	if s.reader != s.main {
+		errs = append(errs, s.reader.Close())
+	}
+	return errors.Join(errs...)
 }

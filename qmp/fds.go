@@ -105,6 +105,16 @@ func (t *FDTable) TakeFD(a transport.Addr) (*os.File, error) {
 	return f, nil
 }
 
+// PeekFD implements transport.DescriptorPeeker: it returns the descriptor
+// a names without removing it from the table, so transport.Probe can tell
+// a regular file from a socket (the properties the rules judge) before the
+// migration takes it.
+func (t *FDTable) PeekFD(a transport.Addr) (*os.File, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.lookupLocked(a)
+}
+
 // check reports whether TakeFD would find a descriptor for a now.
 func (t *FDTable) check(a transport.Addr) error {
 	t.mu.Lock()

@@ -25,4 +25,11 @@ type Host interface {
 	// Stop and Cont are QMP stop and cont.
 	Stop(ctx context.Context) error
 	Cont(ctx context.Context) error
+	// Resolve is x-migctl-resolve-switchover on side (spec.Outgoing or
+	// spec.Incoming): peerGone says the other side will never run the
+	// guest.
+	Resolve(ctx context.Context, side string, peerGone bool) error
+	// Yank is QMP yank of the migration instance: the running
+	// migration's channels are aborted at once.
+	Yank(ctx context.Context) error
 }

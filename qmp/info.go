@@ -28,6 +28,10 @@ type MigrationInfo struct {
 	// SocketAddress lists the addresses a destination listens on (with the
 	// real port of a tcp:…:0 listener).
 	SocketAddress []SocketAddress `json:"socket-address,omitempty"`
+	// XMigctlStalledMs (migctl extension) is how long the peer has been
+	// silent, once it missed two keepalives (x-migctl-keepalive), before
+	// x-migctl-io-timeout ends the migration.
+	XMigctlStalledMs *int64 `json:"x-migctl-stalled-ms,omitempty"`
 }
 
 // MigrationStats is MigrationInfo's ram member (QEMU's MigrationStats).
@@ -99,6 +103,9 @@ func migrationInfo(in, out machine.Status, now time.Time) *MigrationInfo {
 	if in.Report != spec.ReportNone {
 		info.Status = in.QMPStatus
 		info.ErrorDesc = peerDesc(in.Error)
+		if in.Stalled > 0 {
+			info.XMigctlStalledMs = ms(in.Stalled)
+		}
 	}
 	// Source (fill_source_migration_info).
 	switch out.Report {
@@ -124,6 +131,9 @@ func migrationInfo(in, out machine.Status, now time.Time) *MigrationInfo {
 	info.Status = out.QMPStatus
 	if out.Error != "" {
 		info.ErrorDesc = peerDesc(out.Error)
+	}
+	if out.Stalled > 0 {
+		info.XMigctlStalledMs = ms(out.Stalled)
 	}
 	return info
 }

@@ -181,6 +181,8 @@ func (noopHost) Cancel(context.Context) error                           { return
 func (noopHost) Continue(context.Context, string) error                 { return nil }
 func (noopHost) Stop(context.Context) error                             { return nil }
 func (noopHost) Cont(context.Context) error                             { return nil }
+func (noopHost) Resolve(context.Context, string, bool) error            { return nil }
+func (noopHost) Yank(context.Context) error                             { return nil }
 
 // FuzzRequest feeds arbitrary bytes to the request decoder and the command
 // dispatcher (with a real controller and a host that does nothing): no

@@ -13,8 +13,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	migctl "github.com/migctl/migctl"
-	"github.com/migctl/migctl/guest"
 	"github.com/migctl/migctl/guards"
+	"github.com/migctl/migctl/guest"
 	"github.com/migctl/migctl/internal/fault"
 	"github.com/migctl/migctl/qmp"
 	"github.com/migctl/migctl/spec"
@@ -693,7 +693,9 @@ func (r *cellRun) migrateTo(dst *proc, uri string) {
 	}
 	bound := r.bound + holdBound
 	if !dst.waitFor(bound, func() bool { return terminal(spec.Incoming, dst.state[spec.Incoming]) }) ||
-		!r.src.waitFor(bound, func() bool { return settled(spec.Outgoing, r.src.state[spec.Outgoing]) && r.src.enteredLocked(spec.Outgoing, sCompleted) }) {
+		!r.src.waitFor(bound, func() bool {
+			return settled(spec.Outgoing, r.src.state[spec.Outgoing]) && r.src.enteredLocked(spec.Outgoing, sCompleted)
+		}) {
 		t.Fatalf("migration to a new destination: source %s, new destination %s", r.src.sideState(spec.Outgoing), dst.sideState(spec.Incoming))
 	}
 	if st := dst.sideState(spec.Incoming); st != sCompleted {

@@ -43,7 +43,9 @@ func TestDefaultCapabilitiesAndParameters(t *testing.T) {
 		"x-checkpoint-delay", "multifd-channels", "xbzrle-cache-size", "max-postcopy-bandwidth", "max-cpu-throttle",
 		"multifd-compression", "multifd-zlib-level", "multifd-qatzip-level", "multifd-zstd-level",
 		"block-bitmap-mapping", "x-vcpu-dirty-limit-period", "vcpu-dirty-limit", "mode", "zero-page-detection",
-		"direct-io", "cpr-exec-command"}
+		"direct-io", "cpr-exec-command",
+		// migctl's extensions (issue 9) follow QEMU's parameters.
+		"x-migctl-keepalive", "x-migctl-io-timeout"}
 	if !slices.Equal(params, wantParams) {
 		t.Errorf("parameters:\n got %v\nwant %v", params, wantParams)
 	}
@@ -64,7 +66,8 @@ func TestDefaultCapabilitiesAndParameters(t *testing.T) {
 	wantLive := []string{"announce-initial", "announce-max", "announce-rounds", "announce-step",
 		"throttle-trigger-threshold", "cpu-throttle-initial", "cpu-throttle-increment", "cpu-throttle-tailslow",
 		"max-bandwidth", "avail-switchover-bandwidth", "downtime-limit", "x-checkpoint-delay",
-		"xbzrle-cache-size", "max-postcopy-bandwidth", "max-cpu-throttle", "x-vcpu-dirty-limit-period", "vcpu-dirty-limit"}
+		"xbzrle-cache-size", "max-postcopy-bandwidth", "max-cpu-throttle", "x-vcpu-dirty-limit-period", "vcpu-dirty-limit",
+		"x-migctl-keepalive", "x-migctl-io-timeout"}
 	if !slices.Equal(live, wantLive) {
 		t.Errorf("live parameters:\n got %v\nwant %v", live, wantLive)
 	}
@@ -182,6 +185,9 @@ func TestDefaultRules(t *testing.T) {
 // edge is "from --on [guards] else--> to" in a compact form for comparison.
 func edgeString(t Transition) string {
 	if t.Kind == KindIgnore {
+		if len(t.Guards) > 0 {
+			return t.From + " --" + t.On + " [" + strings.Join(t.Guards, ",") + "]--> (ignore)"
+		}
 		return t.From + " --" + t.On + "--> (ignore)"
 	}
 	if t.Kind == KindRefuse {
@@ -353,12 +359,13 @@ func TestDefaultGuestGraph(t *testing.T) {
 	if sd == nil || sd.Initial != "prelaunch" {
 		t.Fatalf("guest graph %+v", sd)
 	}
-	const refuse = "(refuse: The guest is stopped for the switchover of a migration; wait for the migration to end, or cancel it)"
+	const refuse = "(refuse: The guest is stopped for the switchover of a migration; wait for the migration to end, or cancel it " +
+		"(if its outcome is unknown, status x-migctl-unknown-outcome, resolve it with x-migctl-resolve-switchover))"
 	want := []string{
 		"prelaunch --boot--> running", "prelaunch --await-incoming--> inmigrate", "prelaunch --cont--> running",
 		"inmigrate --arrive--> running", "inmigrate-paused --arrive--> paused",
-		"inmigrate --stop--> inmigrate-paused", "inmigrate-paused --cont--> inmigrate",
-		"inmigrate --cont--> (ignore)", "inmigrate-paused --stop--> (ignore)",
+		"inmigrate --stop--> inmigrate-paused", "inmigrate-paused --cont [outcome-known]--> inmigrate",
+		"inmigrate --cont [outcome-known]--> (ignore)", "inmigrate-paused --stop--> (ignore)",
 		"running --stop--> paused", "running --cont--> (ignore)",
 		"paused --cont--> running", "paused --stop--> (ignore)",
 		"running --switchover--> finish-migrate", "finish-migrate --restart--> running",
@@ -398,7 +405,7 @@ func TestDefaultEffects(t *testing.T) {
 		"release-ram": r, "return-path": h, "pause-before-switchover": h, "multifd": h, "dirty-bitmaps": r,
 		"postcopy-blocktime": v, "late-block-activate": v, "x-ignore-shared": r, "validate-uuid": h,
 		"background-snapshot": r, "zero-copy-send": r, "postcopy-preempt": r, "switchover-ack": h,
-		"dirty-limit": r, "mapped-ram": r,
+		"dirty-limit": r, "mapped-ram": h,
 	}
 	wantParams := map[string]string{
 		"announce-initial": v, "announce-max": v, "announce-rounds": v, "announce-step": v,
@@ -408,7 +415,8 @@ func TestDefaultEffects(t *testing.T) {
 		"max-postcopy-bandwidth": v, "max-cpu-throttle": h, "multifd-compression": h, "multifd-zlib-level": h,
 		"multifd-qatzip-level": v, "multifd-zstd-level": h, "block-bitmap-mapping": v,
 		"x-vcpu-dirty-limit-period": v, "vcpu-dirty-limit": v, "mode": r, "zero-page-detection": h,
-		"direct-io": v, "cpr-exec-command": v,
+		"direct-io": h, "cpr-exec-command": v,
+		"x-migctl-keepalive": h, "x-migctl-io-timeout": h,
 	}
 	for _, c := range s.Capabilities {
 		if c.Effect != wantCaps[c.Name] || c.Why == "" {

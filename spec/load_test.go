@@ -8,7 +8,7 @@ import (
 )
 
 // registry is the guard names the default guard registry implements.
-var registry = []string{"transport-compatible", "config-mutable", "pause-before-switchover", "tls-objects"}
+var registry = []string{"transport-compatible", "config-mutable", "pause-before-switchover", "tls-objects", "outcome-known"}
 
 func readDefault(t testing.TB) []byte {
 	t.Helper()

@@ -169,6 +169,9 @@ func StatesMarkdown(s *Spec) string {
 		rows = nil
 		for _, t := range sd.Transitions {
 			if t.Kind == KindIgnore {
+				if len(t.Guards) > 0 {
+					rows = append(rows, []string{"`" + t.From + "`", "`" + t.On + "`", codeList(t.Guards), "(ignored)", "", t.Doc})
+				}
 				continue
 			}
 			if t.Kind == KindRefuse {

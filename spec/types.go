@@ -322,7 +322,18 @@ type State struct {
 	Config string `yaml:"config" validate:"omitempty,oneof=mutable frozen"`
 	// Terminal marks a state in which a migration has ended.
 	Terminal bool `yaml:"terminal"`
+	// Outcome is "unknown" for a state in which the side cannot know how
+	// the switchover ended (the channel broke after the destination had
+	// everything and before it confirmed): the guest must not start or
+	// resume on its own until an operator says what happened. The guard
+	// outcome-known refuses the guest's cont while any side is in such a
+	// state. Empty otherwise.
+	Outcome string `yaml:"outcome" validate:"omitempty,oneof=unknown"`
 }
+
+// OutcomeUnknown is State.Outcome for a state that waits for the operator
+// to say how the switchover ended.
+const OutcomeUnknown = "unknown"
 
 // QMPStatus returns the state's QMP name (Status, or Name when empty).
 func (st *State) QMPStatus() string {

@@ -161,7 +161,9 @@ func transitionLevel(sl validator.StructLevel) {
 		if t.Else != "" {
 			sl.ReportError(t.Else, "else", "Else", "stay-else", t.Kind)
 		}
-		if len(t.Guards) > 0 {
+		// An ignore edge may be guarded (ignored when its guards allow,
+		// refused with their reasons otherwise); a refuse edge may not.
+		if len(t.Guards) > 0 && t.Kind == KindRefuse {
 			sl.ReportError(t.Guards, "guards", "Guards", "stay-guards", t.Kind)
 		}
 		if t.Kind == KindRefuse && t.Message == "" {

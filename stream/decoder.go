@@ -1,7 +1,6 @@
 package stream
 
 import (
-	"bufio"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -16,7 +15,8 @@ const (
 	DefaultMaxBlocks        = 1024
 )
 
-// decoderBufSize is the Decoder's read buffer.
+// decoderBufSize is the Decoder's read buffer. On a socket a fill reads what
+// has arrived, up to this much, in one system call.
 const decoderBufSize = 256 << 10
 
 // blobChunk is how much a Decoder reads at a time for a length-prefixed blob,
@@ -109,7 +109,7 @@ type decBlock struct {
 // be called concurrently. Stats may be called from any goroutine. After an
 // error every call returns the same error.
 type Decoder struct {
-	br       *bufio.Reader
+	rb       *reader
 	lim      Limits
 	pageSize uint64
 	state    int
@@ -135,6 +135,8 @@ type Decoder struct {
 	buf     []byte // device, command and JSON payloads
 
 	pages, zeros atomic.Uint64
+
+	vmdesc bool // the vmdesc was read (NextTrailer may follow)
 }
 
 // DecoderStats counts what a Decoder has read.
@@ -147,12 +149,19 @@ type DecoderStats struct {
 // NewDecoder returns a Decoder reading r through a 256 KiB buffer (smaller
 // if r reports a smaller Len, as bytes.Reader does). Invalid Limits are
 // reported by the first call to Next.
+//
+// If r is a socket (a *net.TCPConn or *net.UnixConn, or what r's Unwrap()
+// any method returns, as for transport's tcp: and unix: Conns), ReadPage
+// reads the part of a page its buffer lacks with readv on the socket itself,
+// bypassing r's Read method: a wrapper whose Read does more than pass the
+// bytes on (decryption, bytes it holds back) must not return the socket from
+// Unwrap() any. transport's Conns only pass them on.
 func NewDecoder(r io.Reader, lim Limits) *Decoder {
 	size := decoderBufSize
 	if l, ok := r.(interface{ Len() int }); ok {
 		size = min(size, max(l.Len(), 16))
 	}
-	d := &Decoder{br: bufio.NewReaderSize(r, size)}
+	d := &Decoder{rb: newReader(r, size)}
 	l, err := lim.normalize()
 	if err != nil {
 		d.err = err
@@ -197,7 +206,9 @@ func (d *Decoder) Next() (Record, error) {
 }
 
 // ReadPage reads the pending page's bytes into dst, which must be exactly
-// PageSize bytes (typically the guest memory at the record's offset).
+// PageSize bytes (typically the guest memory at the record's offset). The
+// part of the page the Decoder's buffer holds is copied from it; the rest is
+// read from r straight into dst, with no copy in between.
 func (d *Decoder) ReadPage(dst []byte) error {
 	if d.err != nil {
 		return d.err
@@ -208,7 +219,14 @@ func (d *Decoder) ReadPage(dst []byte) error {
 	if uint64(len(dst)) != d.pageSize {
 		return fmt.Errorf("%w: ReadPage needs a %d-byte buffer, got %d", ErrInvalid, d.pageSize, len(dst))
 	}
-	n, err := io.ReadFull(d.br, dst)
+	var n int
+	var err error
+	if d.rb.direct {
+		n, err = d.rb.readPage(dst)
+	} else {
+		d.rb.copied += uint64(len(dst))
+		n, err = io.ReadFull(d.rb, dst)
+	}
 	d.off.Add(int64(n))
 	if err != nil {
 		d.err = d.ioErr(err, "page data")
@@ -227,7 +245,7 @@ func (d *Decoder) SkipPage() error {
 	if d.state != dsPage {
 		return orderf("SkipPage with no page record pending")
 	}
-	n, err := d.br.Discard(int(d.pageSize))
+	n, err := d.rb.discard(int(d.pageSize))
 	d.off.Add(int64(n))
 	if err != nil {
 		d.err = d.ioErr(err, "page data")
@@ -241,7 +259,12 @@ func (d *Decoder) SkipPage() error {
 // --- low-level reading ---
 
 func (d *Decoder) readFull(p []byte, what string) error {
-	n, err := io.ReadFull(d.br, p)
+	if b := d.rb; b.buffered() >= len(p) {
+		b.r += copy(p, b.buf[b.r:b.w])
+		d.off.Add(int64(len(p)))
+		return nil
+	}
+	n, err := io.ReadFull(d.rb, p)
 	d.off.Add(int64(n))
 	if err != nil {
 		return d.ioErr(err, what)
@@ -296,7 +319,7 @@ func (d *Decoder) readBlob(n int, what string) ([]byte, error) {
 			copy(nb, buf)
 			buf = nb
 		}
-		m, err := io.ReadFull(d.br, buf[len(buf):len(buf)+chunk])
+		m, err := io.ReadFull(d.rb, buf[len(buf):len(buf)+chunk])
 		buf = buf[:len(buf)+m]
 		d.off.Add(int64(m))
 		if err != nil {
@@ -376,7 +399,7 @@ func (d *Decoder) readHeader() error {
 
 func (d *Decoder) nextTop() (Record, error) {
 	pos := d.Offset()
-	n, err := io.ReadFull(d.br, d.scratch[:1])
+	n, err := io.ReadFull(d.rb, d.scratch[:1])
 	d.off.Add(int64(n))
 	if err == io.EOF {
 		return Record{}, &DecodeError{Offset: pos, Class: ErrCorrupt, Detail: "stream ends before its EOF marker (0x00)", Err: io.ErrUnexpectedEOF}
@@ -758,7 +781,7 @@ func (d *Decoder) nextFooter() (Record, error) {
 
 func (d *Decoder) nextVMDesc() (Record, error) {
 	pos := d.Offset()
-	n, err := io.ReadFull(d.br, d.scratch[:1])
+	n, err := io.ReadFull(d.rb, d.scratch[:1])
 	d.off.Add(int64(n))
 	if err == io.EOF {
 		d.state = dsDone
@@ -782,5 +805,6 @@ func (d *Decoder) nextVMDesc() (Record, error) {
 		return Record{}, err
 	}
 	d.state = dsDone
+	d.vmdesc = true
 	return Record{Kind: KindVMDesc, Pos: pos, Data: data}, nil
 }

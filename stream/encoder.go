@@ -7,13 +7,21 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"net"
 	"sync/atomic"
 	"unicode/utf8"
 )
 
 // encoderBufSize is the Encoder's write buffer: large enough that a run of
-// 4 KiB pages reaches the writer in 256 KiB writes.
+// 4 KiB pages reaches the writer in 256 KiB writes. In vector mode it is the
+// number of queued bytes (copied or referenced) that triggers a writev, and
+// the capacity of the arena holding the copied bytes.
 const encoderBufSize = 256 << 10
+
+// vecMax bounds the segments (iovecs) an Encoder queues in vector mode. With
+// 4 KiB pages a 256 KiB flush needs about 130; Linux's IOV_MAX is 1024 (the
+// standard library splits longer vectors anyway).
+const vecMax = 1024
 
 // Encoder states.
 const (
@@ -28,6 +36,15 @@ const (
 // what was written so far (after each section in a live migration), and Close
 // to finish the stream.
 //
+// Output modes. Writing to a socket (a *net.TCPConn or *net.UnixConn, given
+// directly or as what w's Unwrap() any method returns: transport's tcp: and
+// unix: Conns), the Encoder queues its output as segments and hands them to
+// writev (vector mode, see ZeroCopy): the bytes it produces itself are copied
+// into an arena, the pages given to PutPageRef are referenced, not copied.
+// Writing to anything else (files, pipes, exec:, TLS, buffers) it copies
+// everything through a 256 KiB bufio.Writer, PutPageRef included. The bytes
+// on the wire are the same in both modes.
+//
 // An Encoder is owned by one goroutine: its methods must not be called
 // concurrently. Stats is the exception and may be called from any goroutine.
 //
@@ -36,9 +53,21 @@ const (
 // encoded; the Encoder stays usable. A write error from the underlying writer
 // is sticky: every later call returns it.
 type Encoder struct {
-	bw    *bufio.Writer
-	err   error // sticky write error
+	bw    *bufio.Writer // copy mode; nil in vector mode
+	err   error         // sticky write error
 	state int
+
+	// Vector mode (sock != nil). vec holds the queued segments in stream
+	// order: slices of arena (bytes the Encoder copied) and pages queued by
+	// PutPageRef. arena's capacity never grows, so the segments cut from it
+	// stay valid until flushVec resets it; arena[open:] is the segment still
+	// growing. queued counts the bytes in vec and in the open segment.
+	sock   net.Conn
+	vec    net.Buffers
+	wv     net.Buffers // what WriteTo consumes (a field: a local would escape)
+	arena  []byte
+	open   int
+	queued int
 
 	nextID uint32 // next section id
 
@@ -79,15 +108,55 @@ type EncoderStats struct {
 	ZeroPages uint64 // ZERO records
 }
 
-// NewEncoder returns an Encoder writing to w through a 256 KiB buffer. The
+// NewEncoder returns an Encoder writing to w: with writev if w is a socket
+// (vector mode, see the Encoder's doc), else through a 256 KiB buffer. The
 // caller owns w: the Encoder never closes it.
-func NewEncoder(w io.Writer) *Encoder {
-	return &Encoder{
-		bw:          bufio.NewWriterSize(w, encoderBufSize),
+//
+// In vector mode the Encoder writes to the socket itself, bypassing w's Write
+// method: a wrapper whose Write does more than pass the bytes on (encryption,
+// accounting, pacing) must not return the socket from Unwrap() any.
+// transport's Conns only pass them on.
+func NewEncoder(w io.Writer) *Encoder { return newEncoder(w, true) }
+
+// newEncoder is NewEncoder; vector false forces copy mode (main's path, for
+// tests and benchmarks).
+func newEncoder(w io.Writer, vector bool) *Encoder {
+	e := &Encoder{
 		pageSize:    DefaultPageSize,
 		seenDevices: make(map[devKey]bool),
 	}
+	if s := socketOf(w); s != nil && vector {
+		e.sock = s
+		e.arena = make([]byte, 0, encoderBufSize)
+		e.vec = make(net.Buffers, 0, vecMax)
+	} else {
+		e.bw = bufio.NewWriterSize(w, encoderBufSize)
+	}
+	return e
 }
+
+// socketOf returns the stream socket behind v that writev and readv can use:
+// v itself, or what its Unwrap() any method returns, if that is a
+// *net.TCPConn or a *net.UnixConn; else nil. (net.Buffers.WriteTo uses
+// writev for exactly these; for other writers it would make one Write call
+// per segment.)
+func socketOf(v any) net.Conn {
+	if u, ok := v.(interface{ Unwrap() any }); ok {
+		v = u.Unwrap()
+	}
+	switch c := v.(type) {
+	case *net.TCPConn:
+		return c
+	case *net.UnixConn:
+		return c
+	}
+	return nil
+}
+
+// ZeroCopy reports whether the Encoder is in vector mode: it writes to a
+// socket with writev and PutPageRef queues pages by reference. If false,
+// PutPageRef copies pages exactly as PutPage does.
+func (e *Encoder) ZeroCopy() bool { return e.sock != nil }
 
 // Stats returns the counters so far. It is safe to call from any goroutine.
 func (e *Encoder) Stats() EncoderStats {
@@ -98,9 +167,15 @@ func (e *Encoder) Stats() EncoderStats {
 // StartRAM, else the handshake's, else DefaultPageSize.
 func (e *Encoder) PageSize() uint64 { return e.pageSize }
 
-// Flush writes any buffered data to the underlying writer.
+// Flush writes any buffered data to the underlying writer. When it returns,
+// the Encoder holds no reference to a page given to PutPageRef (also when it
+// fails).
 func (e *Encoder) Flush() error {
 	if e.err != nil {
+		return e.err
+	}
+	if e.sock != nil {
+		e.flushVec()
 		return e.err
 	}
 	if err := e.bw.Flush(); err != nil {
@@ -109,15 +184,72 @@ func (e *Encoder) Flush() error {
 	return e.err
 }
 
+// write appends bytes the caller may reuse as soon as write returns.
 func (e *Encoder) write(p []byte) {
 	if e.err != nil {
 		return
 	}
-	n, err := e.bw.Write(p)
-	e.bytes.Add(uint64(n))
-	if err != nil {
-		e.err = fmt.Errorf("stream: write: %w", err)
+	if e.sock == nil {
+		n, err := e.bw.Write(p)
+		e.bytes.Add(uint64(n))
+		if err != nil {
+			e.err = fmt.Errorf("stream: write: %w", err)
+		}
+		return
 	}
+	e.bytes.Add(uint64(len(p)))
+	if len(p) > cap(e.arena)-len(e.arena) {
+		// No room: send p from the caller's memory with the queue, now,
+		// before write returns.
+		e.seal()
+		e.vec = append(e.vec, p)
+		e.flushVec()
+		return
+	}
+	e.arena = append(e.arena, p...)
+	e.queued += len(p)
+	if e.queued >= encoderBufSize {
+		e.flushVec()
+	}
+}
+
+// ref queues page by reference (vector mode only).
+func (e *Encoder) ref(page []byte) {
+	if e.err != nil {
+		return
+	}
+	e.bytes.Add(uint64(len(page)))
+	e.seal()
+	e.vec = append(e.vec, page)
+	e.queued += len(page)
+	if e.queued >= encoderBufSize || len(e.vec) >= vecMax-1 {
+		e.flushVec()
+	}
+}
+
+// seal closes the arena's open segment and queues it.
+func (e *Encoder) seal() {
+	if n := len(e.arena); n > e.open {
+		e.vec = append(e.vec, e.arena[e.open:n:n])
+		e.open = n
+	}
+}
+
+// flushVec writes the queue with writev, then drops it (and with it every
+// reference to the caller's pages), whether or not the write succeeded.
+func (e *Encoder) flushVec() {
+	e.seal()
+	if len(e.vec) > 0 && e.err == nil {
+		e.wv = e.vec // WriteTo consumes e.wv; e.vec keeps the length to clear
+		if _, err := e.wv.WriteTo(e.sock); err != nil {
+			e.err = fmt.Errorf("stream: write: %w", err)
+		}
+		e.wv = nil
+	}
+	clear(e.vec)
+	e.vec = e.vec[:0]
+	e.arena = e.arena[:0]
+	e.open, e.queued = 0, 0
 }
 
 func (e *Encoder) writeByte(c byte) {
@@ -491,18 +623,54 @@ func (e *Encoder) putRecordHeader(b *encBlock, word uint64) {
 }
 
 // PutPage appends a PAGE record for the page at offset in block; page must be
-// exactly PageSize bytes. It copies page into the Encoder's buffer and does
-// not allocate.
+// exactly PageSize bytes. It copies page into the Encoder's buffer (the caller
+// may reuse page at once) and does not allocate.
 func (e *Encoder) PutPage(block string, offset uint64, page []byte) error {
+	return e.putPage("PutPage", block, offset, page, false)
+}
+
+// PutPageRef appends a PAGE record like PutPage, without copying page when
+// the Encoder is in vector mode (ZeroCopy): it queues a reference to page and
+// the kernel reads the page's bytes when the Encoder writes its queue with
+// writev, from page straight into the socket. In copy mode it is PutPage.
+//
+// The rule for the caller: page must stay mapped until the Encoder has
+// written it out, which happens at the latest when the next Flush or Close
+// returns (earlier when the queue fills; an error drops the queue), and its
+// bytes are read then. What goes on the wire is what page holds at that moment, not at
+// the call. So either leave page unchanged until then, or, for guest RAM the
+// guest keeps writing, make sure every change made after the call is sent
+// again later: the guest package's dirty-log rule (a writer sets the dirty
+// bit after it wrote the page) guarantees it for a sender that, as the
+// engine's, clears a page's bit before queueing the page and syncs the log
+// after the pass. A
+// change made after the call sets the page's bit after the change ends, so
+// a later sync reports it and a later pass queues the page again, after that
+// sync, to be read after the change; the stream's later record wins at the
+// destination, and the last sync, after the guest stopped, leaves nothing
+// unsent. Reading later than PutPage never breaks this, it only sends newer
+// (possibly torn) bytes that are sent again anyway. Unmapping page while it
+// is queued and then calling Flush or Close reads unmapped memory (SIGSEGV).
+// Whether it is cheaper than PutPage depends on the host and the memory's
+// backing: see Copies in the package documentation.
+func (e *Encoder) PutPageRef(block string, offset uint64, page []byte) error {
+	return e.putPage("PutPageRef", block, offset, page, true)
+}
+
+func (e *Encoder) putPage(what, block string, offset uint64, page []byte, ref bool) error {
 	if uint64(len(page)) != e.pageSize && e.err == nil {
-		return invalidf("PutPage: page is %d bytes, want the page size %d", len(page), e.pageSize)
+		return invalidf("%s: page is %d bytes, want the page size %d", what, len(page), e.pageSize)
 	}
-	b, err := e.checkPage("PutPage", block, offset)
+	b, err := e.checkPage(what, block, offset)
 	if err != nil {
 		return err
 	}
 	e.putRecordHeader(b, offset|FlagPage)
-	e.write(page)
+	if ref && e.sock != nil {
+		e.ref(page)
+	} else {
+		e.write(page)
+	}
 	e.pages.Add(1)
 	return e.err
 }

@@ -49,7 +49,11 @@ func fuzzSeeds(tb testing.TB) [][]byte {
 // panic, progress on every record, every error classified, memory bounded by
 // the limits.
 func decodeFuzz(t *testing.T, data []byte, lim Limits, readPages bool) {
-	d := NewDecoder(bytes.NewReader(data), lim)
+	decodeFuzzWith(t, NewDecoder(bytes.NewReader(data), lim), data, lim, readPages)
+}
+
+// decodeFuzzWith is decodeFuzz on a Decoder reading data.
+func decodeFuzzWith(t *testing.T, d *Decoder, data []byte, lim Limits, readPages bool) {
 	page := make([]byte, testPS)
 	last := int64(-1)
 	for i := 0; ; i++ {
@@ -107,11 +111,29 @@ func FuzzDecoder(f *testing.F) {
 	})
 }
 
+// FuzzDecoderSplit is FuzzDecoder with the input arriving in reads of at most
+// chunk bytes into a read buffer of buf bytes, so that records and pages
+// straddle the buffer's end anywhere (ReadPage's direct reads).
+func FuzzDecoderSplit(f *testing.F) {
+	for i, s := range fuzzSeeds(f) {
+		f.Add(s, uint16(4095+i*1000), uint16(5000+i*777))
+	}
+	f.Fuzz(func(t *testing.T, data []byte, chunk, buf uint16) {
+		for _, tool := range []bool{false, true} {
+			r := &chunkReader{bytes.NewReader(data), 1 + int(chunk)}
+			d := NewDecoder(r, fuzzLimits(tool))
+			d.rb = newReader(r, 1+int(buf))
+			decodeFuzzWith(t, d, data, fuzzLimits(tool), !tool)
+		}
+	})
+}
+
 func FuzzReadRP(f *testing.F) {
 	var buf bytes.Buffer
 	for _, m := range []RPMessage{NewShut(1), NewPong(9), NewSwitchoverAck(), NewFailReason("no"),
 		{Type: RPReqPagesID, Data: append(make([]byte, 12), 1, 'a')}, {Type: RPReqPages, Data: make([]byte, 12)},
-		{Type: RPRecvBitmap, Data: []byte{1, 'a'}}, {Type: RPResumeAck, Data: []byte{0, 0, 0, 1}}} {
+		{Type: RPRecvBitmap, Data: []byte{1, 'a'}}, {Type: RPResumeAck, Data: []byte{0, 0, 0, 1}},
+		NewHello(ExtSwitchoverCommit), {Type: RPLoaded}, {Type: RPKeepalive}} {
 		must(f, WriteRP(&buf, m))
 		f.Add(bytes.Clone(buf.Bytes()[buf.Len()-4-len(m.Data):]))
 	}

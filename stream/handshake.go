@@ -23,6 +23,9 @@ const (
 	// rather than skipping a check the source asked for. Streams without a
 	// UUID keep version 1, so older destinations still read them.
 	HandshakeVersionUUID = 2
+	// MaxExtensions and MaxExtensionName bound Handshake.Extensions.
+	MaxExtensions    = 16
+	MaxExtensionName = 64
 	// HandshakeProtocol is the protocol version written in Handshake.Protocol.
 	HandshakeProtocol = 1
 
@@ -60,6 +63,11 @@ type Handshake struct {
 	// not sent. The destination compares it with its own whenever it
 	// arrives. Only a version 2 section (HandshakeVersionUUID) carries it.
 	UUID string `json:"uuid,omitempty"`
+	// Extensions lists the migctl protocol extensions the source speaks
+	// (ExtSwitchoverCommit). A destination that does not know one ignores
+	// it (the JSON field is new; older destinations skip it) and a
+	// destination answers with RPHello only those it speaks too.
+	Extensions []string `json:"extensions,omitempty"`
 }
 
 // sectionVersion is the section version h is written with.
@@ -196,6 +204,14 @@ func parseHandshake(data []byte, version uint32) (*Handshake, string) {
 	}
 	if h.Protocol < 1 {
 		return nil, fmt.Sprintf("handshake protocol %d is not a version", h.Protocol)
+	}
+	if len(h.Extensions) > MaxExtensions {
+		return nil, fmt.Sprintf("handshake lists %d extensions, at most %d allowed", len(h.Extensions), MaxExtensions)
+	}
+	for _, x := range h.Extensions {
+		if len(x) == 0 || len(x) > MaxExtensionName || strings.IndexFunc(x, func(r rune) bool { return r <= ' ' || r > '~' }) >= 0 {
+			return nil, fmt.Sprintf("handshake extension %.80q is not 1..%d printable ASCII characters without spaces", x, MaxExtensionName)
+		}
 	}
 	if h.Side != SideSource && h.Side != SideDestination {
 		return nil, fmt.Sprintf("handshake side %q is neither %q nor %q", h.Side, SideSource, SideDestination)

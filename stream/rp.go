@@ -87,7 +87,7 @@ func (m RPMessage) String() string {
 		if v, ok := m.Value(); ok {
 			return fmt.Sprintf("%v(%d)", m.Type, v)
 		}
-	case RPFailReason:
+	case RPFailReason, RPHello:
 		return fmt.Sprintf("%v(%q)", m.Type, m.Data)
 	}
 	return fmt.Sprintf("%v[%d bytes]", m.Type, len(m.Data))
@@ -112,6 +112,12 @@ func (t RPType) String() string {
 		return "SWITCHOVER_ACK"
 	case RPFailReason:
 		return "MIGCTL_FAIL_REASON"
+	case RPHello:
+		return "MIGCTL_HELLO"
+	case RPLoaded:
+		return "MIGCTL_LOADED"
+	case RPKeepalive:
+		return "MIGCTL_KEEPALIVE"
 	}
 	return fmt.Sprintf("RP(%#x)", uint16(t))
 }
@@ -133,6 +139,10 @@ func rpMaxLen(t RPType) int {
 		return 0
 	case RPFailReason:
 		return MaxFailReason
+	case RPHello:
+		return MaxHello
+	case RPLoaded, RPKeepalive:
+		return 0
 	}
 	return -1
 }
@@ -148,7 +158,7 @@ func checkRP(m RPMessage) string {
 		return fmt.Sprintf("%v message of %d bytes, at most %d allowed", m.Type, n, limit)
 	}
 	switch m.Type {
-	case RPShut, RPPong, RPResumeAck, RPReqPages, RPSwitchoverAck:
+	case RPShut, RPPong, RPResumeAck, RPReqPages, RPSwitchoverAck, RPLoaded, RPKeepalive:
 		if n != limit {
 			return fmt.Sprintf("%v message of %d bytes, want %d", m.Type, n, limit)
 		}
@@ -164,6 +174,8 @@ func checkRP(m RPMessage) string {
 		if !utf8.Valid(m.Data) {
 			return fmt.Sprintf("%v text is not valid UTF-8", m.Type)
 		}
+	case RPHello:
+		return checkHello(m.Data)
 	}
 	return ""
 }

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -25,7 +26,14 @@ import (
 //
 // which returns the underlying *net.TCPConn, *net.UnixConn or *os.File. For an
 // exec: channel that is the pipe to or from the command; reading or writing
-// it directly bypasses the command's exit status check.
+// it directly bypasses the command's exit status check. For a file:PATH
+// channel it is the temporary file the save is written to (see Committer).
+//
+// Close releases everything and never waits for a peer. On the outgoing
+// side of a one-way transport (file:, exec:, fd: on a pipe or file) it
+// aborts the stream unless Commit (see Committer) succeeded first: a file:
+// save's temporary file is removed and PATH left untouched, an exec:
+// command's process group is killed at once.
 type Conn interface {
 	io.Reader
 	io.Writer
@@ -151,6 +159,8 @@ type fileConn struct {
 	canWrite bool
 	socket   bool // a socket: CloseWrite shuts it down, it has a return path
 	regular  bool // a regular file: deadlines are meaningless
+
+	committed atomic.Bool // Commit closed f successfully: Close does nothing
 }
 
 func (c *fileConn) Read(b []byte) (int, error) {
@@ -183,10 +193,18 @@ func (c *fileConn) WriteTo(w io.Writer) (int64, error) {
 
 func (c *fileConn) rawReader() (io.Reader, bool) { return c.f, c.canRead }
 func (c *fileConn) rawWriter() (io.Writer, bool) { return c.f, c.canWrite }
-func (c *fileConn) Close() error                 { return c.f.Close() }
 func (c *fileConn) ReturnPath() bool             { return c.socket }
 func (c *fileConn) Addr() Addr                   { return c.addr }
 func (c *fileConn) Unwrap() any                  { return c.f }
+
+// Close closes the channel. A stream written in place is left as far as it
+// got; after a successful Commit, Close does nothing.
+func (c *fileConn) Close() error {
+	if c.committed.Load() {
+		return nil
+	}
+	return c.f.Close()
+}
 
 func (c *fileConn) CloseWrite() error {
 	if !c.socket {

@@ -8,7 +8,6 @@ import (
 	"os"
 	"strconv"
 	"syscall"
-	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -46,21 +45,6 @@ type Config struct {
 	// Set a size for tcp: when a long fat network needs more than
 	// autotuning reaches (net.ipv4.tcp_wmem's maximum).
 	SocketBuffer int
-
-	// ExecGrace is how long closing an exec: channel waits for the command
-	// to exit after its stdin (outgoing) or stdout (incoming) was closed,
-	// before killing its process group. Zero means 30 seconds.
-	ExecGrace time.Duration
-}
-
-// defaultExecGrace is ExecGrace's zero value meaning.
-const defaultExecGrace = 30 * time.Second
-
-func (c *Config) execGrace() time.Duration {
-	if c.ExecGrace > 0 {
-		return c.ExecGrace
-	}
-	return defaultExecGrace
 }
 
 // defaultUnixBuffer is SocketBuffer's zero value for unix: sockets.
@@ -121,10 +105,17 @@ func Dial(ctx context.Context, a Addr) (Conn, error) {
 //	             net.Dialer, and a Conn once returned is unaffected by ctx
 //	fd:          take over the descriptor: a connected socket, a pipe, or a
 //	             file open for writing (a listening socket is refused)
-//	file:        create the file (mode 0600), truncate it and write from the
-//	             start; with an offset, keep the bytes before the offset,
-//	             drop those after it and write from the offset
-//	exec:        start the command; the Conn writes to its stdin
+//	file:        without an offset, write to a new temporary file in the
+//	             directory of PATH (mode 0600, or the permissions of the
+//	             file PATH names), which Commit renames over PATH and Close
+//	             removes: PATH is untouched until the save is complete and
+//	             durable. PATH naming a device (/dev/null) is written in
+//	             place. With an offset, write in place: keep the bytes
+//	             before the offset, drop those after it and write from the
+//	             offset (not atomic). See Committer
+//	exec:        start the command in its own process group; the Conn
+//	             writes to its stdin. Commit waits for it to exit 0; Close
+//	             kills the group at once
 //	rdma:, vsock: an error wrapping ErrUnsupported
 //
 // For schemes other than tcp: and unix:, ctx is checked once before opening.
@@ -132,7 +123,8 @@ func Dial(ctx context.Context, a Addr) (Conn, error) {
 // duplicate and N is closed); on error N stays open and the caller's.
 //
 // Errors are *OpError values naming the address, except for a failing exec:
-// command, whose failure shows up as a *CommandError from Write or Close.
+// command, whose failure shows up as a *CommandError from Write, Commit or
+// Close.
 func (c *Config) Dial(ctx context.Context, a Addr) (Conn, error) {
 	conn, err := c.dial(ctx, a)
 	if err != nil {
@@ -166,7 +158,7 @@ func (c *Config) dial(ctx context.Context, a Addr) (Conn, error) {
 	case SchemeFile:
 		return dialFile(a)
 	case SchemeExec:
-		return dialExec(a, c.execGrace())
+		return dialExec(a)
 	case SchemeRDMA, SchemeVsock:
 		if sc := registered(a.Scheme); sc != nil {
 			return sc.Dial(ctx, a, c)
@@ -194,10 +186,20 @@ func refuseFIFO(path string) error {
 	return fmt.Errorf("%s is a named pipe; file: needs a file it can open without waiting and seek in (use exec:cat > %s or fd: for pipes)", path, path)
 }
 
-// dialFile opens a.Path for the outgoing stream.
+// dialFile opens a.Path for the outgoing stream: through a temporary file
+// (see createSave) without an offset, in place otherwise.
 func dialFile(a Addr) (Conn, error) {
 	if err := refuseFIFO(a.Path); err != nil {
 		return nil, err
+	}
+	if a.Offset == 0 {
+		target, old, atomic, err := saveTarget(a.Path)
+		if err != nil {
+			return nil, err
+		}
+		if atomic {
+			return createSave(a, target, old)
+		}
 	}
 	flags := os.O_WRONLY | os.O_CREATE
 	if a.Offset == 0 {

@@ -2,6 +2,7 @@ package transport
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -10,6 +11,7 @@ import (
 	"os/exec"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -23,6 +25,13 @@ const (
 // waitDelay bounds how long Wait keeps copying the command's output after it
 // exited, for a background child that inherited the pipe.
 const waitDelay = time.Second
+
+// stdinClosedGrace is how long an outgoing command that closed its stdin
+// before the stream ended may run on before it is killed: long enough for a
+// command that failed (and closed its stdin by exiting) to be reaped with
+// its exit status and output, short enough that a command that closed its
+// stdin and kept running cannot hold a migration.
+const stdinClosedGrace = time.Second
 
 // tailBuffer keeps the last tailBytes bytes written to it. exec's copying
 // goroutine writes; CommandError construction reads. mu guards buf.
@@ -139,17 +148,9 @@ func (p *process) kill(why string) {
 	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
 }
 
-// finish waits for the command to exit, killing it if it has not exited
-// within grace (grace <= 0 kills at once), and returns its error.
-func (p *process) finish(grace time.Duration, why string) error {
-	if grace > 0 {
-		t := time.NewTimer(grace)
-		select {
-		case <-p.done:
-		case <-t.C:
-		}
-		t.Stop()
-	}
+// stop kills the command's process group at once unless it already exited,
+// waits for it to be reaped, and returns its error.
+func (p *process) stop(why string) error {
 	p.kill(why)
 	<-p.done
 	return p.result()
@@ -177,24 +178,24 @@ func (p *process) result() error {
 
 // execConn is an exec: channel: the pipe to the command's stdin (outgoing)
 // or from its stdout (incoming), and the command itself, which the execConn
-// owns. closing is closed by Close so that a Read or Write waiting for the
-// command's exit status gives up.
+// owns. closing is closed by Close so that a Read, Write or Commit waiting
+// for the command's exit status gives up.
 type execConn struct {
 	f        *os.File
 	p        *process
 	addr     Addr
 	outgoing bool
-	grace    time.Duration
 
 	closing   chan struct{}
 	closeOnce sync.Once
 	closeErr  error
 	cwOnce    sync.Once
 	cwErr     error
+	committed atomic.Bool // Commit saw the command exit 0: Close does nothing
 }
 
 // dialExec starts the command with its stdin connected to the returned Conn.
-func dialExec(a Addr, grace time.Duration) (*execConn, error) {
+func dialExec(a Addr) (*execConn, error) {
 	pr, pw, err := os.Pipe()
 	if err != nil {
 		return nil, err
@@ -205,12 +206,12 @@ func dialExec(a Addr, grace time.Duration) (*execConn, error) {
 		pw.Close()
 		return nil, err
 	}
-	return &execConn{f: pw, p: p, addr: a, outgoing: true, grace: grace, closing: make(chan struct{})}, nil
+	return &execConn{f: pw, p: p, addr: a, outgoing: true, closing: make(chan struct{})}, nil
 }
 
 // listenExec starts the command with its stdout connected to the returned
 // Conn.
-func listenExec(a Addr, grace time.Duration) (*execConn, error) {
+func listenExec(a Addr) (*execConn, error) {
 	pr, pw, err := os.Pipe()
 	if err != nil {
 		return nil, err
@@ -221,18 +222,28 @@ func listenExec(a Addr, grace time.Duration) (*execConn, error) {
 		pr.Close()
 		return nil, err
 	}
-	return &execConn{f: pr, p: p, addr: a, grace: grace, closing: make(chan struct{})}, nil
+	return &execConn{f: pr, p: p, addr: a, closing: make(chan struct{})}, nil
 }
 
 // awaitExit waits for the command to exit after its pipe reported EOF or a
 // broken pipe, and returns the error the caller should see: the command's
 // failure, fallback if it succeeded, or net.ErrClosed if the Conn was closed
-// meanwhile.
-func (c *execConn) awaitExit(fallback error) error {
+// meanwhile. With grace > 0, a command still running after grace is killed
+// (its error then says why: killed).
+func (c *execConn) awaitExit(grace time.Duration, killed string, fallback error) error {
+	var expired <-chan time.Time
+	if grace > 0 {
+		t := time.NewTimer(grace)
+		defer t.Stop()
+		expired = t.C
+	}
 	select {
 	case <-c.p.done:
 	case <-c.closing:
 		return fmt.Errorf("%s: %w", c.addr, net.ErrClosed)
+	case <-expired:
+		c.p.kill(killed)
+		<-c.p.done
 	}
 	if err := c.p.result(); err != nil {
 		return err
@@ -250,13 +261,15 @@ func (c *execConn) Read(b []byte) (int, error) {
 	}
 	n, err := c.f.Read(b)
 	if err == io.EOF {
-		return n, c.awaitExit(io.EOF)
+		return n, c.awaitExit(0, "", io.EOF)
 	}
 	return n, err
 }
 
-// Write writes to the command's stdin. If the command stopped reading
-// (EPIPE), Write waits for it to exit and returns its *CommandError.
+// Write writes to the command's stdin. If the command closed its stdin
+// (EPIPE), Write waits for it to exit and returns its *CommandError; a
+// command still running a second later is killed, so that it cannot hold the
+// migration.
 func (c *execConn) Write(b []byte) (int, error) {
 	if !c.outgoing {
 		return 0, fmt.Errorf("write %s: the channel is read-only", c.addr)
@@ -277,7 +290,9 @@ func (c *execConn) ReadFrom(r io.Reader) (int64, error) {
 
 func (c *execConn) writeErr(err error) error {
 	if err != nil && errors.Is(err, syscall.EPIPE) {
-		return c.awaitExit(fmt.Errorf("%s: the command closed its standard input before the stream ended: %w", c.addr, err))
+		return c.awaitExit(stdinClosedGrace,
+			fmt.Sprintf("killed: it closed its standard input before the stream ended and was still running %v later", stdinClosedGrace),
+			fmt.Errorf("%s: the command closed its standard input before the stream ended: %w", c.addr, err))
 	}
 	return err
 }
@@ -298,9 +313,43 @@ func (c *execConn) CloseWrite() error {
 	return c.cwErr
 }
 
-// Close closes the pipe and waits for the command to exit, killing its
-// process group if it has not exited within Config.ExecGrace. It returns the
-// command's *CommandError if it failed.
+// Commit closes the command's stdin and waits for it to exit: exit status 0
+// is the commit point of an exec: migration. A command still running when
+// ctx ends is killed, and the error says so. See Committer.
+func (c *execConn) Commit(ctx context.Context) error {
+	if !c.outgoing {
+		return &CommitError{Addr: c.addr, Op: "commit", Err: errors.New("an incoming exec: channel has nothing to commit; close it")}
+	}
+	if ctx.Err() != nil {
+		return &CommitError{Addr: c.addr, Op: "commit", Err: context.Cause(ctx)}
+	}
+	if err := ignoreClosed(c.CloseWrite()); err != nil {
+		return &CommitError{Addr: c.addr, Op: "close the command's stdin", Err: err}
+	}
+	start := time.Now()
+	select {
+	case <-c.p.done:
+	case <-c.closing:
+		return &CommitError{Addr: c.addr, Op: "wait for the command", Err: fmt.Errorf("the channel was closed (the migration was aborted): %w", net.ErrClosed)}
+	case <-ctx.Done():
+		cause := context.Cause(ctx)
+		err := c.p.stop(fmt.Sprintf("killed: still running %v after its stdin was closed", time.Since(start).Round(time.Millisecond)))
+		if err == nil { // it exited 0 just before the kill
+			break
+		}
+		return &CommitError{Addr: c.addr, Op: "wait for the command", Err: fmt.Errorf("%w; the wait for its exit ended: %w", err, cause)}
+	}
+	if err := c.p.result(); err != nil {
+		return &CommitError{Addr: c.addr, Op: "wait for the command", Err: err}
+	}
+	c.committed.Store(true)
+	return nil
+}
+
+// Close closes the pipe and kills the command's process group at once,
+// unless it already exited; on the outgoing side after a successful Commit
+// it does nothing. It returns the command's *CommandError if the command
+// failed or was killed.
 func (c *execConn) Close() error {
 	c.closeOnce.Do(func() {
 		close(c.closing)
@@ -310,7 +359,10 @@ func (c *execConn) Close() error {
 		} else {
 			ferr = c.f.Close()
 		}
-		err := c.p.finish(c.grace, fmt.Sprintf("killed: still running %v after its %s was closed", c.grace, c.pipeName()))
+		err := c.p.stop(fmt.Sprintf("killed: its %s was closed before it exited", c.pipeName()))
+		if c.committed.Load() {
+			return
+		}
 		c.closeErr = errors.Join(err, ignoreClosed(ferr))
 	})
 	return c.closeErr
@@ -322,7 +374,7 @@ func (c *execConn) abort() {
 	c.closeOnce.Do(func() {
 		close(c.closing)
 		c.f.Close()
-		c.p.finish(0, "killed: listener closed before the channel was accepted")
+		c.p.stop("killed: listener closed before the channel was accepted")
 	})
 }
 

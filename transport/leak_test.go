@@ -106,8 +106,20 @@ func everyPath(t *testing.T, dir string) {
 	unix.Close(p[0])
 	unix.Close(p[1])
 
-	// file: write, read, listener closed unaccepted, missing file.
+	// file: a save committed, a save aborted, in place at an offset;
+	// read, listener closed unaccepted, missing file.
 	f := filepath.Join(dir, "f")
+	c, err = Dial(ctx, mustParse(t, "file:"+f))
+	check(err)
+	_, err = c.Write([]byte("data"))
+	check(err)
+	check(c.(Committer).Commit(ctx))
+	check(c.Close())
+	c, err = Dial(ctx, mustParse(t, "file:"+f))
+	check(err)
+	_, err = c.Write([]byte("aborted"))
+	check(err)
+	check(c.Close())
 	c, err = Dial(ctx, mustParse(t, "file:"+f+",offset=8"))
 	check(err)
 	_, err = c.Write([]byte("data"))
@@ -134,6 +146,7 @@ func everyPath(t *testing.T, dir string) {
 	check(err)
 	_, err = c.Write([]byte("x"))
 	check(err)
+	check(c.(Committer).Commit(ctx))
 	check(c.Close())
 	l, err = Listen(ctx, mustParse(t, "exec:cat "+f))
 	check(err)

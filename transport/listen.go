@@ -109,7 +109,7 @@ func (c *Config) listen(ctx context.Context, a Addr) (Listener, error) {
 		}
 		return &fileListener{addr: a, first: f}, nil
 	case SchemeExec:
-		ec, err := listenExec(a, c.execGrace())
+		ec, err := listenExec(a)
 		if err != nil {
 			return nil, err
 		}

@@ -436,6 +436,9 @@ func TestFile(t *testing.T) {
 	if err := w.CloseWrite(); err != nil {
 		t.Fatal(err)
 	}
+	if err := w.(Committer).Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
 	if err := w.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -548,8 +551,11 @@ func TestExec(t *testing.T) {
 	if _, err := w.Write(data); err != nil {
 		t.Fatal(err)
 	}
+	if err := w.(Committer).Commit(ctx); err != nil {
+		t.Fatalf("Commit: %v", err)
+	}
 	if err := w.Close(); err != nil {
-		t.Fatalf("Close: %v", err)
+		t.Fatalf("Close after Commit: %v", err)
 	}
 	if got, _ := os.ReadFile(path); !bytes.Equal(got, data) {
 		t.Fatalf("command wrote %d bytes, want %d", len(got), len(data))
@@ -587,10 +593,11 @@ func TestExecOutgoingFailure(t *testing.T) {
 	// The command never reads: writes fail once it is gone (EPIPE) or land
 	// in the pipe buffer. Either way the failure must surface.
 	_, werr := w.Write(payload(256 << 10))
-	cerr := w.Close()
+	cerr := w.(Committer).Commit(context.Background())
+	w.Close()
 	var ce *CommandError
-	if !errors.As(cerr, &ce) {
-		t.Fatalf("Close: %v (write: %v), want a *CommandError", cerr, werr)
+	if !errors.As(cerr, &ce) || !errors.Is(cerr, ErrNotDurable) {
+		t.Fatalf("Commit: %v (write: %v), want a *CommandError and ErrNotDurable", cerr, werr)
 	}
 	if ce.ExitCode != 3 {
 		t.Errorf("ExitCode = %d, want 3", ce.ExitCode)
@@ -639,38 +646,6 @@ func TestExecNotFound(t *testing.T) {
 	}
 }
 
-func TestExecKilledAfterGrace(t *testing.T) {
-	cfg := Config{ExecGrace: 50 * time.Millisecond}
-	// sleep ignores its stdin, so closing it does not end the command.
-	w, err := cfg.Dial(context.Background(), mustParse(t, "exec:sleep 60"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	start := time.Now()
-	err = w.Close()
-	var ce *CommandError
-	if !errors.As(err, &ce) || ce.ExitCode != -1 || !strings.Contains(ce.Error(), "signal: killed (killed: still running 50ms after its stdin was closed)") {
-		t.Fatalf("Close: %v", err)
-	}
-	if d := time.Since(start); d > promptly {
-		t.Fatalf("Close took %v", d)
-	}
-
-	// A listener closed before its command's channel was accepted kills it.
-	l, err := cfg.Listen(context.Background(), mustParse(t, "exec:sleep 60"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	start = time.Now()
-	l.Close()
-	if d := time.Since(start); d > promptly {
-		t.Fatalf("listener Close took %v", d)
-	}
-	if _, err := l.Accept(context.Background()); !errors.Is(err, net.ErrClosed) {
-		t.Fatalf("Accept after Close: %v", err)
-	}
-}
-
 func TestExecDeadline(t *testing.T) {
 	ctx := context.Background()
 	l, err := Listen(ctx, mustParse(t, "exec:sleep 60"))
@@ -688,7 +663,6 @@ func TestExecDeadline(t *testing.T) {
 	if _, err := r.Read(make([]byte, 1)); !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("Read: %v, want os.ErrDeadlineExceeded", err)
 	}
-	r.(*execConn).grace = time.Millisecond // keep the test short
 	r.Close()
 }
 
@@ -929,7 +903,7 @@ func TestZeroCopy(t *testing.T) {
 			return
 		}
 		_, err = io.Copy(fw, dst) // tcp -> file
-		recv <- errors.Join(err, fw.Close())
+		recv <- errors.Join(err, fw.(Committer).Commit(ctx), fw.Close())
 	}()
 	fl, err := Listen(ctx, mustParse(t, "file:"+in))
 	if err != nil {

@@ -129,7 +129,9 @@ func (v *VMM) Incoming(ctx context.Context, uri string, channels []string, exitO
 		<-in.Done()
 		r, _ := in.Wait(context.Background())
 		v.log.Info("incoming migration ended", "uri", uri, "state", r.State, "err", r.Err)
-		if r.Err != nil && !errors.Is(r.Err, loaders.ErrCancelled) && exitOnError && v.opts.Exit != nil {
+		// A cancelled migration does not end the process, nor one whose
+		// outcome is unknown: the loaded guest waits for the operator.
+		if r.Err != nil && !errors.Is(r.Err, loaders.ErrCancelled) && !errors.Is(r.Err, loaders.ErrOutcomeUnknown) && exitOnError && v.opts.Exit != nil {
 			v.exitOnce.Do(func() { v.opts.Exit(fmt.Errorf("incoming migration failed: %w", r.Err)) })
 		}
 	}()
@@ -219,6 +221,45 @@ func (v *VMM) VerifyGuest(ctx context.Context) error {
 		return err
 	}
 	return vg.Verify()
+}
+
+// Resolve is x-migctl-resolve-switchover: side is spec.Outgoing (peerGone:
+// the destination will never run the guest) or spec.Incoming (peerGone:
+// the source will never run it). The side must be in its unknown-outcome
+// state; otherwise the controller's refusal is returned.
+func (v *VMM) Resolve(ctx context.Context, side string, peerGone bool) error {
+	st, err := v.c.Status(side, 0)
+	if err != nil {
+		return err
+	}
+	if sd := v.c.Spec().Side(side); sd == nil || sd.State(string(st.State)) == nil || sd.State(string(st.State)).Outcome != spec.OutcomeUnknown {
+		return fmt.Errorf("there is no switchover to resolve: the %s migration is %s, and only one whose outcome is unknown (x-migctl-unknown-outcome) can be resolved", side, st.QMPStatus)
+	}
+	v.mu.Lock()
+	m, in := v.out, v.in
+	v.mu.Unlock()
+	switch {
+	case side == spec.Outgoing && m != nil:
+		return m.Resolve(ctx, peerGone)
+	case side == spec.Incoming && in != nil:
+		return in.Resolve(ctx, peerGone)
+	}
+	return fmt.Errorf("there is no switchover to resolve: no %s migration ran in this process", side)
+}
+
+// Yank aborts the channels of the migrations running on either side (QMP
+// yank of the migration instance).
+func (v *VMM) Yank(context.Context) error {
+	v.mu.Lock()
+	m, in := v.out, v.in
+	v.mu.Unlock()
+	if m != nil {
+		m.Yank()
+	}
+	if in != nil {
+		in.Yank()
+	}
+	return nil
 }
 
 // Close cancels any migration still running (a source guest keeps

@@ -154,6 +154,13 @@ func newExplain() *cobra.Command {
 					return fmt.Errorf("--transport %s: the spec declares no transport %q", uri, ad.Scheme)
 				}
 				a.Endpoint = &guards.Endpoint{Transport: ad.Scheme, URI: ad.String()}
+				// The probe migrate and migrate-incoming use: an fd: is
+				// judged by what its descriptor is (in this process).
+				if props, ok, err := transport.Probe(ad); err != nil {
+					fmt.Fprintf(cmd.ErrOrStderr(), "migctl explain: %s: %v; judging it by the spec's declaration of %s\n", ad, err, ad.Scheme)
+				} else if ok {
+					a.Endpoint.Props = props.Map()
+				}
 			}
 			verdicts, err := c.Judge(side, tr, a, cfg)
 			out := cmd.OutOrStdout()
@@ -182,7 +189,7 @@ func newExplain() *cobra.Command {
 	cmd.Flags().StringVar(&side, "side", spec.Outgoing, "`SIDE` to judge: incoming or outgoing")
 	cmd.Flags().StringVar(&trigger, "trigger", "", "`TRIGGER` to judge (default: migrate for outgoing, incoming for incoming; also set-capabilities, set-parameters)")
 	cmd.Flags().BoolVar(&all, "all", false, "also list the rules that do not apply")
-	cmd.Flags().StringVar(&runState, "run-state", "", "the guest's run state to judge in (default: running for outgoing, inmigrate for incoming; also paused, postmigrate, inmigrate-paused, finish-migrate)")
+	cmd.Flags().StringVar(&runState, "run-state", "", "the guest's run `STATE` to judge in (default: running for outgoing, inmigrate for incoming; also paused, postmigrate, inmigrate-paused, finish-migrate)")
 	return cmd
 }
 

@@ -118,10 +118,10 @@ func TestValidateAndExplain(t *testing.T) {
 		t.Fatalf("explain mapped-ram over rdma: exit %d\n%s", code, out)
 	}
 	// The machine's own judgement: mapped-ram over file passes QEMU's rules
-	// but migctl's data plane does not implement it yet, so a real migrate
-	// is refused, and so is explain.
+	// and migctl's data plane implements it (issue 8), so a real migrate is
+	// allowed, and so is explain.
 	out, _, code = run(t, "explain", "--transport", "file:/tmp/x", "--cap", "mapped-ram")
-	if code != 1 || !strings.Contains(out, "REFUSED  migctl/not-implemented") {
+	if code != 0 || !strings.Contains(out, "allowed") || !strings.Contains(out, "mapped-ram=on  honoured") {
 		t.Fatalf("explain mapped-ram over file: exit %d\n%s", code, out)
 	}
 	out, _, code = run(t, "explain", "--transport", "tcp:127.0.0.1:4444", "--cap", "pause-before-switchover")
@@ -207,12 +207,12 @@ func TestDestinationKilledMidStream(t *testing.T) {
 // A capability migctl's data plane does not implement is refused with a
 // reason before anything moves, not silently ignored.
 func TestDemoUnimplementedCapability(t *testing.T) {
-	out, _, code := run(t, "demo", "--size", "16M", "--cap", "multifd=on", "--json")
+	out, _, code := run(t, "demo", "--size", "16M", "--cap", "xbzrle=on", "--json")
 	var r demoResult
 	if err := json.Unmarshal([]byte(out), &r); err != nil {
 		t.Fatalf("demo --json printed %q: %v", out, err)
 	}
-	if code == 0 || r.Verified || !strings.Contains(r.Error, "multifd") || !strings.Contains(r.Error, "does not implement") {
+	if code == 0 || r.Verified || !strings.Contains(r.Error, "xbzrle") || !strings.Contains(r.Error, "does not implement") {
 		t.Fatalf("exit %d, result %+v", code, r)
 	}
 }

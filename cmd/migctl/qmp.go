@@ -120,8 +120,8 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest bool
 	// fd: addresses are resolved from the server's descriptor table only.
 	tc := &transport.Config{Descriptors: fds}
 	h := vmm.New(c, g, vmm.Options{
-		Engine: engine.Options{Dial: tc.Dial, Logger: log},
-		Loader: loaders.Options{Listen: tc.Listen, Logger: log},
+		Engine: engine.Options{Dial: tc.Dial, Probe: tc.Probe, Logger: log},
+		Loader: loaders.Options{Listen: tc.Listen, Probe: tc.Probe, Logger: log},
 		Exit: func(err error) {
 			select {
 			case exitCh <- err:

@@ -34,12 +34,12 @@ type serveFlags struct {
 
 func (f *serveFlags) add(cmd *cobra.Command) {
 	fl := cmd.Flags()
-	fl.IntVar(&f.maxClients, "qmp-max-clients", qmp.DefaultMaxClients, "QMP clients connected at once; one more is told so and disconnected")
-	fl.IntVar(&f.maxPending, "qmp-max-pending", qmp.DefaultMaxPending, "QMP clients connected but not yet through qmp_capabilities; one more drops the one that waited longest")
-	fl.DurationVar(&f.negotiation, "qmp-negotiation-timeout", qmp.DefaultNegotiationTimeout, "time a QMP client has from connecting to a successful qmp_capabilities (and its TLS handshake)")
-	fl.StringVar(&f.migrationDir, "migration-dir", "", "directory under which clients of an unauthenticated TCP QMP socket may use unix: and file: migration addresses (writable by this user only)")
-	fl.StringVar(&f.tlsCreds, "qmp-tls-creds", "", "tls-creds-x509 directory (ca-cert.pem, server-cert.pem, server-key.pem) making clients of the tcp: QMP sockets authenticate with a certificate signed by ca-cert.pem")
-	fl.StringArrayVar(&f.tlsAllow, "qmp-tls-allow", nil, "with --qmp-tls-creds, accept only client certificates whose distinguished name matches this glob (QEMU's DN form, e.g. 'C=GB,O=Example,CN=*'; repeatable)")
+	fl.IntVar(&f.maxClients, "qmp-max-clients", qmp.DefaultMaxClients, "`N` QMP clients connected at once; one more is told so and disconnected")
+	fl.IntVar(&f.maxPending, "qmp-max-pending", qmp.DefaultMaxPending, "`N` QMP clients connected but not yet through qmp_capabilities; one more drops the one that waited longest")
+	fl.DurationVar(&f.negotiation, "qmp-negotiation-timeout", qmp.DefaultNegotiationTimeout, "`DURATION` a QMP client has from connecting to a successful qmp_capabilities (and its TLS handshake)")
+	fl.StringVar(&f.migrationDir, "migration-dir", "", "`DIR` under which clients of an unauthenticated TCP QMP socket may use unix: and file: migration addresses (writable by this user only)")
+	fl.StringVar(&f.tlsCreds, "qmp-tls-creds", "", "tls-creds-x509 `DIR` (ca-cert.pem, server-cert.pem, server-key.pem) making clients of the tcp: QMP sockets authenticate with a certificate signed by ca-cert.pem")
+	fl.StringArrayVar(&f.tlsAllow, "qmp-tls-allow", nil, "with --qmp-tls-creds, accept only client certificates whose distinguished name matches this `GLOB` (QEMU's DN form, e.g. 'C=GB,O=Example,CN=*'; repeatable)")
 	fl.IntSliceVar(&f.fds, "fd", nil, "descriptor N inherited from the parent, usable (once) as fd:N in migrate or migrate-incoming (repeatable); other numbers are refused")
 	// Test-only, hidden: the fault matrix (reliability/) holds a side as
 	// it enters a state, applies a fault, then releases it with QMP

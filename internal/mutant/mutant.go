@@ -27,4 +27,8 @@ var (
 	// NoContract (tag mutant_no_contract): the controller accepts a spec
 	// that lacks states and triggers the Go code uses.
 	NoContract bool
+	// ResumeAfterCommit (tag mutant_resume_after_commit): the source
+	// restarts its guest after any failure, even once it committed the
+	// switchover (the split brain the commit protocol prevents).
+	ResumeAfterCommit bool
 )
