@@ -293,7 +293,8 @@ func (p *Proxy) Heal() {
 // link.
 func (p *Proxy) Forwarded(d Dir) int64 { return p.forwarded[d].Load() }
 
-// Held returns the bytes read in direction d and held back by a stall.
+// Held returns the bytes read in direction d and held back by a stall,
+// until they are delivered or dropped.
 func (p *Proxy) Held(d Dir) int64 { return p.held[d].Load() }
 
 // Links returns the number of open links.
@@ -341,30 +342,25 @@ func (p *Proxy) notifyLocked() {
 
 // flowing waits until direction d may forward (not stalled) and returns
 // the trickle setting and whether to corrupt the next chunk; ok is false
-// once the proxy is closed. held is the size of the chunk waiting, shown
-// by Held while the stall lasts.
-func (p *Proxy) flowing(d Dir, held int) (trickleN int, trickleT time.Duration, corrupt, ok bool) {
+// once the proxy is closed. pending is the size of the chunk waiting: a
+// stall counts it in Held (counted reports it) until the caller has
+// delivered or dropped it (unhold).
+func (p *Proxy) flowing(d Dir, pending int) (trickleN int, trickleT time.Duration, corrupt, counted, ok bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	counted := false
-	defer func() {
-		if counted {
-			p.held[d].Add(-int64(held))
-		}
-	}()
 	for {
 		if p.closed {
-			return 0, 0, false, false
+			return 0, 0, false, counted, false
 		}
 		if !p.stalled {
 			corrupt = p.corrupt[d]
 			p.corrupt[d] = false
-			return p.trickleN, p.trickleT, corrupt, true
+			return p.trickleN, p.trickleT, corrupt, counted, true
 		}
 		first := !counted
 		if first {
 			counted = true
-			p.held[d].Add(int64(held))
+			p.held[d].Add(int64(pending))
 		}
 		ch := p.changed
 		p.mu.Unlock()
@@ -377,6 +373,37 @@ func (p *Proxy) flowing(d Dir, held int) (trickleN int, trickleT time.Duration, 
 		}
 		p.mu.Lock()
 	}
+}
+
+// unhold takes n delivered (or dropped) bytes out of Held and wakes Drain.
+func (p *Proxy) unhold(d Dir, n int64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.held[d].Add(-n)
+	p.notifyLocked()
+}
+
+// Drain waits until nothing a stall held remains undelivered in either
+// direction (Held is 0 both ways), or ctx ends: after Heal, what the
+// stall held has then reached the peers' sockets.
+func (p *Proxy) Drain(ctx context.Context) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for p.held[Forward].Load() > 0 || p.held[Backward].Load() > 0 {
+		if p.closed {
+			return net.ErrClosed
+		}
+		ch := p.changed
+		p.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			p.mu.Lock()
+			return ctx.Err()
+		}
+		p.mu.Lock()
+	}
+	return nil
 }
 
 // pause waits d, or until the fault state changes or the proxy closes.
@@ -453,8 +480,17 @@ func (l *link) pump(d Dir) {
 // forward writes b to dst under the faults; false when the link is done.
 func (l *link) forward(d Dir, dst net.Conn, b []byte) bool {
 	p := l.p
+	held := int64(0) // what a stall counted in Held: out once b is delivered or dropped
+	defer func() {
+		if held > 0 {
+			p.unhold(d, held)
+		}
+	}()
 	for len(b) > 0 {
-		n, every, corrupt, ok := p.flowing(d, len(b))
+		n, every, corrupt, counted, ok := p.flowing(d, len(b))
+		if counted {
+			held += int64(len(b))
+		}
 		if !ok {
 			return false
 		}

@@ -261,7 +261,20 @@ func TestStall(t *testing.T) {
 	}
 	nothingPending(t, pr.server, "server during the stall")
 	nothingPending(t, pr.client, "client during the stall")
+	gone, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := pr.p.Drain(gone); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Drain during the stall = %v, want it to wait (here: its context's end)", err)
+	}
 	pr.p.Heal()
+	ctx, cancel := context.WithTimeout(context.Background(), guard)
+	defer cancel()
+	if err := pr.p.Drain(ctx); err != nil {
+		t.Fatalf("Drain after Heal: %v", err)
+	}
+	if pr.p.Forwarded(Forward) != 5 || pr.p.Forwarded(Backward) != 4 {
+		t.Fatalf("after Drain, Forwarded = %d, %d; want 5, 4 (everything held delivered)", pr.p.Forwarded(Forward), pr.p.Forwarded(Backward))
+	}
 	if got := readN(t, pr.server, 5); string(got) != "hello" {
 		t.Fatalf("after Heal: %q", got)
 	}
