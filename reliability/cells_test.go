@@ -198,7 +198,7 @@ func skipReason(t transportKind, side, state, fault string, st *spec.State) stri
 		case "done":
 			return "n/a: after the source completed nothing more crosses the channel"
 		}
-		if stateClass(side, state) == "unsent" && (fault == fResetFwd || fault == fResetBack) {
+		if stateClass(side, state) == "unsent" && side+":"+state != "outgoing:active" && (fault == fResetFwd || fault == fResetBack) {
 			return "n/a: no link exists yet (a one-way reset acts on open links)"
 		}
 	}
@@ -340,8 +340,8 @@ var outcomes = []outcome{
 		why: "nothing sent yet: a stopped process may just resume the migration late, or its peer times out; a killed source never comes"},
 	{class: "unsent", faults: anyFault, src: []string{sFailed}, dst: []string{sFailed, sListening},
 		why: "nothing sent yet: the source fails and runs its guest; the destination fails, or still waits for a source (a connection that brings no byte is not one)"},
-	{class: "before", faults: corrupting, src: []string{sFailed, sCompleted}, dst: []string{sFailed, sCompleted},
-		why: "a flipped byte may break the stream (both fail, the source runs its guest) or land in a page (both complete)"},
+	{class: "before", faults: corrupting, src: allFinal, dst: allFinal,
+		why: "a flipped byte may break the stream (both fail, the source runs its guest), land in a page (both complete), or break LOADED, go or the confirmation later (an unknown outcome)"},
 	{class: "before", faults: anyFault, src: []string{sFailed}, dst: []string{sFailed},
 		why: "before the commit every failure fails both sides and the source runs its guest"},
 	{class: "committed", faults: corrupting, src: afterCommit, dst: []string{sUnknown, sCompleted, sFailed},
@@ -356,12 +356,12 @@ var outcomes = []outcome{
 		why: "the destination received go and runs the guest; the source learns it, or does not and waits for the operator"},
 	{class: "done", faults: anyFault, src: []string{sCompleted}, dst: []string{sCompleted},
 		why: "the migration completed; a later fault changes neither side"},
-	{class: "cancel-src", faults: anyFault, src: []string{sCancelled}, dst: []string{sFailed},
-		why: "the source was cancelled before the commit: it runs its guest; the destination fails"},
+	{class: "cancel-src", faults: anyFault, src: []string{sCancelled}, dst: []string{sFailed, sListening},
+		why: "the source was cancelled before the commit (from active, before its first byte): it runs its guest; the destination fails, or still waits for a source"},
 	{class: "cancel-dst", faults: anyFault, src: []string{sFailed}, dst: []string{sCancelled},
 		why: "the destination was cancelled before the guest ran there: the source fails and runs its guest"},
-	{class: "failed", faults: anyFault, src: []string{sFailed}, dst: []string{sFailed},
-		why: "the migration failed before the commit: both sides stay failed"},
+	{class: "failed", faults: anyFault, src: []string{sFailed}, dst: []string{sFailed, sListening},
+		why: "the migration failed before the commit (cut in the source's active, before its first byte, or in the destination's): both sides stay failed, or the destination still waits for a source"},
 
 	// One-way transports (exec, file): the source commits when its last
 	// byte is durable, whatever the destination makes of it.
@@ -369,6 +369,8 @@ var outcomes = []outcome{
 		why: "nothing sent yet: a stopped process may just resume the migration late, or its peer times out; a killed source never comes"},
 	{class: "unsent", oneWay: true, faults: anyFault, src: []string{sFailed}, dst: []string{sFailed, sListening},
 		why: "the source's command cannot deliver: it fails and runs its guest"},
+	{class: "before", oneWay: true, faults: []string{fResetFwd}, src: []string{sCompleted, sFailed}, dst: []string{sFailed},
+		why: "the bytes vanish after the source's command took them: it exits 0 and the source completes (a one-way transport cannot know), or fails first; the destination fails on the cut stream, and the guest runs nowhere until the operator's cont"},
 	{class: "before", oneWay: true, faults: []string{fCorruptFwd}, src: []string{sCompleted, sFailed}, dst: []string{sFailed, sCompleted},
 		why: "one-way: the source completes once its command exited 0; a flipped byte fails the destination or lands in a page"},
 	{class: "before", oneWay: true, faults: []string{fStopSrc}, src: []string{sFailed, sCompleted}, dst: []string{sFailed},
@@ -381,12 +383,12 @@ var outcomes = []outcome{
 		why: "one-way: the destination has the whole stream and runs the guest; the source's command had exited 0"},
 	{class: "done", oneWay: true, faults: anyFault, src: []string{sCompleted}, dst: []string{sCompleted},
 		why: "the migration completed; a later fault changes neither side"},
-	{class: "cancel-src", oneWay: true, faults: anyFault, src: []string{sCancelled}, dst: []string{sFailed},
+	{class: "cancel-src", oneWay: true, faults: anyFault, src: []string{sCancelled}, dst: []string{sFailed, sListening},
 		why: "the source was cancelled: it runs its guest; the destination fails"},
 	{class: "cancel-dst", oneWay: true, faults: anyFault, src: []string{sFailed, sCompleted}, dst: []string{sCancelled},
 		why: "one-way: the source does not hear the cancel; it fails, or completes if its command had taken everything"},
-	{class: "failed", oneWay: true, faults: anyFault, src: []string{sFailed}, dst: []string{sFailed},
-		why: "the migration failed before the commit: both sides stay failed"},
+	{class: "failed", oneWay: true, faults: anyFault, src: []string{sFailed}, dst: []string{sFailed, sListening},
+		why: "the migration failed before the commit: both sides stay failed, or the destination still waits for a source"},
 }
 
 // allowed returns the table's row for a cell.

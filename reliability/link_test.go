@@ -27,6 +27,12 @@ type link struct {
 	closers  []func()
 }
 
+// pipeCommand runs this test binary as an exec: cell's pipe. A race-built
+// binary sleeps 1 s at exit by default (GORACE atexit_sleep_ms), which a
+// source counts against x-migctl-io-timeout as a command that does not
+// exit: the pipe must exit when its copy ends.
+func pipeCommand() string { return "GORACE=atexit_sleep_ms=0 " + self }
+
 // proxyOptions: the proxy never cuts a link on its own during a cell.
 var proxyOptions = fault.Options{IOTimeout: 10 * time.Minute, DialTimeout: 10 * time.Second}
 
@@ -75,14 +81,14 @@ func newLink(dir, transport string, src, dst *proc) (*link, error) {
 			return nil, err
 		}
 		l.closers = append(l.closers, func() { ln.Close() })
-		l.dstURI = "exec:" + self + " pipe-recv " + ln.Addr().String()
+		l.dstURI = "exec:" + pipeCommand() + " pipe-recv " + ln.Addr().String()
 		l.proxy, err = fault.Listen("unix", filepath.Join(dir, "proxy.sock"), func(ctx context.Context) (net.Conn, error) {
 			dl, _ := ctx.Deadline()
 			_ = ln.SetDeadline(dl)
 			return ln.Accept()
 		}, proxyOptions)
 		if err == nil {
-			l.srcURI = "exec:" + self + " pipe-send " + l.proxy.Addr().String()
+			l.srcURI = "exec:" + pipeCommand() + " pipe-send " + l.proxy.Addr().String()
 		}
 	case "file":
 		l.srcURI = "file:" + filepath.Join(dir, "save.mig")

@@ -1,6 +1,7 @@
 package reliability
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -506,8 +507,15 @@ func (r *cellRun) settle() {
 		waitSide(s.p, s.side)
 	}
 	if r.link.proxy != nil {
-		// What a stall held may now reach a side: settle again.
+		// What a stall held now reaches a side: settle again once it is
+		// delivered.
 		r.link.proxy.Heal()
+		ctx, cancel := context.WithTimeout(context.Background(), r.bound)
+		err := r.link.proxy.Drain(ctx)
+		cancel()
+		if err != nil {
+			t.Errorf("the proxy did not deliver what the stall held within %v: %v", r.bound, err)
+		}
 		for _, s := range r.sides() {
 			waitSide(s.p, s.side)
 		}
@@ -656,6 +664,16 @@ func (r *cellRun) followUp() {
 	if !rs.Running {
 		if err := r.src.query("cont", nil, nil); err != nil {
 			t.Fatalf("cont on the source (%s): %v", rs.Status, err)
+		}
+	}
+	if len(capsOf(r.c)) > 0 {
+		// The follow-up is a plain migration: nobody continues it.
+		var list []map[string]any
+		for _, name := range capsOf(r.c) {
+			list = append(list, map[string]any{"capability": name, "state": false})
+		}
+		if err := r.src.query("migrate-set-capabilities", map[string]any{"capabilities": list}, nil); err != nil {
+			t.Fatal(err)
 		}
 	}
 	r.newDst = startProc(t, r.dir, "new destination", true, nil)

@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/migctl/migctl/guest"
 	"github.com/migctl/migctl/qmp"
 	"github.com/migctl/migctl/spec"
@@ -294,15 +296,34 @@ func (p *proc) kill() {
 	p.mu.Unlock()
 }
 
-// stop and cont send SIGSTOP and SIGCONT.
+// stop sends SIGSTOP and returns once the process has stopped: the signal
+// stops a multi-threaded process only as each thread next enters the
+// kernel, and a request sent in between would still be served. The
+// kernel tells the parent (waitid WSTOPPED, without reaping).
 func (p *proc) stop() {
-	if p.alive() {
-		_ = p.cmd.Process.Signal(syscall.SIGSTOP)
-		p.mu.Lock()
-		p.stopped = true
-		p.mu.Unlock()
+	if !p.alive() {
+		return
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGSTOP)
+	p.mu.Lock()
+	p.stopped = true
+	p.mu.Unlock()
+	stopped := make(chan error, 1)
+	go func() {
+		var info unix.Siginfo
+		stopped <- unix.Waitid(unix.P_PID, p.cmd.Process.Pid, &info, unix.WSTOPPED|unix.WEXITED|unix.WNOWAIT, nil)
+	}()
+	select {
+	case err := <-stopped:
+		if err != nil && p.alive() {
+			p.t.Errorf("waiting for the %s to stop: %v", p.role, err)
+		}
+	case <-time.After(cmdBound):
+		p.t.Errorf("the %s did not stop within %v of SIGSTOP", p.role, cmdBound)
 	}
 }
+
+// cont sends SIGCONT.
 
 func (p *proc) cont() {
 	if p.alive() {

@@ -1,0 +1,337 @@
+package reliability
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/migctl/migctl/spec"
+)
+
+// docPath is the page whose generated section lists every cell.
+const docPath = "../docs/reliability.md"
+
+// section is the generated section's name in docPath.
+const section = "fault-matrix"
+
+// envResults, for TestWriteReliabilityDoc: a results file written by the
+// matrix (MIGCTL_MATRIX_OUT), or "keep" to keep the outcomes the page
+// shows (after cells were added or removed).
+const envResults = "MIGCTL_RELIABILITY_RESULTS"
+
+// notesHeading starts the list of notes after the tables: it comes from
+// the results alone and is not checked for staleness.
+const notesHeading = "### Cells that failed or were not reached"
+
+// stateLetter abbreviates a final state in the tables.
+var stateLetter = map[string]string{
+	sCompleted: "c", sFailed: "f", sCancelled: "x", sUnknown: "u", sListening: "l", "killed": "k", "-": "-",
+}
+
+// outcomeCode is a run cell's code: ✓ or ✗ with the source's and the
+// destination's final states, nr (not reached), · (not run yet).
+func outcomeCode(r *result) string {
+	if r == nil {
+		return "·"
+	}
+	letter := func(s string) string {
+		if l, ok := stateLetter[s]; ok {
+			return l
+		}
+		return "?" + s
+	}
+	switch r.Status {
+	case "pass":
+		return "✓ " + letter(r.Src) + "/" + letter(r.Dst)
+	case "fail":
+		if r.Src == "" {
+			return "✗"
+		}
+		return "✗ " + letter(r.Src) + "/" + letter(r.Dst)
+	case "not-reached":
+		return "nr"
+	}
+	return "·"
+}
+
+func isOutcomeCode(code string) bool {
+	return code == "·" || code == "nr" || code == "✗" || strings.HasPrefix(code, "✓ ") || strings.HasPrefix(code, "✗ ")
+}
+
+// skipCodes assigns each distinct skip reason a code (s1, s2, …) in the
+// order of the cells.
+func skipCodes(cells []cell) (map[string]string, []string) {
+	codes := map[string]string{}
+	var order []string
+	for _, c := range cells {
+		if c.Skip != "" {
+			if _, ok := codes[c.Skip]; !ok {
+				order = append(order, c.Skip)
+				codes[c.Skip] = fmt.Sprintf("s%d", len(order))
+			}
+		}
+	}
+	return codes, order
+}
+
+// matrixTables renders the legend and one table per transport: a row per
+// side:state of the spec, a column per fault. codes gives each run cell's
+// outcome code by ID (missing: not run).
+func matrixTables(cells []cell, codes map[string]string) string {
+	var b strings.Builder
+	sc, order := skipCodes(cells)
+	run, pass, fail, nr := 0, 0, 0, 0
+	for _, c := range cells {
+		if c.Skip != "" {
+			continue
+		}
+		run++
+		switch code := codes[c.ID()]; {
+		case strings.HasPrefix(code, "✓"):
+			pass++
+		case strings.HasPrefix(code, "✗"):
+			fail++
+		case code == "nr":
+			nr++
+		}
+	}
+	fmt.Fprintf(&b, "%d cells: %d run (%d passed, %d failed, %d not reached, %d not run yet), %d skipped or pending.\n\n",
+		len(cells), run, pass, fail, nr, run-pass-fail-nr, len(cells)-run)
+	b.WriteString("A run cell shows ✓ (passed) or ✗ (failed) and how the source/destination ended: c completed, f failed,\n" +
+		"x cancelled, u unknown-outcome, l listening, k killed by the fault, - no destination process (a save to file).\n" +
+		"nr: the state was not reached (the note below says where the side ended); ·: not run yet.\n\n")
+	b.WriteString("Skipped or pending cells show a code:\n\n")
+	for i, reason := range order {
+		fmt.Fprintf(&b, "- s%d: %s\n", i+1, reason)
+	}
+	b.WriteString("\n")
+	for _, t := range transports {
+		fmt.Fprintf(&b, "### %s\n\n| state | %s |\n|---|%s\n", t.name, strings.Join(faults, " | "), strings.Repeat("---|", len(faults)))
+		rows := map[string][]string{}
+		var rowOrder []string
+		for _, c := range cells {
+			if c.Transport != t.name {
+				continue
+			}
+			if _, ok := rows[c.point()]; !ok {
+				rowOrder = append(rowOrder, c.point())
+			}
+			code := sc[c.Skip]
+			if c.Skip == "" {
+				code = codes[c.ID()]
+				if code == "" {
+					code = "·"
+				}
+			}
+			rows[c.point()] = append(rows[c.point()], code)
+		}
+		for _, r := range rowOrder {
+			fmt.Fprintf(&b, "| %s | %s |\n", r, strings.Join(rows[r], " | "))
+		}
+		b.WriteString("\n")
+	}
+	return b.String()
+}
+
+// matrixNotes lists the cells that failed or were not reached, with why.
+func matrixNotes(cells []cell, results map[string]*result) string {
+	var b strings.Builder
+	b.WriteString(notesHeading + "\n\n")
+	n := 0
+	for _, c := range cells {
+		r := results[c.ID()]
+		if c.Skip != "" || r == nil || r.Status == "pass" {
+			continue
+		}
+		n++
+		fmt.Fprintf(&b, "- `%s`: %s", c.ID(), r.Status)
+		if r.Src != "" {
+			fmt.Fprintf(&b, " (source %s, destination %s)", r.Src, r.Dst)
+		}
+		if r.Note != "" {
+			fmt.Fprintf(&b, ": %s", strings.ReplaceAll(r.Note, "\n", " "))
+		}
+		b.WriteString("\n")
+	}
+	if n == 0 {
+		b.WriteString("None.\n")
+	}
+	return b.String()
+}
+
+// generatedBody extracts the generated section of doc.
+func generatedBody(doc string) (string, error) {
+	begin := "<!-- BEGIN generated " + section + ":"
+	end := "<!-- END generated " + section + " -->"
+	i, j := strings.Index(doc, begin), strings.Index(doc, end)
+	if i < 0 || j < i {
+		return "", fmt.Errorf("%s has no generated section %q", docPath, section)
+	}
+	nl := strings.IndexByte(doc[i:], '\n')
+	return doc[i+nl+1 : j], nil
+}
+
+// parseCodes reads the codes of the page's tables, by cell ID.
+func parseCodes(body string) (map[string]string, error) {
+	codes := map[string]string{}
+	transport := ""
+	sc := bufio.NewScanner(strings.NewReader(body))
+	for sc.Scan() {
+		line := sc.Text()
+		if strings.HasPrefix(line, notesHeading) {
+			break
+		}
+		if t, ok := strings.CutPrefix(line, "### "); ok {
+			transport = t
+			continue
+		}
+		if !strings.HasPrefix(line, "| ") || strings.HasPrefix(line, "| state ") {
+			continue
+		}
+		fields := strings.Split(strings.Trim(line, "|"), "|")
+		if len(fields) != len(faults)+1 {
+			return nil, fmt.Errorf("row %q has %d columns, want %d", line, len(fields), len(faults)+1)
+		}
+		point := strings.TrimSpace(fields[0])
+		for i, f := range faults {
+			codes[transport+"/"+point+"/"+f] = strings.TrimSpace(fields[i+1])
+		}
+	}
+	return codes, sc.Err()
+}
+
+// TestReliabilityDocFresh: the page's table lists exactly the current
+// cells, each skipped one with its current reason and each run one with an
+// outcome (not a skip code), like the generated state diagrams' check.
+// After cells change: MIGCTL_RELIABILITY_RESULTS=keep go test -run
+// TestWriteReliabilityDoc ./reliability/ (then .ci/fault-matrix for the
+// outcomes).
+func TestReliabilityDocFresh(t *testing.T) {
+	doc, err := os.ReadFile(docPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := generatedBody(string(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	codes, err := parseCodes(body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cells, err := allCells()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range cells {
+		code, ok := codes[c.ID()]
+		switch {
+		case !ok:
+			t.Errorf("%s is missing from %s", c.ID(), docPath)
+		case c.Skip == "" && !isOutcomeCode(code):
+			t.Errorf("%s runs now but %s shows %q", c.ID(), docPath, code)
+		}
+		delete(codes, c.ID())
+	}
+	for id := range codes {
+		t.Errorf("%s lists %s, which is no cell any more", docPath, id)
+	}
+	keep, _ := parseCodes(body)
+	want := matrixTables(cells, keep)
+	have, _, _ := strings.Cut(body, notesHeading)
+	if have != want {
+		t.Errorf("%s's matrix is stale (skip reasons or counts): regenerate it with %s=keep go test -run TestWriteReliabilityDoc ./reliability/", docPath, envResults)
+	}
+}
+
+// TestWriteReliabilityDoc writes the generated section of docs/reliability.md
+// from a results file (.ci/fault-matrix) or, with "keep", from the
+// outcomes it shows. It does nothing unless MIGCTL_RELIABILITY_RESULTS is
+// set.
+func TestWriteReliabilityDoc(t *testing.T) {
+	src := os.Getenv(envResults)
+	if src == "" {
+		t.Skip(envResults + " is not set: nothing to write")
+	}
+	cells, err := allCells()
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc, err := os.ReadFile(docPath)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
+	codes := map[string]string{}
+	results := map[string]*result{}
+	if src == "keep" {
+		if body, err := generatedBody(string(doc)); err == nil {
+			codes, _ = parseCodes(body)
+		}
+	} else {
+		f, err := os.ReadFile(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, line := range strings.Split(strings.TrimSpace(string(f)), "\n") {
+			if line == "" {
+				continue
+			}
+			var r result
+			if err := json.Unmarshal([]byte(line), &r); err != nil {
+				t.Fatalf("%s: %v", src, err)
+			}
+			results[r.ID] = &r
+			codes[r.ID] = outcomeCode(&r)
+		}
+	}
+	body := matrixTables(cells, codes)
+	if src == "keep" {
+		old, _ := generatedBody(string(doc))
+		_, notes, ok := strings.Cut(old, notesHeading)
+		if ok {
+			body += notesHeading + notes
+		} else {
+			body += matrixNotes(cells, nil)
+		}
+	} else {
+		body += matrixNotes(cells, results)
+	}
+	text := string(doc)
+	if _, err := generatedBody(text); err != nil {
+		if text == "" {
+			text = "# Reliability\n"
+		}
+		text = strings.TrimRight(text, "\n") + "\n\n" + matrixIntro +
+			"<!-- BEGIN generated " + section + ": written by .ci/fault-matrix (reliability/); DO NOT EDIT -->\n" +
+			"<!-- END generated " + section + " -->\n"
+	}
+	out, err := spec.SpliceGenerated(text, section, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(docPath, []byte(out), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// matrixIntro is the hand-written head of the matrix section, added with
+// it when the page lacks it.
+const matrixIntro = `## The fault matrix
+
+` + "`reliability/`" + ` breaks a real migration between two ` + "`migctl serve`" + ` processes at every state of the
+spec (enumerated from transitions.yaml), over every transport with a byte stream, with every fault, and
+checks in each cell: never both guests running, over the whole run (each guest's run intervals on
+CLOCK_MONOTONIC, logged to a file that survives kill -9); a surviving source's guest intact (every page
+verified) and running again after a failure before the commit, never resumed on its own after it; a
+destination that ran its guest only on the source's go; each side, within the bound, in a terminal or
+operator-wait state the test's hand-written table allows; and a migration from the surviving source to a
+new destination afterwards. The package documentation (` + "`go doc ./reliability`" + `) explains the cells;
+the table below is every cell and its outcome in the last full run (` + "`.ci/fault-matrix`" + `), and
+` + "`go test -race ./reliability/`" + ` runs a pairwise subset (every state × fault, fault × transport and state ×
+transport pair at least once).
+
+`
