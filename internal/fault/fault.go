@@ -116,6 +116,7 @@ type Proxy struct {
 	trickleT time.Duration
 	corrupt  [2]bool
 	links    map[*link]struct{}
+	linked   int // links ever made (Link accepted them), for WaitLinked
 	closed   bool
 
 	forwarded [2]atomic.Int64
@@ -213,6 +214,8 @@ func (p *Proxy) Link(client, server net.Conn) {
 		return
 	}
 	p.links[l] = struct{}{}
+	p.linked++
+	p.notifyLocked()
 	l.running.Store(2)
 	p.wg.Add(2)
 	p.mu.Unlock()
@@ -302,6 +305,30 @@ func (p *Proxy) Links() int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return len(p.links)
+}
+
+// WaitLinked waits until the proxy has made at least n links since it was
+// created (open or ended since), or ctx ends, or the proxy is closed. A
+// fault that acts on present links only (ResetOneWay) applied before a
+// connection's upstream was dialled would miss it: wait for it first.
+func (p *Proxy) WaitLinked(ctx context.Context, n int) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for p.linked < n {
+		if p.closed {
+			return net.ErrClosed
+		}
+		ch := p.changed
+		p.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			p.mu.Lock()
+			return fmt.Errorf("fault: %d of %d links made: %w", p.linked, n, ctx.Err())
+		}
+		p.mu.Lock()
+	}
+	return nil
 }
 
 // Close stops the listener, closes every link and waits for the proxy's

@@ -537,3 +537,62 @@ func TestLinkSocketpairs(t *testing.T) {
 		t.Fatalf("Links after Cut = %d", n)
 	}
 }
+
+// TestWaitLinked: WaitLinked returns once a link exists — not when the
+// client's connect was merely accepted (its upstream still dialling) — and
+// keeps counting links that ended; Close wakes a waiter.
+func TestWaitLinked(t *testing.T) {
+	u := newUpstream(t, "tcp")
+	gate := make(chan struct{})
+	dialer := func(ctx context.Context) (net.Conn, error) {
+		select {
+		case <-gate:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		var d net.Dialer
+		return d.DialContext(ctx, "tcp", u.ln.Addr().String())
+	}
+	p, err := Listen("tcp", "127.0.0.1:0", dialer, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	c, err := net.Dial("tcp", p.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+
+	done, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := p.WaitLinked(done, 1); !errors.Is(err, context.Canceled) {
+		t.Fatalf("WaitLinked before the upstream was dialled = %v, want context.Canceled", err)
+	}
+	close(gate)
+	ctx, stop := context.WithTimeout(context.Background(), guard)
+	defer stop()
+	if err := p.WaitLinked(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	if n := p.Links(); n != 1 {
+		t.Fatalf("WaitLinked returned with %d links open, want 1", n)
+	}
+	u.next(t)
+	p.Cut()
+	if err := p.WaitLinked(done, 1); err != nil {
+		t.Fatalf("WaitLinked after the link was cut = %v: a link that ended still counts", err)
+	}
+
+	errc := make(chan error, 1)
+	go func() { errc <- p.WaitLinked(context.Background(), 2) }()
+	closeWithin(t, p)
+	select {
+	case err := <-errc:
+		if !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("WaitLinked after Close = %v, want net.ErrClosed", err)
+		}
+	case <-time.After(guard):
+		t.Fatal("Close did not wake WaitLinked")
+	}
+}
