@@ -367,6 +367,8 @@ var outcomes = []outcome{
 	// byte is durable, whatever the destination makes of it.
 	{class: "unsent", oneWay: true, faults: []string{fStopSrc, fStopDst, fKillSrc}, src: []string{sFailed, sCompleted}, dst: []string{sFailed, sListening, sCompleted},
 		why: "nothing sent yet: a stopped process may just resume the migration late, or its peer times out; a killed source never comes"},
+	{class: "unsent", oneWay: true, faults: []string{fResetFwd}, src: []string{sCompleted, sFailed}, dst: []string{sFailed, sListening},
+		why: "the link towards the destination ends before the first byte: the source's command still takes every byte (the proxy drops them) and exits 0, so the source completes (a one-way transport cannot know), or fails first; the destination's command sees EOF and it fails, or is still listening when judged (a stream that brought no byte is not a source); the guest runs nowhere until the operator's cont"},
 	{class: "unsent", oneWay: true, faults: anyFault, src: []string{sFailed}, dst: []string{sFailed, sListening},
 		why: "the source's command cannot deliver: it fails and runs its guest"},
 	{class: "before", oneWay: true, faults: []string{fResetFwd}, src: []string{sCompleted, sFailed}, dst: []string{sFailed},

@@ -431,10 +431,22 @@ func (r *cellRun) apply(f string) {
 		px.Corrupt(fault.Backward)
 	case fTrickle:
 		px.Trickle(trickleBytes, trickleEvery)
-	case fResetFwd:
-		px.ResetOneWay(fault.Forward)
-	case fResetBack:
-		px.ResetOneWay(fault.Backward)
+	case fResetFwd, fResetBack:
+		// A reset acts on open links: held where the source has just
+		// connected (outgoing:active), the proxy may still be dialling
+		// the destination (or, for exec, the source's command may not
+		// have connected yet). Wait, bounded, for the link.
+		ctx, cancel := context.WithTimeout(context.Background(), r.bound)
+		err := px.WaitLinked(ctx, 1)
+		cancel()
+		if err != nil {
+			r.t.Fatalf("%s: no link to reset within %v: %v", f, r.bound, err)
+		}
+		if f == fResetFwd {
+			px.ResetOneWay(fault.Forward)
+		} else {
+			px.ResetOneWay(fault.Backward)
+		}
 	case fKillSrc:
 		r.src.kill()
 	case fKillDst:

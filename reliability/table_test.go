@@ -271,6 +271,12 @@ func TestWriteReliabilityDoc(t *testing.T) {
 		if body, err := generatedBody(string(doc)); err == nil {
 			codes, _ = parseCodes(body)
 		}
+		// A cell that was skipped and runs now has no outcome yet.
+		for id, code := range codes {
+			if !isOutcomeCode(code) {
+				delete(codes, id)
+			}
+		}
 	} else {
 		f, err := os.ReadFile(src)
 		if err != nil {
