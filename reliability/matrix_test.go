@@ -743,9 +743,16 @@ func (r *cellRun) migrateTo(dst *proc, uri string) {
 // two guests ever ran at once.
 func (r *cellRun) teardown() {
 	procs := []*proc{r.src, r.dst, r.newDst}
+	var wg sync.WaitGroup
 	for _, p := range procs {
 		if p != nil {
-			p.shutdown()
+			wg.Go(p.shutdown)
+		}
+	}
+	wg.Wait()
+	for _, p := range procs {
+		if p != nil && strings.Contains(p.out.String(), "WARNING: DATA RACE") {
+			r.t.Errorf("the race detector reported a data race in the %s (migctl built with -race):\n%s", p.role, p.out.String())
 		}
 	}
 	if r.link != nil {

@@ -102,6 +102,10 @@ func startProc(t testing.TB, dir, role string, dest bool, holds []string) *proc 
 		args = append(args, "--x-hold", h)
 	}
 	p.cmd = exec.Command(binary, args...)
+	// A race-built process sleeps 1 s at exit by default: every cell
+	// quits three of them. Its race reports still go to its stderr
+	// (teardown fails the cell on one).
+	p.cmd.Env = append(os.Environ(), "GORACE="+os.Getenv("GORACE")+" atexit_sleep_ms=0")
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	p.cmd.Stderr = p.out
 	stdout, err := p.cmd.StdoutPipe()
