@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 
@@ -206,11 +207,25 @@ func parseCodes(body string) (map[string]string, error) {
 
 // TestReliabilityDocFresh: the page's table lists exactly the current
 // cells, each skipped one with its current reason and each run one with an
-// outcome (not a skip code), like the generated state diagrams' check.
+// outcome (not a skip code), like the generated state diagrams' check. It
+// reads the page only: the matrix is not run.
 // After cells change: MIGCTL_RELIABILITY_RESULTS=keep go test -run
 // TestWriteReliabilityDoc ./reliability/ (then .ci/fault-matrix for the
 // outcomes).
 func TestReliabilityDocFresh(t *testing.T) {
+	body := pageBody(t)
+	cells, err := allCells()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range docProblems(body, cells) {
+		t.Error(p)
+	}
+}
+
+// pageBody returns the generated section of docPath.
+func pageBody(t *testing.T) string {
+	t.Helper()
 	doc, err := os.ReadFile(docPath)
 	if err != nil {
 		t.Fatal(err)
@@ -219,32 +234,87 @@ func TestReliabilityDocFresh(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return body
+}
+
+// docProblems compares the page's generated section with cells: what is
+// missing from it, what it lists that is no cell, a skipped cell shown
+// where a run one is, and any other difference of skip reasons or counts.
+func docProblems(body string, cells []cell) []string {
 	codes, err := parseCodes(body)
 	if err != nil {
-		t.Fatal(err)
+		return []string{err.Error()}
 	}
-	cells, err := allCells()
-	if err != nil {
-		t.Fatal(err)
-	}
+	var out []string
+	seen := map[string]bool{}
 	for _, c := range cells {
 		code, ok := codes[c.ID()]
 		switch {
 		case !ok:
-			t.Errorf("%s is missing from %s", c.ID(), docPath)
+			out = append(out, fmt.Sprintf("%s is missing from %s", c.ID(), docPath))
 		case c.Skip == "" && !isOutcomeCode(code):
-			t.Errorf("%s runs now but %s shows %q", c.ID(), docPath, code)
+			out = append(out, fmt.Sprintf("%s runs now but %s shows %q", c.ID(), docPath, code))
 		}
-		delete(codes, c.ID())
+		seen[c.ID()] = true
 	}
+	var gone []string
 	for id := range codes {
-		t.Errorf("%s lists %s, which is no cell any more", docPath, id)
+		if !seen[id] {
+			gone = append(gone, id)
+		}
 	}
-	keep, _ := parseCodes(body)
-	want := matrixTables(cells, keep)
+	slices.Sort(gone)
+	for _, id := range gone {
+		out = append(out, fmt.Sprintf("%s lists %s, which is no cell any more", docPath, id))
+	}
+	want := matrixTables(cells, codes)
 	have, _, _ := strings.Cut(body, notesHeading)
 	if have != want {
-		t.Errorf("%s's matrix is stale (skip reasons or counts): regenerate it with %s=keep go test -run TestWriteReliabilityDoc ./reliability/", docPath, envResults)
+		out = append(out, fmt.Sprintf("%s's matrix is stale (skip reasons or counts): regenerate it with %s=keep go test -run TestWriteReliabilityDoc ./reliability/", docPath, envResults))
+	}
+	return out
+}
+
+// TestReliabilityDocStaleDetected: the freshness check notices each way
+// the cells can drift from the page (a state added to or removed from the
+// spec, a skip reason changed, a skipped cell made runnable), each with
+// the problem written here.
+func TestReliabilityDocStaleDetected(t *testing.T) {
+	body := pageBody(t)
+	cells, err := allCells()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := docProblems(body, cells); len(p) > 0 {
+		t.Fatalf("the page is stale already (TestReliabilityDocFresh says why): %v", p)
+	}
+	withState := slices.Clone(cells)
+	for _, f := range faults {
+		withState = append(withState, cell{Transport: "tcp", Side: spec.Outgoing, State: "x-fake", Fault: f})
+	}
+	withoutState := slices.DeleteFunc(slices.Clone(cells), func(c cell) bool { return c.point() == "outgoing:device" })
+	reason := slices.Clone(cells)
+	runnable := slices.Clone(cells)
+	for i := range cells {
+		if cells[i].ID() == "tcp/outgoing:completed/cut" { // skipped: nothing crosses the channel any more
+			reason[i].Skip = "n/a: a reason the page does not give"
+			runnable[i].Skip = ""
+		}
+	}
+	for _, tc := range []struct {
+		name  string
+		cells []cell
+		want  string
+	}{
+		{"state added", withState, "tcp/outgoing:x-fake/cut is missing from"},
+		{"state removed", withoutState, "lists tcp/outgoing:device/cut, which is no cell any more"},
+		{"skip reason changed", reason, "is stale (skip reasons or counts)"},
+		{"skipped cell runs", runnable, "tcp/outgoing:completed/cut runs now but"},
+	} {
+		problems := docProblems(body, tc.cells)
+		if !slices.ContainsFunc(problems, func(p string) bool { return strings.Contains(p, tc.want) }) {
+			t.Errorf("%s: the freshness check says %q, want a problem containing %q", tc.name, problems, tc.want)
+		}
 	}
 }
 
