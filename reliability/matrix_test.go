@@ -217,6 +217,24 @@ func runCell(t *testing.T, c cell) {
 	r.followUp()
 }
 
+// errorf fails the cell and keeps the first line of each failure (the
+// first few) as the cell's note for docs/reliability.md.
+func (r *cellRun) errorf(format string, args ...any) {
+	r.t.Helper()
+	msg := fmt.Sprintf(format, args...)
+	r.t.Error(msg)
+	line, _, _ := strings.Cut(msg, "\n")
+	if len(line) > 300 {
+		line = line[:300] + "…"
+	}
+	switch n := strings.Count(r.res.Note, "; ") + 1; {
+	case r.res.Note == "":
+		r.res.Note = line
+	case n < 3:
+		r.res.Note += "; " + line
+	}
+}
+
 // procFor returns the process of side.
 func (r *cellRun) procFor(side string) *proc {
 	if side == spec.Outgoing {
@@ -502,7 +520,7 @@ func (r *cellRun) settle() {
 	waitSide := func(p *proc, side string) {
 		t.Helper()
 		if !p.waitFor(r.bound, func() bool { return r.settled(side, p.state[side]) }) && p.alive() {
-			t.Errorf("the %s's %s side did not reach a terminal or operator-wait state within %v of the fault: it is in %s (deadlines from migctl: %v)",
+			r.errorf("the %s's %s side did not reach a terminal or operator-wait state within %v of the fault: it is in %s (deadlines from migctl: %v)",
 				p.role, side, r.bound, p.sideState(side), r.deadlines)
 		}
 	}
@@ -526,7 +544,7 @@ func (r *cellRun) settle() {
 		err := r.link.proxy.Drain(ctx)
 		cancel()
 		if err != nil {
-			t.Errorf("the proxy did not deliver what the stall held within %v: %v", r.bound, err)
+			r.errorf("the proxy did not deliver what the stall held within %v: %v", r.bound, err)
 		}
 		for _, s := range r.sides() {
 			waitSide(s.p, s.side)
@@ -571,14 +589,13 @@ func (r *cellRun) check() {
 	if !r.reached {
 		return
 	}
-	t := r.t
 	src, dst := r.finals()
 	r.res.Src, r.res.Dst = src, dst
 	if src != "killed" && !slices.Contains(r.row.src, src) {
-		t.Errorf("source ended %s; the table allows %v (%s)", src, r.row.src, r.row.why)
+		r.errorf("source ended %s; the table allows %v (%s)", src, r.row.src, r.row.why)
 	}
 	if dst != "killed" && dst != "-" && !slices.Contains(r.row.dst, dst) {
-		t.Errorf("destination ended %s; the table allows %v (%s)", dst, r.row.dst, r.row.why)
+		r.errorf("destination ended %s; the table allows %v (%s)", dst, r.row.dst, r.row.why)
 	}
 	if r.src.alive() {
 		r.checkSource(src)
@@ -600,11 +617,11 @@ func (r *cellRun) checkSource(final string) {
 	switch final {
 	case sFailed, sCancelled:
 		if !rs.Running {
-			t.Errorf("the source ended %s but its guest is %s, not running again", final, rs.Status)
+			r.errorf("the source ended %s but its guest is %s, not running again", final, rs.Status)
 		}
 	case sCompleted, sUnknown:
 		if rs.Running {
-			t.Errorf("the source ended %s but runs its guest (%s): after the commit it must never resume on its own", final, rs.Status)
+			r.errorf("the source ended %s but runs its guest (%s): after the commit it must never resume on its own", final, rs.Status)
 		}
 	}
 	if rs.Running {
@@ -613,7 +630,7 @@ func (r *cellRun) checkSource(final string) {
 		}
 	}
 	if err := r.src.query("x-migctl-verify-guest", nil, nil); err != nil {
-		t.Errorf("the source's guest after the fault: %v", err)
+		r.errorf("the source's guest after the fault: %v", err)
 	}
 	if rs.Running {
 		if err := r.src.query("cont", nil, nil); err != nil {
@@ -644,7 +661,7 @@ func (r *cellRun) checkDestinationRanOnGo() {
 			return
 		}
 	}
-	r.t.Errorf("the destination's guest ran (%d intervals) without its incoming side completing on the source's go (moves %+v)", len(spans), r.dst.moves)
+	r.errorf("the destination's guest ran (%d intervals) without its incoming side completing on the source's go (moves %+v)", len(spans), r.dst.moves)
 }
 
 // followUp: a migration from the surviving source to a new destination
@@ -735,7 +752,7 @@ func (r *cellRun) migrateTo(dst *proc, uri string) {
 		t.Fatal(err)
 	}
 	if err := dst.query("x-migctl-verify-guest", nil, nil); err != nil {
-		t.Errorf("the new destination's guest: %v", err)
+		r.errorf("the new destination's guest: %v", err)
 	}
 }
 
@@ -752,7 +769,7 @@ func (r *cellRun) teardown() {
 	wg.Wait()
 	for _, p := range procs {
 		if p != nil && strings.Contains(p.out.String(), "WARNING: DATA RACE") {
-			r.t.Errorf("the race detector reported a data race in the %s (migctl built with -race):\n%s", p.role, p.out.String())
+			r.errorf("the race detector reported a data race in the %s (migctl built with -race):\n%s", p.role, p.out.String())
 		}
 	}
 	if r.link != nil {
@@ -776,7 +793,7 @@ func (r *cellRun) teardown() {
 			for _, a := range logs[i] {
 				for _, b := range logs[j] {
 					if a.Start < b.Stop && b.Start < a.Stop {
-						r.t.Errorf("two guests ran at once: the %s's [%d, %d] and the %s's [%d, %d] (CLOCK_MONOTONIC ns; overlap %v)",
+						r.errorf("two guests ran at once: the %s's [%d, %d] and the %s's [%d, %d] (CLOCK_MONOTONIC ns; overlap %v)",
 							names[i], a.Start, a.Stop, names[j], b.Start, b.Stop, time.Duration(min(a.Stop, b.Stop)-max(a.Start, b.Start)))
 					}
 				}

@@ -138,13 +138,19 @@ func matrixTables(cells []cell, codes map[string]string) string {
 	return b.String()
 }
 
-// matrixNotes lists the cells that failed or were not reached, with why.
-func matrixNotes(cells []cell, results map[string]*result) string {
+// matrixNotes lists the cells that failed or were not reached, with why:
+// from results, or else the page's line kept for the cell (a merge).
+func matrixNotes(cells []cell, results map[string]*result, kept map[string]string) string {
 	var b strings.Builder
 	b.WriteString(notesHeading + "\n\n")
 	n := 0
 	for _, c := range cells {
 		r := results[c.ID()]
+		if line, ok := kept[c.ID()]; ok && r == nil && c.Skip == "" {
+			n++
+			b.WriteString(line + "\n")
+			continue
+		}
 		if c.Skip != "" || r == nil || r.Status == "pass" {
 			continue
 		}
@@ -320,8 +326,10 @@ func TestReliabilityDocStaleDetected(t *testing.T) {
 
 // TestWriteReliabilityDoc writes the generated section of docs/reliability.md
 // from a results file (.ci/fault-matrix) or, with "keep", from the
-// outcomes it shows. It does nothing unless MIGCTL_RELIABILITY_RESULTS is
-// set.
+// outcomes it shows. With MIGCTL_RELIABILITY_MERGE=1 (a filtered run of
+// .ci/fault-matrix) the results replace only their own cells' outcomes
+// and notes; the others keep what the page showed. It does nothing unless
+// MIGCTL_RELIABILITY_RESULTS is set.
 func TestWriteReliabilityDoc(t *testing.T) {
 	src := os.Getenv(envResults)
 	if src == "" {
@@ -335,19 +343,21 @@ func TestWriteReliabilityDoc(t *testing.T) {
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		t.Fatal(err)
 	}
+	old, _ := generatedBody(string(doc))
 	codes := map[string]string{}
-	results := map[string]*result{}
-	if src == "keep" {
-		if body, err := generatedBody(string(doc)); err == nil {
-			codes, _ = parseCodes(body)
-		}
+	kept := map[string]string{} // a note line of the page, by cell ID
+	if src == "keep" || os.Getenv(envMerge) != "" {
+		codes, _ = parseCodes(old)
 		// A cell that was skipped and runs now has no outcome yet.
 		for id, code := range codes {
 			if !isOutcomeCode(code) {
 				delete(codes, id)
 			}
 		}
-	} else {
+		kept = parseNotes(old)
+	}
+	results := map[string]*result{}
+	if src != "keep" {
 		f, err := os.ReadFile(src)
 		if err != nil {
 			t.Fatal(err)
@@ -362,20 +372,10 @@ func TestWriteReliabilityDoc(t *testing.T) {
 			}
 			results[r.ID] = &r
 			codes[r.ID] = outcomeCode(&r)
+			delete(kept, r.ID)
 		}
 	}
-	body := matrixTables(cells, codes)
-	if src == "keep" {
-		old, _ := generatedBody(string(doc))
-		_, notes, ok := strings.Cut(old, notesHeading)
-		if ok {
-			body += notesHeading + notes
-		} else {
-			body += matrixNotes(cells, nil)
-		}
-	} else {
-		body += matrixNotes(cells, results)
-	}
+	body := matrixTables(cells, codes) + matrixNotes(cells, results, kept)
 	text := string(doc)
 	if _, err := generatedBody(text); err != nil {
 		if text == "" {
@@ -392,6 +392,29 @@ func TestWriteReliabilityDoc(t *testing.T) {
 	if err := os.WriteFile(docPath, []byte(out), 0o644); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// envMerge, for TestWriteReliabilityDoc: merge the results into the page
+// rather than replace it (set by .ci/fault-matrix for a filtered run).
+const envMerge = "MIGCTL_RELIABILITY_MERGE"
+
+// parseNotes reads the page's note lines ("- `ID`: ..."), by cell ID.
+func parseNotes(body string) map[string]string {
+	out := map[string]string{}
+	_, notes, ok := strings.Cut(body, notesHeading)
+	if !ok {
+		return out
+	}
+	for _, line := range strings.Split(notes, "\n") {
+		rest, ok := strings.CutPrefix(line, "- `")
+		if !ok {
+			continue
+		}
+		if id, _, ok := strings.Cut(rest, "`"); ok {
+			out[id] = line
+		}
+	}
+	return out
 }
 
 // matrixIntro is the hand-written head of the matrix section, added with
@@ -411,3 +434,60 @@ the table below is every cell and its outcome in the last full run (` + "`.ci/fa
 transport pair at least once).
 
 `
+
+// TestMatrixSectionRender: results become the codes written here, read
+// back from the rendered tables; failures and unreached cells get a note;
+// a merge keeps another cell's note and outcome.
+func TestMatrixSectionRender(t *testing.T) {
+	cells, err := allCells()
+	if err != nil {
+		t.Fatal(err)
+	}
+	results := map[string]*result{
+		"tcp/outgoing:committed/cut":    {ID: "tcp/outgoing:committed/cut", Status: "pass", Src: "unknown-outcome", Dst: "unknown-outcome"},
+		"unix/outgoing:active/stall":    {ID: "unix/outgoing:active/stall", Status: "fail", Src: "active", Dst: "failed", Note: "the source did not settle"},
+		"fd/incoming:loaded/kill-src":   {ID: "fd/incoming:loaded/kill-src", Status: "not-reached", Note: "incoming ended in failed"},
+		"exec/outgoing:device/cut":      {ID: "exec/outgoing:device/cut", Status: "pass", Src: "failed", Dst: "listening"},
+		"file/outgoing:active/kill-src": {ID: "file/outgoing:active/kill-src", Status: "pass", Src: "killed", Dst: "-"},
+	}
+	codes := map[string]string{}
+	for id, r := range results {
+		codes[id] = outcomeCode(r)
+	}
+	kept := map[string]string{"tcp/incoming:active/cut": "- `tcp/incoming:active/cut`: fail: from an earlier run"}
+	body := matrixTables(cells, codes) + matrixNotes(cells, results, kept)
+	read, err := parseCodes(body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for id, want := range map[string]string{
+		"tcp/outgoing:committed/cut":    "✓ u/u",
+		"unix/outgoing:active/stall":    "✗ ?active/f",
+		"fd/incoming:loaded/kill-src":   "nr",
+		"exec/outgoing:device/cut":      "✓ f/l",
+		"file/outgoing:active/kill-src": "✓ k/-",
+		"tcp/outgoing:active/cut":       "·",
+	} {
+		if read[id] != want {
+			t.Errorf("%s shows %q, want %q", id, read[id], want)
+		}
+	}
+	for _, want := range []string{
+		"- `unix/outgoing:active/stall`: fail (source active, destination failed): the source did not settle",
+		"- `fd/incoming:loaded/kill-src`: not-reached: incoming ended in failed",
+		"- `tcp/incoming:active/cut`: fail: from an earlier run",
+	} {
+		if !strings.Contains(body, want+"\n") {
+			t.Errorf("the notes lack %q", want)
+		}
+	}
+	if strings.Contains(body, "- `tcp/outgoing:committed/cut`") {
+		t.Error("a passing cell has a note")
+	}
+	if got := parseNotes(body); len(got) != 3 {
+		t.Errorf("parseNotes read %d notes back, want 3: %v", len(got), got)
+	}
+	if !strings.Contains(body, " run (3 passed, 1 failed, 1 not reached, ") {
+		t.Errorf("the counts line is wrong:\n%s", body[:strings.IndexByte(body, '\n')])
+	}
+}
