@@ -50,8 +50,30 @@
 //     x-migctl-resolve-switchover with destination-gone in unknown-outcome)
 //     to a new destination process completes and the new guest verifies.
 //
-// By default a pairwise subset runs (every pair of state × fault,
-// fault × transport and state × transport appears at least once);
-// MIGCTL_FULL_MATRIX=1 runs every cell, and the script .ci/fault-matrix
-// runs it and regenerates the matrix section of docs/reliability.md.
+// The final states each side may end in come from a hand-written table
+// (outcomes, in cells_test.go), keyed by the held state's class and the
+// fault, for two-way and one-way transports apart, each row with why.
+// A cell that fails is a bug in migctl or in the test: fix it, or report
+// it (the page lists it as failed) — never widen its row to make it pass.
+//
+// # Running it
+//
+// By default (go test -race ./reliability/, as CI does) a pairwise subset
+// runs: every pair of state × fault, fault × transport and state ×
+// transport that some runnable cell has appears at least once (about a
+// quarter of the cells). Environment:
+//
+//   - MIGCTL_FULL_MATRIX=1 runs every cell; the script .ci/fault-matrix
+//     does, under -race, and regenerates the matrix section of
+//     docs/reliability.md (MIGCTL_MATRIX_RUN, a -run pattern over
+//     transport/side:state/fault, or MIGCTL_MATRIX_CELLS limit it).
+//   - MIGCTL_MATRIX_CELLS=a,b runs only the cells whose name contains a
+//     or b (e.g. tcp/outgoing:committed/ or unix/incoming:loaded/cut).
+//   - MIGCTL_MATRIX_OUT=FILE appends each cell's result to FILE (JSON
+//     lines); MIGCTL_RELIABILITY_RESULTS=FILE (or keep) makes
+//     TestWriteReliabilityDoc write the page's section from it.
+//
+// TestReliabilityDocFresh checks, without running a cell, that the
+// page's tables list exactly the cells the spec, transports and faults
+// make now.
 package reliability

@@ -417,8 +417,9 @@ func parseNotes(body string) map[string]string {
 	return out
 }
 
-// matrixIntro is the hand-written head of the matrix section, added with
-// it when the page lacks it.
+// matrixIntro is the head of the matrix section, added with it when the
+// page lacks it; the page's prose around the section is hand-maintained
+// from there on.
 const matrixIntro = `## The fault matrix
 
 ` + "`reliability/`" + ` breaks a real migration between two ` + "`migctl serve`" + ` processes at every state of the
