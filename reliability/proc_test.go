@@ -328,7 +328,6 @@ func (p *proc) stop() {
 }
 
 // cont sends SIGCONT.
-
 func (p *proc) cont() {
 	if p.alive() {
 		_ = p.cmd.Process.Signal(syscall.SIGCONT)
@@ -338,6 +337,7 @@ func (p *proc) cont() {
 	}
 }
 
+// isStopped reports whether the process was stopped and not continued.
 func (p *proc) isStopped() bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
