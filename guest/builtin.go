@@ -45,6 +45,7 @@ type Builtin struct {
 	startedAt time.Time
 	ran       time.Duration // running time in this process, before startedAt
 	runLog    []Interval    // the last maxRunLog run intervals
+	runFile   *runLogFile   // Config.RunLogFile, nil when not set
 
 	running atomic.Bool // written under mu, read anywhere
 
@@ -123,6 +124,13 @@ func build(cfg Config) (*Builtin, error) {
 	}
 	g := &Builtin{cfg: cfg, content: newContent(&cfg)}
 	g.prep = Preparation{Backing: cfg.backing(), HugeBytes: -1}
+	if cfg.RunLogFile != "" {
+		f, err := openRunLog(cfg.RunLogFile)
+		if err != nil {
+			return nil, err
+		}
+		g.runFile = f
+	}
 	sizes := []struct {
 		name string
 		size int64
@@ -206,6 +214,10 @@ func (g *Builtin) Start() error {
 	if g.running.Load() {
 		return nil
 	}
+	// The run log file's line comes first: no writer runs before it.
+	if err := g.runFile.record("start", Monotonic()); err != nil {
+		return err
+	}
 	g.starts++
 	now := time.Now()
 	g.startedAt = now
@@ -228,17 +240,17 @@ func (g *Builtin) Start() error {
 
 // Stop parks the writers and returns once none of them is running: every
 // page write they began has finished and set its dirty bit. Stopping a
-// stopped guest does nothing.
+// stopped guest does nothing. With Config.RunLogFile it fails when the
+// stop could not be logged (the guest is stopped all the same).
 func (g *Builtin) Stop() error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	g.stopLocked()
-	return nil
+	return g.stopLocked()
 }
 
-func (g *Builtin) stopLocked() {
+func (g *Builtin) stopLocked() error {
 	if !g.running.Load() {
-		return
+		return nil
 	}
 	g.runLog[len(g.runLog)-1].Stop = time.Now() // no write begins after this
 	close(g.stop)
@@ -247,6 +259,8 @@ func (g *Builtin) stopLocked() {
 	g.timer.pause(now)
 	g.ran += now.Sub(g.startedAt)
 	g.running.Store(false)
+	// Every writer has stopped: the run log file's line comes after.
+	return g.runFile.record("stop", Monotonic())
 }
 
 // Interval is one period during which a guest ran, on this process's
@@ -371,12 +385,12 @@ func (g *Builtin) Close() error {
 	if g.closed {
 		return nil
 	}
-	g.stopLocked()
+	errs := []error{g.stopLocked()}
 	g.closed = true
-	var errs []error
 	for _, b := range g.blocks {
 		errs = append(errs, b.release())
 	}
+	errs = append(errs, g.runFile.close())
 	return errors.Join(errs...)
 }
 

@@ -62,6 +62,11 @@ type Config struct {
 	// different UUIDs have the same layout, and whether a migration
 	// between them is refused is the capability validate-uuid's business.
 	UUID UUID
+	// RunLogFile, when set, is a file to which the guest appends a line
+	// on every Start and Stop, on CLOCK_MONOTONIC, written so that it
+	// survives the process being killed (see [ParseRunLog]): evidence, across
+	// processes, of when each guest ran. Not part of the identity.
+	RunLogFile string `json:",omitempty"`
 }
 
 // Values of [Config.Backing].

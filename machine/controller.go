@@ -88,6 +88,15 @@ type Options struct {
 	Now func() time.Time
 	// Logger receives one line per transition (default: discard).
 	Logger *slog.Logger
+	// OnEnter, when set, is called after every Fire that moved a side (a
+	// migration side or the guest graph), with the trigger and the
+	// Fire's Outcome (Side, From, To). It runs on the goroutine that
+	// fired, after the controller lock is released and before Fire
+	// returns, so it may call the controller and may block: whatever that
+	// goroutine does next in the new state waits for it. migctl serve's
+	// test-only holds (--x-hold) use it to stop a side right as it enters
+	// a state; most embedders leave it nil.
+	OnEnter func(t Trigger, o Outcome)
 }
 
 // Controller is the migration controller of one process.
@@ -449,6 +458,15 @@ type Outcome struct {
 // has moved there: see Outcome.Refused). The endpoint in a is committed to
 // the side in the same step, only when the side moves.
 func (c *Controller) Fire(ctx context.Context, sideName string, trigger Trigger, a *Args) (Outcome, error) {
+	out, err := c.fireLocked(ctx, sideName, trigger, a)
+	if out.Moved && c.opts.OnEnter != nil {
+		c.opts.OnEnter(trigger, out) // outside the lock (Options.OnEnter)
+	}
+	return out, err
+}
+
+// fireLocked is Fire under the controller lock, without the OnEnter hook.
+func (c *Controller) fireLocked(ctx context.Context, sideName string, trigger Trigger, a *Args) (Outcome, error) {
 	out := Outcome{Side: sideName}
 	if err := ctx.Err(); err != nil {
 		return out, fmt.Errorf("machine: %s %s: %w", sideName, trigger, err)

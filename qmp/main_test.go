@@ -57,6 +57,9 @@ type nodeOpts struct {
 	server Options
 	guest  *guest.Config
 	spec   *spec.Spec // default: the repository's
+	// holds, when set, are given to the controller (OnEnter) and the
+	// server, as migctl serve --x-hold does.
+	holds *Holds
 }
 
 func newNode(t testing.TB, o nodeOpts) *node {
@@ -94,8 +97,13 @@ func newNode(t testing.TB, o nodeOpts) *node {
 	if o.host.Loader.Listen == nil {
 		o.host.Loader.Listen = tc.Listen
 	}
-	c, err := machine.New(sp, machine.Options{Facts: map[string]string{"page-size": "4096", "guest": g.ID()}, Incoming: o.dest,
-		Objects: GuardObjects(o.server.Objects)})
+	mo := machine.Options{Facts: map[string]string{"page-size": "4096", "guest": g.ID()}, Incoming: o.dest,
+		Objects: GuardObjects(o.server.Objects)}
+	if o.holds != nil {
+		mo.OnEnter = o.holds.Enter
+		o.server.Holds = o.holds
+	}
+	c, err := machine.New(sp, mo)
 	if err != nil {
 		g.Close()
 		t.Fatal(err)
@@ -117,6 +125,9 @@ func newNode(t testing.TB, o nodeOpts) *node {
 	}
 	n.sock = filepath.Join(dir, "qmp.sock")
 	n.close = sync.OnceFunc(func() {
+		if o.holds != nil {
+			o.holds.Close()
+		}
 		n.s.Close()
 		n.h.Close()
 		c.Close()

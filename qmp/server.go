@@ -76,6 +76,11 @@ type Options struct {
 	// transport, as transport.Config.Descriptors). Nil makes the server
 	// use a table of its own. Close closes what is left in it.
 	FDs *FDTable
+	// Holds, when set, are the test-only hold points (serve --x-hold):
+	// the server announces each hold (X_MIGCTL_HOLD) and x-migctl-release
+	// releases it. Give Holds.Enter to the controller as
+	// machine.Options.OnEnter.
+	Holds *Holds
 }
 
 // Defaults of the Options that bound what unauthenticated connections
@@ -161,6 +166,9 @@ func NewServer(c *machine.Controller, h Host, opts Options) *Server {
 	s.sub = c.Subscribe(1024)
 	s.wg.Add(1)
 	go s.events(last, eventsOn)
+	if opts.Holds != nil {
+		opts.Holds.attach(func(ev HoldEvent) { s.broadcast(EventHold, ev, time.Now()) })
+	}
 	return s
 }
 
@@ -435,6 +443,7 @@ func (s *Server) events(last map[string]string, eventsOn bool) {
 		case machine.EventConfig:
 			eventsOn = s.c.Config().Caps["events"]
 		case machine.EventState:
+			s.broadcast(EventMachine, MachineEvent{Side: ev.Side, From: string(ev.From), To: string(ev.To), Trigger: string(ev.Trigger)}, ev.Time)
 			if ev.Side == spec.Guest {
 				// QEMU's STOP and RESUME follow the guest's run state.
 				switch {

@@ -209,6 +209,20 @@ func (v *VMM) Cont(ctx context.Context) error {
 	return nil
 }
 
+// VerifyGuest checks every page of the stopped guest against what it
+// must hold (QMP x-migctl-verify-guest), for guests that can (the
+// built-in guest's Verify); it fails for a running guest.
+func (v *VMM) VerifyGuest(ctx context.Context) error {
+	vg, ok := v.g.(interface{ Verify() error })
+	if !ok {
+		return errors.New("this guest cannot verify its memory")
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return vg.Verify()
+}
+
 // Resolve is x-migctl-resolve-switchover: side is spec.Outgoing (peerGone:
 // the destination will never run the guest) or spec.Incoming (peerGone:
 // the source will never run it). The side must be in its unknown-outcome

@@ -24,7 +24,9 @@ const guestHelp = "--guest describes the built-in guest as comma-separated KEY=V
 	"writers (goroutines sharing dirty-rate), zero (fraction of pages that stay zero), random (on: fill\n" +
 	"memory with incompressible bytes), uuid (the guest's UUID, QEMU's -uuid; default none), backing (anon:\n" +
 	"anonymous memory with transparent huge pages, the default; memfd: shared memory another process can map),\n" +
-	"prealloc (on: fault all RAM in before anything else, as QEMU's -mem-prealloc). Keys left out take the defaults:\n  " + guestDefaults + "\n" +
+	"prealloc (on: fault all RAM in before anything else, as QEMU's -mem-prealloc), runlog (a file to which the\n" +
+	"guest appends a line, on CLOCK_MONOTONIC, each time it starts or stops; the line survives a kill). Keys left out\n" +
+	"take the defaults:\n  " + guestDefaults + "\n" +
 	"A source and its destination must agree on size, seed, zero and random; dirty-rate and writers may differ."
 
 // defaultGuest is guestDefaults parsed.
@@ -90,8 +92,13 @@ func applyGuest(cfg guest.Config, s string) (guest.Config, error) {
 				err = fmt.Errorf("want %s", onOffWords)
 			}
 			cfg.Prealloc = on
+		case "runlog":
+			if v == "" {
+				err = errors.New("want a file path")
+			}
+			cfg.RunLogFile = v
 		default:
-			return cfg, fmt.Errorf("--guest: unknown key %q; use size, dirty-rate, seed, writers, zero, random, uuid, backing or prealloc", k)
+			return cfg, fmt.Errorf("--guest: unknown key %q; use size, dirty-rate, seed, writers, zero, random, uuid, backing, prealloc or runlog", k)
 		}
 		if err != nil {
 			return cfg, fmt.Errorf("--guest %s=%s: %w", k, v, err)

@@ -128,7 +128,10 @@ func TestGuestDescription(t *testing.T) {
 			t.Errorf("formatGuest(%+v) = %q reads back as %+v, %v", got, formatGuest(got), back, err)
 		}
 	}
-	for _, bad := range []string{"colour=blue", "size=0", "size=1000", "zero=2", "random=maybe", "size=1G,size=2G", "writers=-1", "seed"} {
+	if got, err := parseGuest("size=64M,runlog=/tmp/run.log"); err != nil || got.RunLogFile != "/tmp/run.log" {
+		t.Errorf("parseGuest(runlog=) = %+v, %v", got, err)
+	}
+	for _, bad := range []string{"colour=blue", "size=0", "size=1000", "zero=2", "random=maybe", "size=1G,size=2G", "writers=-1", "seed", "runlog="} {
 		if _, err := parseGuest(bad); err == nil {
 			t.Errorf("parseGuest(%q) accepted", bad)
 		}

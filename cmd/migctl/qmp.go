@@ -94,6 +94,10 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest, pau
 		printSpecErrors(cmd.ErrOrStderr(), err)
 		return &exitError{code: 1}
 	}
+	holds, err := sf.holdPoints(s)
+	if err != nil {
+		return &usageError{err: err}
+	}
 	var g *guest.Builtin
 	if dest {
 		g, err = guest.NewDestination(cfg)
@@ -111,7 +115,7 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest, pau
 		}
 	}
 	objs := creds.NewObjects()
-	c, err := serveController(s, g, dest, paused, objs)
+	c, err := serveController(s, g, dest, paused, objs, holds)
 	if err != nil {
 		return err
 	}
@@ -132,7 +136,10 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest, pau
 		Logger: log,
 	})
 	defer h.Close()
-	qopts.Logger, qopts.Objects, qopts.FDs, qopts.Digest = log, objs, fds, g.Checksum
+	if holds != nil {
+		defer holds.Close() // before h.Close: a held migration must not delay shutdown
+	}
+	qopts.Logger, qopts.Objects, qopts.FDs, qopts.Digest, qopts.Holds = log, objs, fds, g.Checksum, holds
 	if u, ok := guest.UUIDOf(g); ok {
 		qopts.UUID = u.String()
 	}

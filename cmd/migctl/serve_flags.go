@@ -32,6 +32,9 @@ type serveFlags struct {
 	tlsAllow               []string
 	fds                    []int
 	rdmaProvider           string
+	// Test-only (hidden): hold points and how long each holds.
+	holds       []string
+	holdTimeout time.Duration
 }
 
 func (f *serveFlags) add(cmd *cobra.Command) {
@@ -43,7 +46,27 @@ func (f *serveFlags) add(cmd *cobra.Command) {
 	fl.StringVar(&f.tlsCreds, "qmp-tls-creds", "", "tls-creds-x509 `DIR` (ca-cert.pem, server-cert.pem, server-key.pem) making clients of the tcp: QMP sockets authenticate with a certificate signed by ca-cert.pem")
 	fl.StringArrayVar(&f.tlsAllow, "qmp-tls-allow", nil, "with --qmp-tls-creds, accept only client certificates whose distinguished name matches this `GLOB` (QEMU's DN form, e.g. 'C=GB,O=Example,CN=*'; repeatable)")
 	fl.IntSliceVar(&f.fds, "fd", nil, "descriptor N inherited from the parent, usable (once) as fd:N in migrate or migrate-incoming (repeatable); other numbers are refused")
+	// Test-only, hidden: the fault matrix (reliability/) holds a side as
+	// it enters a state, applies a fault, then releases it with QMP
+	// x-migctl-release (qmp.Holds).
+	fl.StringArrayVar(&f.holds, "x-hold", nil, "test only: hold the goroutine that makes a side enter a state (`SIDE:STATE`), the first time, until QMP x-migctl-release (announced by the X_MIGCTL_HOLD event; repeatable)")
+	fl.DurationVar(&f.holdTimeout, "x-hold-timeout", time.Minute, "test only: how long (`DURATION`) --x-hold holds without x-migctl-release")
+	_ = fl.MarkHidden("x-hold")
+	_ = fl.MarkHidden("x-hold-timeout")
 	addRDMAProviderFlag(fl, &f.rdmaProvider)
+}
+
+// holdPoints returns the --x-hold points checked against the spec, or nil
+// when none was given.
+func (f *serveFlags) holdPoints(s *spec.Spec) (*qmp.Holds, error) {
+	if len(f.holds) == 0 {
+		return nil, nil
+	}
+	h, err := qmp.NewHolds(s, f.holds, f.holdTimeout)
+	if err != nil {
+		return nil, fmt.Errorf("--x-hold: %w", err)
+	}
+	return h, nil
 }
 
 // addRDMAProviderFlag adds --rdma-provider (serve and demo).
@@ -158,12 +181,16 @@ func slicesAny(s []string, f func(string) bool) bool {
 // serveController builds serve's controller: the facts the connect guard
 // compares (page size, guest identity, and the guest's UUID when it has
 // one) and the object registry the tls-objects guard looks at.
-func serveController(s *spec.Spec, g *guest.Builtin, dest, paused bool, objs *creds.Objects) (*machine.Controller, error) {
+func serveController(s *spec.Spec, g *guest.Builtin, dest, paused bool, objs *creds.Objects, holds *qmp.Holds) (*machine.Controller, error) {
 	ps := "4096"
 	if bs := g.Blocks(); len(bs) > 0 {
 		ps = strconv.Itoa(bs[0].PageSize)
 	}
 	facts := map[string]string{"page-size": ps, "guest": g.ID()}
+	var onEnter func(machine.Trigger, machine.Outcome)
+	if holds != nil {
+		onEnter = holds.Enter
+	}
 	if u, ok := guest.UUIDOf(g); ok {
 		facts["uuid"] = u.String() // compared at connect when the source sends its UUID
 	}
@@ -173,5 +200,6 @@ func serveController(s *spec.Spec, g *guest.Builtin, dest, paused bool, objs *cr
 		Incoming: dest,
 		Paused:   paused,
 		Objects:  qmp.GuardObjects(objs),
+		OnEnter:  onEnter,
 	})
 }
