@@ -58,6 +58,7 @@ var notSpecNames = []struct {
 	{"qmp/commands.go", "cancelling", 1, "QEMU's MigrationStatus enum"},
 	{"qmp/commands.go", "cancelled", 1, "QEMU's MigrationStatus enum"},
 	{"qmp/commands.go", "active", 1, "QEMU's MigrationStatus enum"},
+	{"qmp/commands.go", "postcopy-device", 1, "QEMU's MigrationStatus enum"},
 	{"qmp/commands.go", "postcopy-active", 1, "QEMU's MigrationStatus enum"},
 	{"qmp/commands.go", "postcopy-paused", 1, "QEMU's MigrationStatus enum"},
 	{"qmp/commands.go", "postcopy-recover-setup", 1, "QEMU's MigrationStatus enum"},

@@ -177,7 +177,7 @@ func TestExplainAgreesWithTheMachine(t *testing.T) {
 		{side: "outgoing", uri: closed, caps: []string{"pause-before-switchover"}, want: true},
 		{side: "outgoing", uri: closed, caps: []string{"events", "late-block-activate"}, want: true},
 		{side: "outgoing", uri: closed, caps: []string{"auto-converge"}, want: true},
-		{side: "outgoing", uri: closed, caps: []string{"postcopy-ram"}, rule: "migctl/not-implemented"},
+		{side: "outgoing", uri: closed, caps: []string{"postcopy-ram"}, want: true}, // implemented by postcopy (issue 11)
 		{side: "outgoing", uri: "rdma:127.0.0.1:1", caps: []string{"xbzrle"}, rule: "rdma/no-xbzrle"},
 		{side: "outgoing", uri: "rdma:127.0.0.1:1", caps: []string{"rdma-pin-all"}, want: true}, // implemented by the rdma: transport (issue 10)
 		{side: "outgoing", uri: closed, caps: []string{"rdma-pin-all"}, rule: "rdma-pin-all/transports"},
@@ -201,7 +201,9 @@ func TestExplainAgreesWithTheMachine(t *testing.T) {
 		{side: "incoming", uri: "file:" + existing, caps: []string{"mapped-ram"}, want: true}, // implemented by the data-plane work (issue 8)
 		{side: "incoming", uri: "unix:" + filepath.Join(dir, "in%s.sock"), caps: []string{"return-path"}, want: true},
 		{side: "incoming", uri: "tcp:127.0.0.1:0", caps: []string{"background-snapshot"}, rule: "background-snapshot/not-incoming"},
-		{side: "incoming", uri: "tcp:127.0.0.1:0", caps: []string{"postcopy-ram", "postcopy-preempt"}, rule: "migctl/not-implemented"},
+		// Postcopy is implemented (issue 11), for a destination whose guest
+		// runs in its own process (--guest …,postcopy=on) only.
+		{side: "incoming", uri: "tcp:127.0.0.1:0", caps: []string{"postcopy-ram", "postcopy-preempt"}, rule: "postcopy-ram/needs-guest-process"},
 		{side: "incoming", uri: "exec:cat " + existing, caps: []string{"return-path"}, rule: "return-path/needs-transport/return-path"},
 		{side: "incoming", uri: "tcp:127.0.0.1:0", params: map[string]any{"tls-creds": "tls0"}, rule: "migctl/no-tls"},
 		{side: "incoming", uri: "tcp:127.0.0.1:0", caps: []string{"return-path", "switchover-ack"}, want: true},
