@@ -126,6 +126,10 @@ type Incoming struct {
 	result   Result
 	// resolveMu serialises Resolve calls.
 	resolveMu sync.Mutex
+	// pcMu guards pc: the run's postcopy state once armed (postcopy.go),
+	// for Recover and Pause.
+	pcMu sync.Mutex
+	pc   *pcIn
 }
 
 // ErrCancelled is wrapped by the error of an incoming migration that was
@@ -266,6 +270,7 @@ type loader struct {
 	// The commit protocol and liveness (commit.go).
 	hs        *stream.Handshake // the source's announcement
 	proto     bool              // the source speaks the commit protocol and opened the return path
+	pc        *pcIn             // postcopy, when postcopy-ram is on (postcopy.go)
 	waitingGo bool              // loaded fired: only go, abort or the operator end the wait
 	dog       *watchdog.Dog
 	stopDog   context.CancelFunc
@@ -306,6 +311,7 @@ func (l *loader) load() error {
 		lim.PageSize = uint64(blocks[0].PageSize)
 		l.stats.PageSize = lim.PageSize
 	}
+	postcopyLimits(in.g, &lim)
 	if in.opts.PageSums {
 		l.zeroSum = guest.PageSum(make([]byte, lim.PageSize))
 		l.pageSums = make([][]uint32, len(blocks))
@@ -352,6 +358,10 @@ func (l *loader) load() error {
 	if handled, err := l.mappedRAM(cfg, early); handled { // loaders/mapped.go
 		return err
 	}
+	if early, err = l.armPostcopy(cfg, early); err != nil { // postcopy.go
+		closeAll(early)
+		return err
+	}
 	// Every channel is there before loading starts, as QEMU's destination
 	// waits for main + all multifd channels.
 	if cfg.Caps["multifd"] {
@@ -390,6 +400,9 @@ func (l *loader) loop(dec *stream.Decoder) error {
 		} else {
 			done, err = l.batch(dec, 4096, false)
 		}
+		if errors.Is(err, errEnterPostcopy) {
+			return l.runPostcopy(dec) // postcopy.go
+		}
 		if err != nil {
 			return err
 		}
@@ -427,6 +440,9 @@ func (l *loader) batch(dec *stream.Decoder, n int, locked bool) (done bool, err 
 
 // apply applies one record.
 func (l *loader) apply(dec *stream.Decoder, rec stream.Record, locked bool) error {
+	if handled, err := l.postcopyRecord(dec, rec); handled { // postcopy.go
+		return err
+	}
 	switch rec.Kind {
 	case stream.KindPage:
 		dst, err := l.page(rec)
@@ -577,6 +593,9 @@ func (l *loader) complete(dec *stream.Decoder) error {
 	if err := l.ramLanded(); err != nil {
 		return err
 	}
+	if err := l.fillHoles(); err != nil { // postcopy.go: a Postcopier guest's zero pages
+		return err
+	}
 	if in.opts.BeforeStart != nil {
 		if err := in.opts.BeforeStart(l.pageSums); err != nil {
 			resume()
@@ -719,6 +738,7 @@ func (l *loader) publish(force bool, dec *stream.Decoder) {
 	l.stats.Normal = l.wire.MainPages + l.wire.MultifdPages + l.wire.MappedPages
 	l.stats.Duplicate = l.wire.MainZeros + l.wire.MultifdZeros
 	l.stats.NormalBytes = l.stats.Normal * l.stats.PageSize
+	l.pcStats(&l.stats) // postcopy.go
 	l.stats.TotalTime = now.Sub(l.start)
 	if secs := l.stats.TotalTime.Seconds(); secs > 0 {
 		l.stats.Mbps = float64(l.stats.Transferred) * 8 / 1e6 / secs
@@ -794,6 +814,9 @@ func (l *loader) cleanup(err error) {
 	}
 	if l.mf != nil {
 		l.mf.stop()
+	}
+	if l.pc != nil {
+		_ = l.pc.stopService() // postcopy.go
 	}
 	in.ln.Close()
 	l.wg.Wait()

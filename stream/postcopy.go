@@ -158,6 +158,7 @@ func (d *Decoder) Resume(r io.Reader) {
 	d.err = nil
 	d.state = dsTop
 	d.last = nil
+	d.ramEnded = false // a recovered source may send RAM sections again
 	d.inFull, d.isHS = false, false
 }
 
@@ -175,6 +176,7 @@ func (e *Encoder) Resume(w io.Writer) {
 	if e.state == esRAMOpen || e.state == esClosed {
 		e.state = esTop
 	}
+	e.ramEnded = false // pages lost with the link are sent again
 	e.last = nil
 }
 
