@@ -265,7 +265,7 @@ func TestPostcopyEndToEnd(t *testing.T) {
 				t.Fatalf("destination states %v", got)
 			}
 			if sr.Stats.PostcopyRequests == 0 || dr.Stats.PostcopyRequests == 0 || sr.Stats.PostcopyBytes == 0 {
-				t.Fatalf("no page was requested: the guest ran with everything already there (source %+v)", sr.Stats)
+				t.Fatalf("postcopy served no page request (source served %d, destination sent %d, %d postcopy bytes): %+v", sr.Stats.PostcopyRequests, dr.Stats.PostcopyRequests, sr.Stats.PostcopyBytes, sr.Stats)
 			}
 			checkDest(t, dst, src.g)
 			t.Logf("requests: source %d destination %d; postcopy %d bytes; blocktime %v vcpu %v latency %v",
