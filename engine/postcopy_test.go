@@ -217,7 +217,7 @@ func TestPostcopyEndToEnd(t *testing.T) {
 	for _, preempt := range []bool{false, true} {
 		t.Run(fmt.Sprintf("preempt=%v", preempt), func(t *testing.T) {
 			cfg := guest.Config{Size: 32 << 20, DirtyRate: 32 << 20, Seed: 11, ZeroFraction: 0.1}
-			caps := map[string]bool{"postcopy-ram": true, "postcopy-preempt": preempt, "events": true}
+			caps := map[string]bool{"postcopy-ram": true, "postcopy-preempt": preempt, "postcopy-blocktime": true, "events": true}
 			src := newEnd(t, false, cfg)
 			setCaps(t, src.c, caps, map[string]any{"max-bandwidth": 16 << 20})
 			dst := newPostcopyDest(t, cfg, 2, caps)
@@ -266,6 +266,9 @@ func TestPostcopyEndToEnd(t *testing.T) {
 			}
 			if sr.Stats.PostcopyRequests == 0 || dr.Stats.PostcopyRequests == 0 || sr.Stats.PostcopyBytes == 0 {
 				t.Fatalf("postcopy served no page request (source served %d, destination sent %d, %d postcopy bytes): %+v", sr.Stats.PostcopyRequests, dr.Stats.PostcopyRequests, sr.Stats.PostcopyBytes, sr.Stats)
+			}
+			if len(dr.Stats.PostcopyVCPUBlocktime) != 2 || dr.Stats.PostcopyVCPUBlocktime[0]+dr.Stats.PostcopyVCPUBlocktime[1] == 0 {
+				t.Fatalf("postcopy-blocktime on, 2 reader vCPUs that faulted: per-vCPU blocktime %v", dr.Stats.PostcopyVCPUBlocktime)
 			}
 			checkDest(t, dst, src.g)
 			t.Logf("requests: source %d destination %d; postcopy %d bytes; blocktime %v vcpu %v latency %v",

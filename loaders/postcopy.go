@@ -55,13 +55,14 @@ var ErrPausedByUser = errors.New("Postcopy migration is paused by the user")
 // pcIn is the destination's postcopy state. The loader goroutine owns it,
 // except where a field says otherwise.
 type pcIn struct {
-	l        *loader
-	svc      *postcopy.Service
-	ufd      *uffd.FD
-	blocks   []*guest.Block
-	pageSize int
-	preempt  bool // capability postcopy-preempt
-	early    transport.Conn
+	l         *loader
+	svc       *postcopy.Service
+	ufd       *uffd.FD
+	blocks    []*guest.Block
+	pageSize  int
+	preempt   bool // capability postcopy-preempt
+	blocktime bool // capability postcopy-blocktime: report QEMU's blocktime
+	early     transport.Conn
 
 	listened bool        // LISTEN processed: pages go in with UFFDIO_COPY
 	ponged   atomic.Bool // PONG(0x42) sent: the source may commit from now on
@@ -174,7 +175,7 @@ func (l *loader) armPostcopy(cfg guards.Config, early []transport.Conn) ([]trans
 			return fail(errors.New("postcopy needs a source that speaks migctl's extensions (switchover-commit/1): this one does not; switch postcopy-ram off"))
 		}
 	}
-	pc := &pcIn{l: l, preempt: cfg.Caps["postcopy-preempt"], blocks: l.in.g.Blocks(), reqWake: make(chan struct{}, 1), lnCh: make(chan transport.Listener)}
+	pc := &pcIn{l: l, preempt: cfg.Caps["postcopy-preempt"], blocktime: cfg.Caps["postcopy-blocktime"], blocks: l.in.g.Blocks(), reqWake: make(chan struct{}, 1), lnCh: make(chan transport.Listener)}
 	pc.pageSize = int(l.stats.PageSize)
 	pc.zeroPage = make([]byte, pc.pageSize)
 	pc.scratch = make([]byte, pc.pageSize)
@@ -1050,8 +1051,11 @@ func (l *loader) pcStats(st *machine.Stats) {
 	if pc == nil {
 		return
 	}
-	ss := pc.svc.Stats()
 	st.PostcopyRequests = pc.requests.Load()
+	if !pc.blocktime { // QEMU reports blocktime only with the capability on
+		return
+	}
+	ss := pc.svc.Stats()
 	st.PostcopyBlocktime = ss.BlockTime
 	st.PostcopyLatency = ss.Latency()
 	st.PostcopyVCPUBlocktime = nil
