@@ -37,6 +37,7 @@ var notSpecNames = []struct {
 }{
 	{"qmp/commands.go", "migrate", 3, "the QMP command's name (table, argument errors, the trust policy)"},
 	{"qmp/hmp.go", "stop", 1, "the HMP command name"},
+	{"cmd/migctl/guestproc.go", "postcopy", 1, "serve's --guest key postcopy=on|off"},
 	{"qmp/hmp.go", "migrate", 1, "the HMP info subcommand's name"},
 	{"qmp/hmp.go", "failed", 1, "QEMU's MigrationStatus in HMP's info migrate text"},
 	{"qmp/hmp.go", "paused", 1, "QEMU's RunState in HMP's info status text"},

@@ -302,7 +302,7 @@ func (s *sender) startPostcopy(cfg guards.Config) error {
 	s.stats.Downtime = time.Since(tStop)
 	pc.startBytes = s.moved()
 	s.stopWatch() // in postcopy a stall pauses (the link's watchdog), never fails
-	m.log.Info("postcopy", "downtime", s.stats.Downtime, "remaining", s.stats.Remaining)
+	m.log.Info("switched to postcopy", "downtime", s.stats.Downtime, "remaining", s.stats.Remaining)
 	return s.runPostcopy()
 }
 
