@@ -129,6 +129,10 @@ func waitSide(ctx context.Context, t *testing.T, c *machine.Controller, side str
 			if ev.Kind == machine.EventState && ev.Side == side && ev.To == want {
 				return
 			}
+			if ev.Kind == machine.EventState && ev.Side == side && (ev.To == "failed" || ev.To == "completed" || ev.To == "cancelled") {
+				st, _ := c.Status(side, 0)
+				t.Fatalf("%s side ended %s (%s) waiting for %s", side, ev.To, st.Error, want)
+			}
 		case <-ctx.Done():
 			st, _ := c.Status(side, 0)
 			t.Fatalf("%s side never reached %s (it is %s): %v", side, want, st.State, ctx.Err())

@@ -1,0 +1,192 @@
+package engine_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/migctl/migctl/engine"
+	"github.com/migctl/migctl/guest"
+	"github.com/migctl/migctl/loaders"
+	"github.com/migctl/migctl/machine"
+	"github.com/migctl/migctl/spec"
+)
+
+// relay is a loopback TCP relay in front of a destination: every
+// connection it accepts is copied both ways to target, and Cut closes all
+// of them at once (a cable pulled, as far as both sides can tell).
+type relay struct {
+	ln     net.Listener
+	target string
+
+	mu    sync.Mutex
+	conns []net.Conn
+	cut   bool
+	wg    sync.WaitGroup
+}
+
+func newRelay(t *testing.T, target string) *relay {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &relay{ln: ln, target: target}
+	r.wg.Add(1)
+	go r.accept()
+	t.Cleanup(func() { r.Cut(); r.ln.Close(); r.wg.Wait() })
+	return r
+}
+
+func (r *relay) uri() string { return "tcp:" + r.ln.Addr().String() }
+
+func (r *relay) accept() {
+	defer r.wg.Done()
+	for {
+		c, err := r.ln.Accept()
+		if err != nil {
+			return
+		}
+		d, err := net.DialTimeout("tcp", r.target, 10*time.Second)
+		if err != nil {
+			c.Close()
+			continue
+		}
+		r.mu.Lock()
+		if r.cut {
+			r.mu.Unlock()
+			c.Close()
+			d.Close()
+			continue
+		}
+		r.conns = append(r.conns, c, d)
+		r.wg.Add(2)
+		r.mu.Unlock()
+		pipe := func(to, from net.Conn) {
+			defer r.wg.Done()
+			_, _ = io.Copy(to, from)
+			// Half a connection gone: end both, as a broken link does.
+			to.Close()
+			from.Close()
+		}
+		go pipe(c, d)
+		go pipe(d, c)
+	}
+}
+
+// Cut closes every relayed connection, and every later one at once.
+func (r *relay) Cut() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.cut = true
+	for _, c := range r.conns {
+		c.Close()
+	}
+	r.conns = nil
+}
+
+// A link cut in postcopy-active takes both sides to postcopy-paused (never
+// failed: the guest runs on the destination with pages still at the
+// source); migrate-recover on the destination and migrate resume=true on
+// the source rebuild the channel (RECV_BITMAP, RESUME_ACK) and the
+// migration completes with every page equal. The background stream is
+// held to max-postcopy-bandwidth so the cut finds most pages still at the
+// source; the destination's reader vCPUs fault on them and stay blocked
+// (never read zeros) across the pause.
+func TestPostcopyRecoverAfterCut(t *testing.T) {
+	for _, preempt := range []bool{false, true} {
+		t.Run(fmt.Sprintf("preempt=%v", preempt), func(t *testing.T) {
+			cfg := guest.Config{Size: 32 << 20, DirtyRate: 32 << 20, Seed: 12, ZeroFraction: 0.1}
+			caps := map[string]bool{"postcopy-ram": true, "postcopy-preempt": preempt, "events": true}
+			src := newEnd(t, false, cfg)
+			setCaps(t, src.c, caps, map[string]any{"max-bandwidth": 16 << 20, "max-postcopy-bandwidth": 1 << 20})
+			dst := newPostcopyDest(t, cfg, 1, caps)
+			ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+			defer cancel()
+			in, err := loaders.Listen(ctx, dst.c, dst.g, "tcp:127.0.0.1:0", loaders.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			r := newRelay(t, strings.TrimPrefix(in.Addr().String(), "tcp:"))
+			m, err := engine.Start(ctx, src.c, src.g, r.uri(), engine.Options{SectionBytes: 256 << 10})
+			if err != nil {
+				in.Abort("source refused")
+				<-in.Done()
+				t.Fatal(err)
+			}
+			abort := func(format string, args ...any) {
+				t.Helper()
+				in.Abort("test failed")
+				m.Abort("test failed")
+				<-m.Done()
+				<-in.Done()
+				t.Fatalf(format, args...)
+			}
+			m.StartPostcopy()
+			t.Cleanup(func() {
+				if t.Failed() {
+					st, _ := dst.c.Status(spec.Incoming, 0)
+					t.Logf("destination: %s (%s), states %v", st.State, st.Error, history(t, dst.c, spec.Incoming))
+				}
+			})
+			waitSide(ctx, t, src.c, spec.Outgoing, machine.State("postcopy-active"))
+			waitSide(ctx, t, dst.c, spec.Incoming, machine.State("postcopy-active"))
+			r.Cut()
+			waitSide(ctx, t, src.c, spec.Outgoing, machine.State("postcopy-paused"))
+			waitSide(ctx, t, dst.c, spec.Incoming, machine.State("postcopy-paused"))
+
+			// The cut found pages still at the source (else this would test
+			// nothing): the guest process counts what it received.
+			if st, err := dst.g.Stats(ctx); err != nil || st.Received >= st.Pages {
+				abort("after the cut: guest process stats %+v (%v): want pages still missing", st, err)
+			} else {
+				t.Logf("paused with %d of %d pages received", st.Received, st.Pages)
+			}
+			// Paused, the migration cannot be cancelled (QEMU's words): the
+			// guest's state is split between the two sides.
+			if err := m.Cancel(ctx); err == nil || !strings.Contains(err.Error(), "Postcopy migration in progress, cannot cancel.") {
+				abort("cancel while paused: %v, want QEMU's refusal", err)
+			}
+			// Recover on a new address, directly (the relay is gone).
+			ruri := "unix:" + filepath.Join(t.TempDir(), "recover.sock")
+			if err := in.Recover(ctx, ruri); err != nil {
+				abort("migrate-recover: %v", err)
+			}
+			if err := src.c.SetParameters(ctx, map[string]any{"max-postcopy-bandwidth": 0}); err != nil {
+				abort("%v", err)
+			}
+			if err := m.Resume(ctx, ruri, nil); err != nil {
+				abort("migrate resume=true: %v", err)
+			}
+			sr, err := m.Wait(ctx)
+			if err != nil {
+				abort("the migration did not end: %v (source %v, destination %v)", err, history(t, src.c, spec.Outgoing), history(t, dst.c, spec.Incoming))
+			}
+			dr, err := in.Wait(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if sr.Err != nil || dr.Err != nil {
+				t.Fatalf("source %v (%s), destination %v (%s)", sr.Err, sr.State, dr.Err, dr.State)
+			}
+			wantSrc := []string{"postcopy-active", "postcopy-paused", "postcopy-recover-setup", "postcopy-recover", "postcopy-active", "completed"}
+			if got := history(t, src.c, spec.Outgoing); !inOrder(got, wantSrc) {
+				t.Fatalf("source states %v, want %v in order", got, wantSrc)
+			}
+			wantDst := []string{"postcopy-active", "postcopy-paused", "postcopy-recover-listening", "postcopy-recover", "postcopy-active", "completed"}
+			if got := history(t, dst.c, spec.Incoming); !inOrder(got, wantDst) {
+				t.Fatalf("destination states %v, want %v in order", got, wantDst)
+			}
+			checkDest(t, dst, src.g)
+		})
+	}
+}
+
+var _ = errors.Is
