@@ -246,6 +246,15 @@ func TestPostcopyEndToEnd(t *testing.T) {
 				<-in.Done()
 				t.Fatal(err)
 			}
+			// Before the guest process goes (cleanups run last first): a
+			// failed test ends both sides, so no fault service outlives the
+			// guest's mappings.
+			t.Cleanup(func() {
+				in.Abort("test ended")
+				m.Abort("test ended")
+				<-m.Done()
+				<-in.Done()
+			})
 			m.StartPostcopy()
 			sr, err := m.Wait(ctx)
 			if err != nil {

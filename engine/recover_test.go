@@ -26,19 +26,25 @@ type relay struct {
 	ln     net.Listener
 	target string
 
+	// backLimit > 0: the relay cuts everything once it has carried this
+	// many bytes from target back to the dialler (a link that breaks in
+	// the middle of a handshake).
+	backLimit int64
+
 	mu    sync.Mutex
 	conns []net.Conn
 	cut   bool
+	back  int64 // bytes carried back so far
 	wg    sync.WaitGroup
 }
 
-func newRelay(t *testing.T, target string) *relay {
+func newRelay(t *testing.T, target string, backLimit int64) *relay {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &relay{ln: ln, target: target}
+	r := &relay{ln: ln, target: target, backLimit: backLimit}
 	r.wg.Add(1)
 	go r.accept()
 	t.Cleanup(func() { r.Cut(); r.ln.Close(); r.wg.Wait() })
@@ -69,16 +75,42 @@ func (r *relay) accept() {
 		r.conns = append(r.conns, c, d)
 		r.wg.Add(2)
 		r.mu.Unlock()
-		pipe := func(to, from net.Conn) {
+		pipe := func(to, from net.Conn, back bool) {
 			defer r.wg.Done()
-			_, _ = io.Copy(to, from)
+			if back && r.backLimit > 0 {
+				_, _ = io.Copy(to, &limitedBack{r: r, from: from})
+			} else {
+				_, _ = io.Copy(to, from)
+			}
 			// Half a connection gone: end both, as a broken link does.
 			to.Close()
 			from.Close()
 		}
-		go pipe(c, d)
-		go pipe(d, c)
+		go pipe(c, d, true)
+		go pipe(d, c, false)
 	}
+}
+
+// limitedBack reads from a target connection until the relay's backLimit
+// is reached, then cuts the relay.
+type limitedBack struct {
+	r    *relay
+	from net.Conn
+}
+
+func (l *limitedBack) Read(p []byte) (int, error) {
+	l.r.mu.Lock()
+	left := l.r.backLimit - l.r.back
+	l.r.mu.Unlock()
+	if left <= 0 {
+		l.r.Cut()
+		return 0, io.EOF
+	}
+	n, err := l.from.Read(p[:min(int64(len(p)), left)])
+	l.r.mu.Lock()
+	l.r.back += int64(n)
+	l.r.mu.Unlock()
+	return n, err
 }
 
 // Cut closes every relayed connection, and every later one at once.
@@ -101,8 +133,12 @@ func (r *relay) Cut() {
 // source; the destination's reader vCPUs fault on them and stay blocked
 // (never read zeros) across the pause.
 func TestPostcopyRecoverAfterCut(t *testing.T) {
-	for _, preempt := range []bool{false, true} {
-		t.Run(fmt.Sprintf("preempt=%v", preempt), func(t *testing.T) {
+	for _, c := range []struct {
+		preempt bool
+		second  string // "": one cut; "handshake": the recovery handshake is cut too; "reconnect": the reconnection is cut
+	}{{false, ""}, {true, ""}, {false, "handshake"}, {true, "handshake"}, {false, "reconnect"}} {
+		preempt := c.preempt
+		t.Run(fmt.Sprintf("preempt=%v,second=%s", preempt, c.second), func(t *testing.T) {
 			cfg := guest.Config{Size: 32 << 20, DirtyRate: 32 << 20, Seed: 12, ZeroFraction: 0.1}
 			caps := map[string]bool{"postcopy-ram": true, "postcopy-preempt": preempt, "events": true}
 			src := newEnd(t, false, cfg)
@@ -114,13 +150,22 @@ func TestPostcopyRecoverAfterCut(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			r := newRelay(t, strings.TrimPrefix(in.Addr().String(), "tcp:"))
+			r := newRelay(t, strings.TrimPrefix(in.Addr().String(), "tcp:"), 0)
 			m, err := engine.Start(ctx, src.c, src.g, r.uri(), engine.Options{SectionBytes: 256 << 10})
 			if err != nil {
 				in.Abort("source refused")
 				<-in.Done()
 				t.Fatal(err)
 			}
+			// Before the guest process goes (cleanups run last first): a
+			// failed test ends both sides, so no fault service outlives the
+			// guest's mappings.
+			t.Cleanup(func() {
+				in.Abort("test ended")
+				m.Abort("test ended")
+				<-m.Done()
+				<-in.Done()
+			})
 			abort := func(format string, args ...any) {
 				t.Helper()
 				in.Abort("test failed")
@@ -153,6 +198,41 @@ func TestPostcopyRecoverAfterCut(t *testing.T) {
 			// guest's state is split between the two sides.
 			if err := m.Cancel(ctx); err == nil || !strings.Contains(err.Error(), "Postcopy migration in progress, cannot cancel.") {
 				abort("cancel while paused: %v, want QEMU's refusal", err)
+			}
+			if c.second != "" {
+				// A second failure: the recovery goes through a relay that
+				// breaks during the handshake (after the first byte the
+				// destination sends back) or refuses the reconnection
+				// (cut before it comes). Both sides pause again.
+				if c.second == "reconnect" {
+					// The destination's listener only sees a connection that
+					// closes at once; it waits x-migctl-io-timeout for the
+					// source, then pauses again (QEMU refuses migrate-pause
+					// while it listens: its status is postcopy-paused).
+					if err := dst.c.SetParameters(ctx, map[string]any{"x-migctl-keepalive": 100, "x-migctl-io-timeout": 500}); err != nil {
+						abort("%v", err)
+					}
+				}
+				if err := in.Recover(ctx, "tcp:127.0.0.1:0"); err != nil {
+					abort("migrate-recover: %v", err)
+				}
+				st, _ := dst.c.Status(spec.Incoming, 0)
+				if st.Endpoint == nil {
+					abort("destination status has no endpoint after migrate-recover: %+v", st)
+				}
+				var limit int64
+				if c.second == "handshake" {
+					limit = 1
+				}
+				r2 := newRelay(t, strings.TrimPrefix(st.Endpoint.URI, "tcp:"), limit)
+				if c.second == "reconnect" {
+					r2.Cut()
+				}
+				if err := m.Resume(ctx, r2.uri(), nil); err != nil {
+					abort("migrate resume=true: %v", err)
+				}
+				waitSide(ctx, t, src.c, spec.Outgoing, machine.State("postcopy-paused"))
+				waitSide(ctx, t, dst.c, spec.Incoming, machine.State("postcopy-paused"))
 			}
 			// Recover on a new address, directly (the relay is gone).
 			ruri := "unix:" + filepath.Join(t.TempDir(), "recover.sock")
