@@ -547,6 +547,17 @@ func (s *sender) servePostcopy(k *pcLinkOut) error {
 		if err := urgent(); err != nil {
 			return err
 		}
+		// max-postcopy-bandwidth holds the background stream only: a wait
+		// that a page request ends serves the request (above) and then
+		// waits again, never letting a background chunk through early.
+		if limit := s.liveUint("max-postcopy-bandwidth"); limit > 0 && sent > 0 {
+			if wait := time.Duration(float64(sent)/float64(limit)*float64(time.Second)) - time.Since(since); wait > 0 {
+				if err := s.pacePostcopy(k, since, sent); err != nil {
+					return err
+				}
+				continue
+			}
+		}
 		// The next chunk of the background stream.
 		n := 0
 		for n < chunk && pc.cursor < len(s.blocks) {
@@ -579,9 +590,6 @@ func (s *sender) servePostcopy(k *pcLinkOut) error {
 			break // every page is on its way
 		}
 		sent += n
-		if err := s.pacePostcopy(k, since, sent); err != nil {
-			return err
-		}
 		if time.Since(since) > time.Second {
 			since, sent = time.Now(), 0
 		}

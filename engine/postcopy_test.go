@@ -32,7 +32,7 @@ type pcEnd struct {
 // newPostcopyDest spawns a destination guest process for cfg (no writers:
 // its memory must equal the source's at the end) with readers reader
 // vCPUs, and a destination controller with caps on.
-func newPostcopyDest(t *testing.T, cfg guest.Config, readers int, caps map[string]bool) *pcEnd {
+func newPostcopyDest(t testing.TB, cfg guest.Config, readers int, caps map[string]bool) *pcEnd {
 	t.Helper()
 	if err := uffd.Probe(); err != nil {
 		t.Skipf("postcopy needs userfaultfd: %v", err)

@@ -85,6 +85,11 @@ type Options struct {
 	// a benchmark can show what the lock-free loader buys. 0 (the default)
 	// never holds the lock except around a NeedsLock device.
 	LockedBatch int
+	// PostcopyBatch is how many pages (an aligned block around the
+	// faulting page) a postcopy fault asks the source for; 0 means 16
+	// (64 KiB). 1 makes every first touch of a missing page a fault of its
+	// own, which is what a fault-latency benchmark measures.
+	PostcopyBatch int
 }
 
 // Result is how an incoming migration ended.

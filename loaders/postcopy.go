@@ -179,7 +179,7 @@ func (l *loader) armPostcopy(cfg guards.Config, early []transport.Conn) ([]trans
 	pc.pageSize = int(l.stats.PageSize)
 	pc.zeroPage = make([]byte, pc.pageSize)
 	pc.scratch = make([]byte, pc.pageSize)
-	svc, fd, err := postcopy.FromGuest(g, postcopy.Options{Request: pc.request})
+	svc, fd, err := postcopy.FromGuest(g, postcopy.Options{Request: pc.request, Batch: l.in.opts.PostcopyBatch})
 	if err != nil {
 		return fail(err)
 	}
