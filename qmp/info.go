@@ -44,6 +44,10 @@ type MigrationInfo struct {
 	// blocked milliseconds of each vCPU; PostcopyLatency the mean time
 	// from a fault to its page installed, in nanoseconds (QEMU 10.0's
 	// postcopy-latency).
+	// XMigctlNotConverging (migctl extension, source in precopy): the last
+	// x-migctl-convergence-passes passes all expected a downtime above
+	// downtime-limit; the migration will not end on its own.
+	XMigctlNotConverging  bool     `json:"x-migctl-not-converging,omitempty"`
 	PostcopyBlocktime     *uint32  `json:"postcopy-blocktime,omitempty"`
 	PostcopyVCPUBlocktime []uint32 `json:"postcopy-vcpu-blocktime,omitempty"`
 	PostcopyLatency       *uint64  `json:"postcopy-latency,omitempty"`
@@ -157,6 +161,7 @@ func migrationInfo(in, out machine.Status, now time.Time) *MigrationInfo {
 		}
 		if out.Report == spec.ReportProgress {
 			info.ExpectedDowntime = ms(out.Stats.ExpectedDowntime)
+			info.XMigctlNotConverging = out.Stats.NotConverging
 		} else {
 			info.Downtime = ms(out.Stats.Downtime)
 		}
