@@ -15,6 +15,7 @@ import (
 	"github.com/migctl/migctl/guest"
 	"github.com/migctl/migctl/guest/proc"
 	"github.com/migctl/migctl/loaders"
+	"github.com/migctl/migctl/machine"
 	"github.com/migctl/migctl/uffd"
 )
 
@@ -75,6 +76,7 @@ func benchPostcopyOnce(b *testing.B, preempt bool) (proc.LatencySummary, float64
 	b.StopTimer()
 	cfg := guest.Config{Size: benchPostcopySize, Seed: 21, ZeroFraction: 0.1}
 	src := newEndB(b, false, cfg)
+	b.Cleanup(func() { src.c.Close(); src.g.Close() })
 	caps := map[string]bool{"postcopy-ram": true, "postcopy-preempt": preempt}
 	if err := src.c.SetCapabilities(context.Background(), caps); err != nil {
 		b.Fatal(err)
@@ -196,4 +198,91 @@ func benchBareRoundTrip(b *testing.B) {
 	slices.Sort(lat)
 	b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds())/1e3, "p50-us")
 	b.ReportMetric(float64(lat[len(lat)*99/100].Nanoseconds())/1e3, "p99-us")
+}
+
+// BenchmarkPostcopyVsPrecopy compares the total time of a migration of a
+// guest that dirties about 90 % of its RAM per pass (dirty rate 0.9 ×
+// max-bandwidth, so a pass of the whole RAM at the link's rate finds 90 %
+// of it dirty again, less the pages rewritten twice), in precopy
+// (downtime-limit 20 ms: it ends only when a pass leaves little enough;
+// x-migctl-convergence-passes reports it does not converge long before)
+// and in postcopy (migrate-start-postcopy as the second pass begins, as an
+// operator acting on that report would; the destination's guest process
+// then pulls the rest). The clock starts at engine.Start and stops when
+// both sides have ended; setting up the guests is outside it. passes is
+// the source's dirty-sync count.
+func BenchmarkPostcopyVsPrecopy(b *testing.B) {
+	if err := uffd.Probe(); err != nil {
+		b.Skipf("postcopy needs userfaultfd: %v", err)
+	}
+	const size, link = 16 << 20, 64 << 20
+	for _, mode := range []string{"precopy", "postcopy"} {
+		b.Run(mode, func(b *testing.B) {
+			var passes uint64
+			for range b.N {
+				passes = benchDirtyOnce(b, mode == "postcopy", size, link)
+			}
+			b.ReportMetric(float64(passes), "passes")
+		})
+	}
+}
+
+func benchDirtyOnce(b *testing.B, postcopy bool, size, link int64) uint64 {
+	b.StopTimer()
+	cfg := guest.Config{Size: size, DirtyRate: link * 9 / 10, Writers: 2, Seed: 22, ZeroFraction: 0.1}
+	src := newEndB(b, false, cfg)
+	b.Cleanup(func() { src.c.Close(); src.g.Close() })
+	if err := src.g.Start(); err != nil {
+		b.Fatal(err)
+	}
+	caps := map[string]bool{"postcopy-ram": postcopy}
+	if err := src.c.SetCapabilities(context.Background(), caps); err != nil {
+		b.Fatal(err)
+	}
+	if err := src.c.SetParameters(context.Background(), map[string]any{"max-bandwidth": int(link), "downtime-limit": 20}); err != nil {
+		b.Fatal(err)
+	}
+	dst := newPostcopyDest(b, cfg, 0, caps)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	in, err := loaders.Listen(ctx, dst.c, dst.g, "tcp:127.0.0.1:0", loaders.Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	sub := src.c.Subscribe(64)
+	defer sub.Close()
+	b.StartTimer()
+	m, err := engine.Start(ctx, src.c, src.g, in.Addr().String(), engine.Options{SectionBytes: 256 << 10})
+	if err != nil {
+		in.Abort("source refused")
+		<-in.Done()
+		b.Fatal(err)
+	}
+	if postcopy {
+		for started := false; !started; {
+			select {
+			case ev := <-sub.C():
+				if ev.Kind == machine.EventPass && ev.Pass >= 2 {
+					m.StartPostcopy()
+					started = true
+				}
+			case <-m.Done():
+				started = true
+			case <-ctx.Done():
+				started = true
+			}
+		}
+	}
+	sr, err := m.Wait(ctx)
+	if err != nil {
+		in.Abort("timed out")
+		<-in.Done()
+		b.Fatal(err)
+	}
+	dr, err := in.Wait(ctx)
+	b.StopTimer()
+	if err != nil || sr.Err != nil || dr.Err != nil {
+		b.Fatalf("source %v, destination %v %v", sr.Err, dr.Err, err)
+	}
+	return sr.Stats.DirtySyncCount
 }
