@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -270,3 +271,111 @@ func TestPostcopyRecoverAfterCut(t *testing.T) {
 }
 
 var _ = errors.Is
+
+// waitAny waits on sub for side to reach one of states and returns it.
+func waitAny(ctx context.Context, t *testing.T, c *machine.Controller, sub *machine.Subscription, side string, states ...string) string {
+	t.Helper()
+	if st, _ := c.Status(side, 0); slices.Contains(states, string(st.State)) {
+		return string(st.State)
+	}
+	for {
+		select {
+		case ev, ok := <-sub.C():
+			if !ok {
+				t.Fatalf("subscription closed waiting for %s %v", side, states)
+			}
+			if ev.Kind == machine.EventState && ev.Side == side && slices.Contains(states, string(ev.To)) {
+				return string(ev.To)
+			}
+		case <-ctx.Done():
+			st, _ := c.Status(side, 0)
+			t.Fatalf("%s side never reached %v (it is %s): %v", side, states, st.State, ctx.Err())
+		}
+	}
+}
+
+// The fault matrix at postcopy's commit point: the link is cut as the
+// source enters postcopy-device (the package is on its way, or its PONG
+// on the way back). Whichever side of the commit point the cut lands on,
+// the guest runs in exactly one place: either the source never saw the
+// PONG, fails and runs its guest again while the destination (failed, or
+// paused if its PONG was lost) never started it; or the source committed
+// (POSTCOPY_RUN) and both sides pause, then recover and complete with
+// equal RAM.
+func TestPostcopyCutAtPackage(t *testing.T) {
+	cfg := guest.Config{Size: 32 << 20, DirtyRate: 32 << 20, Seed: 14, ZeroFraction: 0.1}
+	caps := map[string]bool{"postcopy-ram": true, "events": true}
+	src := newEnd(t, false, cfg)
+	setCaps(t, src.c, caps, map[string]any{"max-bandwidth": 16 << 20, "max-postcopy-bandwidth": 1 << 20})
+	dst := newPostcopyDest(t, cfg, 1, caps)
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	in, err := loaders.Listen(ctx, dst.c, dst.g, "tcp:127.0.0.1:0", loaders.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := newRelay(t, strings.TrimPrefix(in.Addr().String(), "tcp:"), 0)
+	ssub := src.c.Subscribe(256)
+	defer ssub.Close()
+	dsub := dst.c.Subscribe(256)
+	defer dsub.Close()
+	m, err := engine.Start(ctx, src.c, src.g, r.uri(), engine.Options{SectionBytes: 256 << 10})
+	if err != nil {
+		in.Abort("source refused")
+		<-in.Done()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		in.Abort("test ended")
+		m.Abort("test ended")
+		<-m.Done()
+		<-in.Done()
+	})
+	m.StartPostcopy()
+	waitAny(ctx, t, src.c, ssub, spec.Outgoing, "postcopy-device")
+	r.Cut()
+	switch got := waitAny(ctx, t, src.c, ssub, spec.Outgoing, "failed", "postcopy-paused"); got {
+	case "failed":
+		// Before the commit point: the source runs its guest again.
+		if _, err := m.Wait(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if !src.g.Running() {
+			t.Fatal("the source failed before its commit point but its guest does not run")
+		}
+		d := waitAny(ctx, t, dst.c, dsub, spec.Incoming, "failed", "postcopy-paused")
+		if slices.Contains(history(t, dst.c, spec.Guest), "running") || dst.g.Running() {
+			t.Fatalf("the destination (%s) ran the guest although the source resumed it: guest states %v", d, history(t, dst.c, spec.Guest))
+		}
+		t.Logf("cut before the commit point: source failed and resumed; destination %s, guest never started", d)
+	case "postcopy-paused":
+		// After it: the destination ran the guest; recover.
+		waitAny(ctx, t, dst.c, dsub, spec.Incoming, "postcopy-paused")
+		if src.g.Running() {
+			t.Fatal("the source runs its guest after its commit point")
+		}
+		ruri := "unix:" + filepath.Join(t.TempDir(), "recover.sock")
+		if err := in.Recover(ctx, ruri); err != nil {
+			t.Fatalf("migrate-recover: %v", err)
+		}
+		if err := src.c.SetParameters(ctx, map[string]any{"max-postcopy-bandwidth": 0}); err != nil {
+			t.Fatal(err)
+		}
+		if err := m.Resume(ctx, ruri, nil); err != nil {
+			t.Fatalf("migrate resume=true: %v", err)
+		}
+		sr, err := m.Wait(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dr, err := in.Wait(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if sr.Err != nil || dr.Err != nil {
+			t.Fatalf("source %v (%s), destination %v (%s)", sr.Err, sr.State, dr.Err, dr.State)
+		}
+		checkDest(t, dst, src.g)
+		t.Logf("cut after the commit point: both paused, recovered, completed")
+	}
+}
