@@ -294,16 +294,23 @@ func (s *sender) startPostcopy(cfg guards.Config) error {
 	if err := s.awaitPackageLoaded(); err != nil {
 		return err
 	}
+	// The postcopy link exists before the side shows postcopy-active, so
+	// that migrate-pause (which kills the link) works from the first
+	// moment QMP reports that state. In postcopy a stall pauses (the
+	// link's watchdog), never fails.
+	s.stopWatch()
+	k := s.newLinkOut(s.preConn, s.prePW)
+	s.preConn, s.prePW = nil, nil
 	// The commit point: POSTCOPY_RUN goes out next.
 	if _, err := m.c.Fire(m.ioCtx, spec.Outgoing, machine.TriggerRun, nil); err != nil {
+		s.closeLink(k, err)
 		return err
 	}
 	s.committed, pc.committed = true, true
 	s.stats.Downtime = time.Since(tStop)
 	pc.startBytes = s.moved()
-	s.stopWatch() // in postcopy a stall pauses (the link's watchdog), never fails
 	m.log.Info("switched to postcopy", "downtime", s.stats.Downtime, "remaining", s.stats.Remaining)
-	return s.runPostcopy()
+	return s.runPostcopy(k)
 }
 
 // dirtyRanges turns the set bits of bm into byte ranges.
@@ -343,10 +350,8 @@ func (s *sender) awaitPackageLoaded() error {
 // runPostcopy serves the postcopy phase until the destination confirmed
 // every page (nil) or the process shuts down (Abort). A link that fails
 // pauses the migration and waits for migrate resume=true.
-func (s *sender) runPostcopy() error {
+func (s *sender) runPostcopy(k *pcLinkOut) error {
 	m := s.m
-	k := s.newLinkOut(s.preConn, s.prePW)
-	s.preConn, s.prePW = nil, nil
 	err := s.enc.WriteCommand(stream.CmdPostcopyRun, nil)
 	if err == nil {
 		err = s.enc.Flush()
@@ -977,6 +982,10 @@ func (m *Migration) Pause() error {
 	pc := m.pc
 	m.pcMu.Unlock()
 	if pc == nil {
+		return ErrNotPausable
+	}
+	// As QEMU, only a postcopy that is alive: not before POSTCOPY_RUN.
+	if st, err := m.c.Status(spec.Outgoing, 0); err != nil || st.State != machine.StatePostcopyActive && st.State != machine.StatePostcopyRecover {
 		return ErrNotPausable
 	}
 	pc.mu.Lock()

@@ -20,6 +20,10 @@ const (
 	// StatePreSwitchover: the source paused before saving devices
 	// (pause-before-switchover); the engine waits there for continue.
 	StatePreSwitchover State = "pre-switchover"
+	// StatePostcopyActive, StatePostcopyRecover: the outgoing states in
+	// which migrate-pause applies (QEMU's migration_postcopy_is_alive).
+	StatePostcopyActive  State = "postcopy-active"
+	StatePostcopyRecover State = "postcopy-recover"
 	// GuestRunning: the guest graph's state in which the guest runs; the
 	// destination's loader starts the guest only when arrive leads there.
 	GuestRunning State = "running"
@@ -90,6 +94,8 @@ var contract = []spec.Need{
 	trig(spec.Outgoing, TriggerFail, "engine: failure"),
 	trig(spec.Outgoing, TriggerCleanup, "engine: torn down"),
 	state(spec.Outgoing, StatePreSwitchover, "engine: waits for continue there"),
+	state(spec.Outgoing, StatePostcopyActive, "engine: migrate-pause applies there"),
+	state(spec.Outgoing, StatePostcopyRecover, "engine: migrate-pause applies there"),
 	trig(spec.Outgoing, TriggerCommit, "engine: LOADED arrived, or a one-way save is durable"),
 	trig(spec.Outgoing, TriggerLost, "engine: the channel broke after the commit"),
 	trig(spec.Outgoing, TriggerResolveRunning, "engine.Migration.Resolve"),
