@@ -135,11 +135,12 @@ func (r *relay) Cut() {
 // (never read zeros) across the pause.
 func TestPostcopyRecoverAfterCut(t *testing.T) {
 	for _, c := range []struct {
-		preempt bool
-		second  string // "": one cut; "handshake": the recovery handshake is cut too; "reconnect": the reconnection is cut
-	}{{false, ""}, {true, ""}, {false, "handshake"}, {true, "handshake"}, {false, "reconnect"}} {
+		preempt  bool
+		second   string // "": one cut; "handshake": the recovery handshake is cut too; "reconnect": the reconnection is cut
+		pauseDst bool   // the first failure is migrate-pause on the destination instead of a cut
+	}{{false, "", false}, {true, "", false}, {false, "handshake", false}, {true, "handshake", false}, {false, "reconnect", false}, {true, "", true}} {
 		preempt := c.preempt
-		t.Run(fmt.Sprintf("preempt=%v,second=%s", preempt, c.second), func(t *testing.T) {
+		t.Run(fmt.Sprintf("preempt=%v,second=%s,pause-dst=%v", preempt, c.second, c.pauseDst), func(t *testing.T) {
 			cfg := guest.Config{Size: 32 << 20, DirtyRate: 32 << 20, Seed: 12, ZeroFraction: 0.1}
 			caps := map[string]bool{"postcopy-ram": true, "postcopy-preempt": preempt, "events": true}
 			src := newEnd(t, false, cfg)
@@ -184,7 +185,13 @@ func TestPostcopyRecoverAfterCut(t *testing.T) {
 			})
 			waitSide(ctx, t, src.c, spec.Outgoing, machine.State("postcopy-active"))
 			waitSide(ctx, t, dst.c, spec.Incoming, machine.State("postcopy-active"))
-			r.Cut()
+			if c.pauseDst {
+				if err := in.Pause(ctx); err != nil {
+					abort("destination migrate-pause in postcopy-active: %v", err)
+				}
+			} else {
+				r.Cut()
+			}
 			waitSide(ctx, t, src.c, spec.Outgoing, machine.State("postcopy-paused"))
 			waitSide(ctx, t, dst.c, spec.Incoming, machine.State("postcopy-paused"))
 

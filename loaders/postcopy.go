@@ -996,6 +996,9 @@ func (in *Incoming) Recover(ctx context.Context, uri string) error {
 func (in *Incoming) Pause(ctx context.Context) error {
 	// QEMU pauses a destination whose postcopy is alive (postcopy-active
 	// or postcopy-recover): here, one with a link.
+	if st, err := in.c.Status(spec.Incoming, 0); err != nil || st.State != machine.StatePostcopyActive && st.State != machine.StatePostcopyRecover {
+		return ErrNotPausable
+	}
 	var k *pcLink
 	if pc := in.pcOf(); pc != nil {
 		pc.mu.Lock()

@@ -20,8 +20,9 @@ const (
 	// StatePreSwitchover: the source paused before saving devices
 	// (pause-before-switchover); the engine waits there for continue.
 	StatePreSwitchover State = "pre-switchover"
-	// StatePostcopyActive, StatePostcopyRecover: the outgoing states in
-	// which migrate-pause applies (QEMU's migration_postcopy_is_alive).
+	// StatePostcopyActive, StatePostcopyRecover: the states (of either
+	// side) in which migrate-pause applies (QEMU's
+	// migration_postcopy_is_alive).
 	StatePostcopyActive  State = "postcopy-active"
 	StatePostcopyRecover State = "postcopy-recover"
 	// GuestRunning: the guest graph's state in which the guest runs; the
@@ -96,6 +97,8 @@ var contract = []spec.Need{
 	state(spec.Outgoing, StatePreSwitchover, "engine: waits for continue there"),
 	state(spec.Outgoing, StatePostcopyActive, "engine: migrate-pause applies there"),
 	state(spec.Outgoing, StatePostcopyRecover, "engine: migrate-pause applies there"),
+	state(spec.Incoming, StatePostcopyActive, "loaders: migrate-pause applies there"),
+	state(spec.Incoming, StatePostcopyRecover, "loaders: migrate-pause applies there"),
 	trig(spec.Outgoing, TriggerCommit, "engine: LOADED arrived, or a one-way save is durable"),
 	trig(spec.Outgoing, TriggerLost, "engine: the channel broke after the commit"),
 	trig(spec.Outgoing, TriggerResolveRunning, "engine.Migration.Resolve"),
