@@ -36,7 +36,10 @@ var notSpecNames = []struct {
 	why           string
 }{
 	{"qmp/commands.go", "migrate", 3, "the QMP command's name (table, argument errors, the trust policy)"},
+	{"guest/runlog.go", "start", 1, "a run log line's word (the file format of Config.RunLogFile), not the outgoing trigger"},
+	{"guest/runlog.go", "stop", 1, "a run log line's word (the file format of Config.RunLogFile), not the guest trigger"},
 	{"qmp/hmp.go", "stop", 1, "the HMP command name"},
+	{"cmd/migctl/guestproc.go", "postcopy", 1, "serve's --guest key postcopy=on|off"},
 	{"qmp/hmp.go", "migrate", 1, "the HMP info subcommand's name"},
 	{"qmp/hmp.go", "failed", 1, "QEMU's MigrationStatus in HMP's info migrate text"},
 	{"qmp/hmp.go", "paused", 1, "QEMU's RunState in HMP's info status text"},
@@ -58,6 +61,7 @@ var notSpecNames = []struct {
 	{"qmp/commands.go", "cancelling", 1, "QEMU's MigrationStatus enum"},
 	{"qmp/commands.go", "cancelled", 1, "QEMU's MigrationStatus enum"},
 	{"qmp/commands.go", "active", 1, "QEMU's MigrationStatus enum"},
+	{"qmp/commands.go", "postcopy-device", 1, "QEMU's MigrationStatus enum"},
 	{"qmp/commands.go", "postcopy-active", 1, "QEMU's MigrationStatus enum"},
 	{"qmp/commands.go", "postcopy-paused", 1, "QEMU's MigrationStatus enum"},
 	{"qmp/commands.go", "postcopy-recover-setup", 1, "QEMU's MigrationStatus enum"},

@@ -124,6 +124,11 @@ type Migration struct {
 	stopped  bool   // the run stopped a running guest (written by run before done is closed)
 	// resolveMu serialises Resolve calls (each fires on the controller).
 	resolveMu sync.Mutex
+	// Postcopy (postcopy.go): pcStart is migrate-start-postcopy's flag;
+	// pcMu guards pc, the run's postcopy state, for Pause and Resume.
+	pcStart atomic.Bool
+	pcMu    sync.Mutex
+	pc      *pcOut
 }
 
 // ErrCancelled is the cause recorded when a migration is cancelled.
@@ -263,6 +268,14 @@ type sender struct {
 	mapped   *mappedSink // capability mapped-ram (engine/mapped.go)
 	// Pages handed to the sink, and those the scanner found zero.
 	pagesPut, scanZero uint64
+	// Postcopy (postcopy.go): its state when postcopy-ram is on, and the
+	// preempt channel until postcopy starts using it.
+	pc      *pcOut
+	preConn transport.Conn
+	prePW   *stream.PageWriter
+	// nonConverging counts the passes in a row whose expected downtime
+	// stayed above downtime-limit (x-migctl-convergence-passes).
+	nonConverging uint64
 }
 
 type rpEvent struct {
@@ -309,6 +322,9 @@ func (s *sender) migrate() error {
 	for _, b := range s.blocks {
 		s.stats.Total += uint64(len(b.Mem))
 	}
+	if cfg.Caps["postcopy-ram"] {
+		s.newPostcopy(cfg) // postcopy.go
+	}
 
 	if cfg.Caps["mapped-ram"] { // before the stream's first byte: it notes where that is
 		if s.mapped, err = prepareMapped(m.ioCtx, s.raw, cfg, pageSize); err != nil {
@@ -344,6 +360,11 @@ func (s *sender) migrate() error {
 		s.rpDone = make(chan struct{})
 		go s.readRP()
 	}
+	if s.pc != nil {
+		if err := s.advisePostcopy(pageSize); err != nil { // postcopy.go
+			return err
+		}
+	}
 	sb := make([]stream.Block, len(s.blocks))
 	for i, b := range s.blocks {
 		sb[i] = stream.Block{Name: b.Name, Size: uint64(len(b.Mem))}
@@ -364,6 +385,11 @@ func (s *sender) migrate() error {
 	// any other channel: they must be on the wire now.
 	if err := s.enc.Flush(); err != nil {
 		return err
+	}
+	if s.pc != nil {
+		if err := s.openPreempt(); err != nil { // postcopy.go
+			return err
+		}
 	}
 	if s.mapped != nil {
 		s.sink = s.mapped // with multifd too: its channels write the file, no connections
@@ -396,6 +422,9 @@ func (s *sender) migrate() error {
 		s.stats.DirtySyncCount = pass
 		t0, b0 := time.Now(), s.moved()
 		if err := s.sendDirty(false); err != nil {
+			if errors.Is(err, errStartPostcopy) {
+				return s.startPostcopy(cfg) // postcopy.go
+			}
 			return err
 		}
 		elapsed := time.Since(t0)
@@ -423,6 +452,10 @@ func (s *sender) migrate() error {
 		if err := s.keepalive(); err != nil {
 			return err
 		}
+		if s.postcopyRequested() {
+			return s.startPostcopy(cfg) // postcopy.go
+		}
+		s.convergence(expected, limit) // postcopy.go
 		if expected <= limit {
 			if !cfg.Caps["switchover-ack"] || s.acked || mutant.SkipSwitchoverAckWait {
 				break
@@ -705,6 +738,13 @@ func (s *sender) readRP() {
 	var reason string
 	for {
 		msg, err := stream.ReadRP(s.conn)
+		if err == nil && s.pc != nil { // postcopy.go: page requests, the package-loaded PONG
+			var handled bool
+			if handled, err = s.pc.intercept(msg); handled && err == nil {
+				s.dog.Feed()
+				continue
+			}
+		}
 		if err != nil {
 			if reason != "" {
 				err = &failure{reason: "destination: " + reason, aborted: true}
@@ -856,6 +896,9 @@ func (s *sender) between(sent int, since time.Time) error {
 	if err := context.Cause(m.ioCtx); err != nil {
 		return err
 	}
+	if s.postcopyRequested() {
+		return errStartPostcopy // migrate-start-postcopy: switch at this boundary
+	}
 	if err := s.checkRP(); err != nil {
 		return err
 	}
@@ -962,6 +1005,7 @@ func (s *sender) publish(force bool) {
 		s.stats.Normal = s.pagesPut - s.stats.Duplicate
 		s.stats.NormalBytes = s.stats.Normal * s.stats.PageSize
 		s.stats.PrecopyBytes = s.stats.Transferred - s.stats.DowntimeBytes
+		s.pcStats() // postcopy.go
 	}
 	s.stats.TotalTime = now.Sub(s.start)
 	if secs := s.stats.TotalTime.Seconds(); secs > 0 {
@@ -1010,6 +1054,10 @@ func (s *sender) finish(err error) {
 		if t, ok := m.g.(guest.Throttler); ok {
 			t.Throttle(0) // QEMU stops throttling when the migration ends
 		}
+	}
+	if s.pc != nil && s.pc.committed {
+		s.endPostcopy(err) // postcopy.go: the guest runs on the destination
+		return
 	}
 	if s.committed && !destinationAborted(err) {
 		// The destination may run the guest: never run it here as well.

@@ -18,13 +18,17 @@ import (
 	migctl "github.com/migctl/migctl"
 	"github.com/migctl/migctl/engine"
 	"github.com/migctl/migctl/guest"
+	"github.com/migctl/migctl/guest/proc"
 	"github.com/migctl/migctl/loaders"
 	"github.com/migctl/migctl/machine"
 	"github.com/migctl/migctl/spec"
 	"github.com/migctl/migctl/transport"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+func TestMain(m *testing.M) {
+	proc.Main() // the guest processes of the postcopy tests
+	goleak.VerifyTestMain(m)
+}
 
 func defaultSpec(t testing.TB) *spec.Spec {
 	t.Helper()

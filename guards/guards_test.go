@@ -58,7 +58,7 @@ var (
 	socketProps      = map[string]bool{"multi-channel": false, "seekable": false, "return-path": true, "extra-fds": false, "streamable": true}
 )
 
-var allFeatures = []string{"userfaultfd", "uffd-wp", "kvm-dirty-ring", "msg-zerocopy", "colo-replication"}
+var allFeatures = []string{"userfaultfd", "userfault-guest", "uffd-wp", "kvm-dirty-ring", "msg-zerocopy", "colo-replication"}
 
 func (c ruleCase) input(s *spec.Spec) *guards.Input {
 	in := &guards.Input{Spec: s, Side: spec.Outgoing, State: "none", Trigger: "test", Features: map[string]bool{}}
@@ -114,7 +114,11 @@ var ruleCases = []ruleCase{
 	{name: "x-colo with replication", caps: []string{"x-colo"}, features: []string{"colo-replication"}},
 	// #2: postcopy-ram on a destination needs userfaultfd.
 	{name: "postcopy-ram on destination without uffd", side: spec.Incoming, caps: []string{"postcopy-ram"}, refuse: []string{"postcopy-ram", "userfaultfd"}},
-	{name: "postcopy-ram on destination with uffd", side: spec.Incoming, caps: []string{"postcopy-ram"}, features: []string{"userfaultfd"}},
+	{name: "postcopy-ram on destination with uffd", side: spec.Incoming, caps: []string{"postcopy-ram"}, features: []string{"userfaultfd", "userfault-guest"}},
+	// migctl: the destination's vCPUs must fault in another process than
+	// the one that serves the faults.
+	{name: "postcopy-ram on destination with uffd, guest in migctl's process", side: spec.Incoming, caps: []string{"postcopy-ram"}, features: []string{"userfaultfd"}, refuse: []string{"postcopy-ram", "postcopy=on"}},
+	{name: "postcopy-ram + multifd at migrate", trigger: "migrate", transport: "tcp", caps: []string{"postcopy-ram", "multifd"}, refuse: []string{"postcopy-ram", "multifd"}},
 	{name: "postcopy-ram on source without uffd", caps: []string{"postcopy-ram"}},
 	// Both sides judge every change; a destination-only rule applies only
 	// once the incoming side is in use.

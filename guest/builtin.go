@@ -215,7 +215,7 @@ func (g *Builtin) Start() error {
 		return nil
 	}
 	// The run log file's line comes first: no writer runs before it.
-	if err := g.runFile.record("start", Monotonic()); err != nil {
+	if err := g.runFile.record(runLogStart, Monotonic()); err != nil {
 		return err
 	}
 	g.starts++
@@ -260,7 +260,7 @@ func (g *Builtin) stopLocked() error {
 	g.ran += now.Sub(g.startedAt)
 	g.running.Store(false)
 	// Every writer has stopped: the run log file's line comes after.
-	return g.runFile.record("stop", Monotonic())
+	return g.runFile.record(runLogStop, Monotonic())
 }
 
 // Interval is one period during which a guest ran, on this process's

@@ -12,6 +12,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// The words of a run log line (Config.RunLogFile): "start NANOSECONDS"
+// when the guest starts running, "stop NANOSECONDS" when it stops.
+const (
+	runLogStart = "start"
+	runLogStop  = "stop"
+)
+
 // The run log file (Config.RunLogFile) is evidence that survives the
 // process: every Start and Stop of the guest appends one line
 //
@@ -82,13 +89,13 @@ func ParseRunLog(r io.Reader) ([]Span, error) {
 		}
 		last = t
 		switch word {
-		case "start":
+		case runLogStart:
 			if open {
 				return nil, fmt.Errorf("guest: run log line %d: start while running (no stop since the start at %d)", n, spans[len(spans)-1].Start)
 			}
 			spans = append(spans, Span{Start: t})
 			open = true
-		case "stop":
+		case runLogStop:
 			if !open {
 				return nil, fmt.Errorf("guest: run log line %d: stop while stopped", n)
 			}

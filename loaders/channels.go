@@ -28,13 +28,27 @@ type role int
 const (
 	roleMain    role = iota + 1 // "QEVM": the main stream
 	roleMultifd                 // 0x11223344: a multifd channel
+	rolePreempt                 // "MGPC": migctl's postcopy preempt channel
 )
+
+func (r role) String() string {
+	switch r {
+	case roleMain:
+		return "main"
+	case roleMultifd:
+		return "multifd"
+	case rolePreempt:
+		return "postcopy preempt"
+	}
+	return "unknown"
+}
 
 // peekedConn replays the bytes read to classify a connection, then reads
 // from it.
 type peekedConn struct {
 	transport.Conn
 	head []byte
+	role role
 	// start is the file offset of the channel's first byte when it is a
 	// regular file (file:, or an fd: on one), -1 otherwise: where a
 	// mapped-ram file's stream starts.
@@ -92,11 +106,33 @@ func (l *loader) classify(c transport.Conn) (role, transport.Conn, error) {
 	pc := &peekedConn{Conn: c, head: bytes.Clone(head[:]), start: start}
 	switch binary.BigEndian.Uint32(head[:]) {
 	case stream.Magic:
+		pc.role = roleMain
 		return roleMain, pc, nil
 	case multifd.Magic:
+		pc.role = roleMultifd
 		return roleMultifd, pc, nil
+	case stream.PreemptMagic:
+		pc.role = rolePreempt
+		return rolePreempt, pc, nil
 	}
 	return 0, nil, fmt.Errorf("unknown channel magic %#08x: neither a migration stream (QEVM) nor a multifd channel", binary.BigEndian.Uint32(head[:]))
+}
+
+// classifyRecovery is classify for the channels of a postcopy recovery:
+// the preempt channel by its magic, anything else as the resumed main
+// stream (which starts with a command, not with a header).
+func classifyRecovery(c transport.Conn) (role, transport.Conn, error) {
+	_ = c.SetDeadline(time.Now().Add(channelTimeout))
+	defer c.SetDeadline(time.Time{})
+	var head [4]byte
+	if _, err := io.ReadFull(c, head[:]); err != nil {
+		return 0, nil, fmt.Errorf("read the first bytes of a new connection: %w", err)
+	}
+	pc := &peekedConn{Conn: c, head: bytes.Clone(head[:]), start: -1, role: roleMain}
+	if binary.BigEndian.Uint32(head[:]) == stream.PreemptMagic {
+		pc.role = rolePreempt
+	}
+	return pc.role, pc, nil
 }
 
 // acceptMain accepts connections until the main stream's arrives; multifd

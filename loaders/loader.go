@@ -92,6 +92,11 @@ type Options struct {
 	// a benchmark can show what the lock-free loader buys. 0 (the default)
 	// never holds the lock except around a NeedsLock device.
 	LockedBatch int
+	// PostcopyBatch is how many pages (an aligned block around the
+	// faulting page) a postcopy fault asks the source for; 0 means 16
+	// (64 KiB). 1 makes every first touch of a missing page a fault of its
+	// own, which is what a fault-latency benchmark measures.
+	PostcopyBatch int
 }
 
 // Result is how an incoming migration ended.
@@ -133,6 +138,10 @@ type Incoming struct {
 	result   Result
 	// resolveMu serialises Resolve calls.
 	resolveMu sync.Mutex
+	// pcMu guards pc: the run's postcopy state once armed (postcopy.go),
+	// for Recover and Pause.
+	pcMu sync.Mutex
+	pc   *pcIn
 }
 
 // ErrCancelled is wrapped by the error of an incoming migration that was
@@ -280,6 +289,7 @@ type loader struct {
 	hs        *stream.Handshake // the source's announcement
 	srcStop   host.Stamp        // when the source stopped its guest (its STOPPED frame)
 	proto     bool              // the source speaks the commit protocol and opened the return path
+	pc        *pcIn             // postcopy, when postcopy-ram is on (postcopy.go)
 	waitingGo bool              // loaded fired: only go, abort or the operator end the wait
 	dog       *watchdog.Dog
 	stopDog   context.CancelFunc
@@ -326,6 +336,7 @@ func (l *loader) load() error {
 		lim.PageSize = uint64(blocks[0].PageSize)
 		l.stats.PageSize = lim.PageSize
 	}
+	postcopyLimits(in.g, &lim)
 	if in.opts.PageSums {
 		l.zeroSum = guest.PageSum(make([]byte, lim.PageSize))
 		l.pageSums = make([][]uint32, len(blocks))
@@ -372,6 +383,10 @@ func (l *loader) load() error {
 	if handled, err := l.mappedRAM(cfg, early); handled { // loaders/mapped.go
 		return err
 	}
+	if early, err = l.armPostcopy(cfg, early); err != nil { // postcopy.go
+		closeAll(early)
+		return err
+	}
 	// Every channel is there before loading starts, as QEMU's destination
 	// waits for main + all multifd channels.
 	if cfg.Caps["multifd"] {
@@ -410,6 +425,9 @@ func (l *loader) loop(dec *stream.Decoder) error {
 		} else {
 			done, err = l.batch(dec, 4096, false)
 		}
+		if errors.Is(err, errEnterPostcopy) {
+			return l.runPostcopy(dec) // postcopy.go
+		}
 		if err != nil {
 			return err
 		}
@@ -447,6 +465,9 @@ func (l *loader) batch(dec *stream.Decoder, n int, locked bool) (done bool, err 
 
 // apply applies one record.
 func (l *loader) apply(dec *stream.Decoder, rec stream.Record, locked bool) error {
+	if handled, err := l.postcopyRecord(dec, rec); handled { // postcopy.go
+		return err
+	}
 	switch rec.Kind {
 	case stream.KindPage:
 		dst, err := l.page(rec)
@@ -595,6 +616,9 @@ func (l *loader) complete(dec *stream.Decoder) error {
 	resume := l.dog.Pause() // local work: nothing is expected from the source
 	l.stopPrefault()
 	if err := l.ramLanded(); err != nil {
+		return err
+	}
+	if err := l.fillHoles(); err != nil { // postcopy.go: a Postcopier guest's zero pages
 		return err
 	}
 	if in.opts.BeforeStart != nil {
@@ -753,6 +777,7 @@ func (l *loader) publish(force bool, dec *stream.Decoder) {
 	l.stats.Normal = l.wire.MainPages + l.wire.MultifdPages + l.wire.MappedPages
 	l.stats.Duplicate = l.wire.MainZeros + l.wire.MultifdZeros
 	l.stats.NormalBytes = l.stats.Normal * l.stats.PageSize
+	l.pcStats(&l.stats) // postcopy.go
 	l.stats.TotalTime = now.Sub(l.start)
 	if secs := l.stats.TotalTime.Seconds(); secs > 0 {
 		l.stats.Mbps = float64(l.stats.Transferred) * 8 / 1e6 / secs
@@ -828,6 +853,9 @@ func (l *loader) cleanup(err error) {
 	}
 	if l.mf != nil {
 		l.mf.stop()
+	}
+	if l.pc != nil {
+		_ = l.pc.stopService() // postcopy.go
 	}
 	in.ln.Close()
 	l.wg.Wait()

@@ -73,8 +73,16 @@ func renamed(t *testing.T, need spec.Need, to string) []byte {
 			}
 		}
 	}
-	if !stillUsed {
-		for _, r := range get(root, "rules").Content {
+	for _, r := range get(root, "rules").Content {
+		// A rule keeps a name another graph still uses, unless the rule
+		// judges this graph alone (when.side).
+		own := !stillUsed
+		if w := get(r, "when"); w != nil {
+			if sd := get(w, "side"); sd != nil && sd.Value == need.Graph {
+				own = true
+			}
+		}
+		if own {
 			for _, part := range []string{"when", "require"} {
 				cond := get(r, part)
 				if cond == nil {
@@ -196,7 +204,7 @@ func TestFireOutcome(t *testing.T) {
 	}
 	// A kind: refuse edge answers with the spec's message; nothing moves.
 	c2 := newController(t, false)
-	for _, tr := range []machine.Trigger{machine.TriggerMigrate, machine.TriggerStart, machine.TriggerSwitchover, "postcopy"} {
+	for _, tr := range []machine.Trigger{machine.TriggerMigrate, machine.TriggerStart, machine.TriggerSwitchover, machine.TriggerPostcopy, machine.TriggerRun} {
 		if _, err := c2.Fire(ctx, "outgoing", tr, tcp); err != nil {
 			t.Fatalf("%s: %v", tr, err)
 		}

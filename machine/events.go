@@ -250,6 +250,25 @@ type Stats struct {
 	// on ("soft", "verbs"); empty when the transport is not rdma: (QMP's
 	// x-migctl-rdma-provider).
 	RDMAProvider string
+	// Postcopy. PostcopyRequests counts page requests (QEMU's
+	// postcopy-requests: on the source those it served, on the destination
+	// the faults that asked); PostcopyBytes the bytes the source sent after
+	// the switch to postcopy.
+	PostcopyRequests uint64
+	PostcopyBytes    uint64
+	// PostcopyBlocktime (destination) is QEMU's postcopy-blocktime: the
+	// time every vCPU was blocked on a fault at once; PostcopyVCPUBlocktime
+	// the time each vCPU had a fault pending (postcopy-vcpu-blocktime, one
+	// per vCPU thread of the guest process); PostcopyLatency the mean
+	// latency of a fault served from the source (postcopy-latency). A
+	// published slice is never modified afterwards.
+	PostcopyBlocktime     time.Duration
+	PostcopyVCPUBlocktime []time.Duration
+	PostcopyLatency       time.Duration
+	// NotConverging (source): x-migctl-convergence-passes passes in a row
+	// ended with an expected downtime above downtime-limit (QMP's
+	// x-migctl-not-converging).
+	NotConverging bool
 }
 
 // PublishStats stores a side's latest statistics and tells subscribers.

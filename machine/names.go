@@ -20,6 +20,11 @@ const (
 	// StatePreSwitchover: the source paused before saving devices
 	// (pause-before-switchover); the engine waits there for continue.
 	StatePreSwitchover State = "pre-switchover"
+	// StatePostcopyActive, StatePostcopyRecover: the states (of either
+	// side) in which migrate-pause applies (QEMU's
+	// migration_postcopy_is_alive).
+	StatePostcopyActive  State = "postcopy-active"
+	StatePostcopyRecover State = "postcopy-recover"
 	// GuestRunning: the guest graph's state in which the guest runs; the
 	// destination's loader starts the guest only when arrive leads there.
 	GuestRunning State = "running"
@@ -46,6 +51,15 @@ const (
 	TriggerLoaded Trigger = "loaded" // incoming: everything arrived; LOADED sent, waiting for go
 	TriggerCommit Trigger = "commit" // outgoing: LOADED arrived (or a one-way save is durable); go follows
 	TriggerLost   Trigger = "lost"   // both sides: the channel broke or stalled after the commit point
+	// Postcopy (docs/stream.md, Postcopy).
+	TriggerPostcopy      Trigger = "postcopy"       // outgoing: migrate-start-postcopy switched over; incoming: POSTCOPY_LISTEN
+	TriggerRun           Trigger = "run"            // outgoing: the commit point, POSTCOPY_RUN goes out; incoming: POSTCOPY_RUN arrived
+	TriggerPause         Trigger = "pause"          // both sides: postcopy lost its channel, or migrate-pause
+	TriggerResume        Trigger = "resume"         // outgoing: migrate resume=true; incoming: POSTCOPY_RESUME arrived
+	TriggerRecover       Trigger = "recover"        // incoming: migrate-recover
+	TriggerConnectFailed Trigger = "connect-failed" // outgoing: the recovery channel could not connect
+	TriggerResumeAck     Trigger = "resume-ack"     // outgoing: RESUME_ACK arrived
+	TriggerReattach      Trigger = "reattach"       // incoming: a new migctl took over a guest process in postcopy
 	// An operator's x-migctl-resolve-switchover, per side and answer.
 	TriggerResolveRunning Trigger = "resolve-running" // outgoing: the destination runs the guest
 	TriggerResolveGone    Trigger = "resolve-gone"    // outgoing: the destination never will; resume here
@@ -81,10 +95,21 @@ var contract = []spec.Need{
 	trig(spec.Outgoing, TriggerFail, "engine: failure"),
 	trig(spec.Outgoing, TriggerCleanup, "engine: torn down"),
 	state(spec.Outgoing, StatePreSwitchover, "engine: waits for continue there"),
+	state(spec.Outgoing, StatePostcopyActive, "engine: migrate-pause applies there"),
+	state(spec.Outgoing, StatePostcopyRecover, "engine: migrate-pause applies there"),
+	state(spec.Incoming, StatePostcopyActive, "loaders: migrate-pause applies there"),
+	state(spec.Incoming, StatePostcopyRecover, "loaders: migrate-pause applies there"),
 	trig(spec.Outgoing, TriggerCommit, "engine: LOADED arrived, or a one-way save is durable"),
 	trig(spec.Outgoing, TriggerLost, "engine: the channel broke after the commit"),
 	trig(spec.Outgoing, TriggerResolveRunning, "engine.Migration.Resolve"),
 	trig(spec.Outgoing, TriggerResolveGone, "engine.Migration.Resolve"),
+	trig(spec.Outgoing, TriggerPostcopy, "engine: migrate-start-postcopy switched over"),
+	trig(spec.Outgoing, TriggerRun, "engine: the postcopy commit point"),
+	trig(spec.Outgoing, TriggerPause, "engine: postcopy lost its channel"),
+	trig(spec.Outgoing, TriggerResume, "engine.Migration.Resume"),
+	trig(spec.Outgoing, TriggerConnect, "engine: the recovery channel connected"),
+	trig(spec.Outgoing, TriggerConnectFailed, "engine: the recovery channel failed"),
+	trig(spec.Outgoing, TriggerResumeAck, "engine: RESUME_ACK arrived"),
 
 	trig(spec.Incoming, TriggerIncoming, "loaders.Listen"),
 	trig(spec.Incoming, TriggerListen, "loaders: listener open"),
@@ -99,6 +124,12 @@ var contract = []spec.Need{
 	trig(spec.Incoming, TriggerLost, "loaders: the channel broke before go"),
 	trig(spec.Incoming, TriggerResolveStart, "loaders.Incoming.Resolve"),
 	trig(spec.Incoming, TriggerResolveDiscard, "loaders.Incoming.Resolve"),
+	trig(spec.Incoming, TriggerPostcopy, "loaders: POSTCOPY_LISTEN"),
+	trig(spec.Incoming, TriggerRun, "loaders: POSTCOPY_RUN"),
+	trig(spec.Incoming, TriggerPause, "loaders: postcopy lost its channel"),
+	trig(spec.Incoming, TriggerRecover, "loaders.Incoming.Recover"),
+	trig(spec.Incoming, TriggerResume, "loaders: POSTCOPY_RESUME"),
+	trig(spec.Incoming, TriggerReattach, "loaders.Reattach"),
 
 	trig(spec.Guest, TriggerBoot, "machine.New without Options.Incoming"),
 	trig(spec.Guest, TriggerAwaitIncoming, "machine.New with Options.Incoming"),

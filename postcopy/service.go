@@ -474,3 +474,130 @@ func isZero(b []byte) bool {
 	}
 	return true
 }
+
+// Discard makes n pages from page p of region r not received again (QEMU's
+// POSTCOPY_RAM_DISCARD: the source will send them again): their received
+// bits and zero marks are cleared, and PunchHoles turns them into holes.
+// Call it before Run.
+func (s *Service) Discard(r, p, n int) error {
+	reg := &s.regions[r]
+	if p < 0 || n < 0 || p+n > reg.pages() {
+		return fmt.Errorf("postcopy: discard %s pages %d..%d: outside its %d pages", reg.Name, p, p+n-1, reg.pages())
+	}
+	for i := p; i < p+n; i++ {
+		atomic.AndUint64(&reg.Received[i>>6], ^(uint64(1) << (uint(i) & 63)))
+		s.zero[r].Clear(i)
+	}
+	return nil
+}
+
+// PlaceZeros installs, with UFFDIO_ZEROPAGE, every page marked zero
+// (MarkZero) that is not received, so that only pages the source still
+// sends remain holes. It returns the pages it installed. Call it after
+// PunchHoles, before the guest runs.
+func (s *Service) PlaceZeros() (int, error) {
+	installed := 0
+	for i := range s.regions {
+		reg := &s.regions[i]
+		n := reg.pages()
+		for p := 0; p < n; {
+			if !s.zero[i].Test(p) || s.Received(i, p) {
+				p++
+				continue
+			}
+			q := p + 1
+			for q < n && s.zero[i].Test(q) && !s.Received(i, q) {
+				q++
+			}
+			res, err := s.fd.ZeroPages(s.pageRange(i, p, q-p), reg.PageSize, 0)
+			if err != nil {
+				return installed, fmt.Errorf("postcopy: zero %s pages %d..%d: %w", reg.Name, p, q-1, err)
+			}
+			s.installed(i, p, q-p, res, time.Now())
+			installed += res.Installed
+			p = q
+		}
+	}
+	return installed, nil
+}
+
+// FillHoles installs a zero page, with UFFDIO_ZEROPAGE, in every hole of
+// the regions' memfds (found with SEEK_HOLE and SEEK_DATA, never by
+// reading), and marks every page received. A precopy migration into a
+// guest whose RAM is registered for MISSING faults calls it before the
+// guest runs: a zero page the stream never wrote is still a hole, and a
+// vCPU touching it would wait for a fault service that does not run. It
+// returns the pages it installed.
+func (s *Service) FillHoles() (int, error) {
+	installed := 0
+	for i := range s.regions {
+		reg := &s.regions[i]
+		if reg.MemFD < 0 {
+			return installed, fmt.Errorf("postcopy: FillHoles: region %q has no memfd", reg.Name)
+		}
+		holes, err := Holes(reg.MemFD, reg.MemOffset, int64(reg.Len), reg.PageSize)
+		if err != nil {
+			return installed, fmt.Errorf("postcopy: %s: %w", reg.Name, err)
+		}
+		for _, h := range holes {
+			res, err := s.fd.ZeroPages(s.pageRange(i, h.First, h.Count), reg.PageSize, 0)
+			if err != nil {
+				return installed, fmt.Errorf("postcopy: zero %s pages %d..%d: %w", reg.Name, h.First, h.First+h.Count-1, err)
+			}
+			installed += res.Installed
+		}
+		for p := range reg.pages() {
+			reg.Received.SetAtomic(p)
+		}
+	}
+	return installed, nil
+}
+
+// PageRun is a run of Count pages from page First.
+type PageRun struct{ First, Count int }
+
+// Holes returns the runs of pages of the length bytes of memfd fd from
+// offset off that are holes (no page in the page cache), using lseek's
+// SEEK_DATA and SEEK_HOLE: it never reads the memory, so it never turns a
+// hole into a page. Pages are pageSize bytes; a partly present page counts
+// as present.
+func Holes(fd int, off, length int64, pageSize int) ([]PageRun, error) {
+	ps := int64(pageSize)
+	end := off + length
+	var out []PageRun
+	for pos := off; pos < end; {
+		data, err := unix.Seek(fd, pos, unix.SEEK_DATA)
+		if err == unix.ENXIO { // no data after pos: the rest is a hole
+			data = end
+		} else if err != nil {
+			return out, fmt.Errorf("lseek SEEK_DATA at %d: %w", pos, err)
+		}
+		data = min(data, end)
+		if first, last := (pos-off+ps-1)/ps, (data-off)/ps; last > first {
+			out = append(out, PageRun{First: int(first), Count: int(last - first)})
+		}
+		if data >= end {
+			break
+		}
+		hole, err := unix.Seek(fd, data, unix.SEEK_HOLE)
+		if err != nil {
+			return out, fmt.Errorf("lseek SEEK_HOLE at %d: %w", data, err)
+		}
+		pos = (hole-off+ps-1)/ps*ps + off // a partly present page counts as present
+	}
+	return out, nil
+}
+
+// ReceivedWords returns a copy of region r's received bitmap (QEMU's
+// RECV_BITMAP answer after a recovery).
+func (s *Service) ReceivedWords(r int) []uint64 {
+	reg := &s.regions[r]
+	out := make([]uint64, guest.BitmapWords(reg.pages()))
+	for i := range out {
+		out[i] = atomic.LoadUint64(&reg.Received[i])
+	}
+	return out
+}
+
+// Regions returns the number of regions.
+func (s *Service) Regions() int { return len(s.regions) }

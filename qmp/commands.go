@@ -51,8 +51,8 @@ func init() {
 		"migrate-continue":           {run: cmdContinue},
 		"stop":                       {run: cmdStop},
 		"cont":                       {run: cmdCont},
-		"migrate-start-postcopy":     {run: cmdPostcopy("migrate-start-postcopy")},
-		"migrate-pause":              {run: cmdPostcopy("migrate-pause"), oob: true},
+		"migrate-start-postcopy":     {run: cmdStartPostcopy},
+		"migrate-pause":              {run: cmdPause, oob: true},
 		"migrate-recover":            {run: cmdRecover, oob: true},
 		"query-migctl-machine":       {run: cmdQueryMachine},
 	}
@@ -430,11 +430,11 @@ func cmdMigrate(s *Server, cl *client, a *args) (any, func(), error) {
 	if e != nil {
 		return nil, nil, e
 	}
-	if resume {
-		return nil, nil, genericf("migrate with resume is not supported yet: postcopy lands in a later release")
-	}
 	if e := s.checkMigration(cl, "migrate", addrs); e != nil {
 		return nil, nil, e
+	}
+	if resume {
+		return struct{}{}, nil, s.h.Resume(s.ctx, uri, channels)
 	}
 	return struct{}{}, nil, s.h.Migrate(s.ctx, uri, channels)
 }
@@ -708,21 +708,33 @@ func cmdContinue(s *Server, _ *client, a *args) (any, func(), error) {
 	return struct{}{}, nil, s.h.Continue(s.ctx, state)
 }
 
-func cmdPostcopy(name string) handler {
-	return func(_ *Server, _ *client, a *args) (any, func(), error) {
-		if e := a.done(); e != nil {
-			return nil, nil, e
-		}
-		return nil, nil, genericf("%s is not supported yet: postcopy lands in a later release", name)
-	}
-}
-
-func cmdRecover(_ *Server, _ *client, a *args) (any, func(), error) {
-	a.str("uri", true)
+func cmdStartPostcopy(s *Server, _ *client, a *args) (any, func(), error) {
 	if e := a.done(); e != nil {
 		return nil, nil, e
 	}
-	return nil, nil, genericf("migrate-recover is not supported yet: postcopy lands in a later release")
+	return struct{}{}, nil, s.h.StartPostcopy(s.ctx)
+}
+
+func cmdPause(s *Server, _ *client, a *args) (any, func(), error) {
+	if e := a.done(); e != nil {
+		return nil, nil, e
+	}
+	return struct{}{}, nil, s.h.Pause(s.ctx)
+}
+
+func cmdRecover(s *Server, cl *client, a *args) (any, func(), error) {
+	uri, _ := a.str("uri", true)
+	if e := a.done(); e != nil {
+		return nil, nil, e
+	}
+	addr, err := transport.Parse(uri)
+	if err != nil {
+		return nil, nil, genericf("%s", err.Error())
+	}
+	if e := s.checkMigration(cl, "migrate-recover", []transport.Addr{addr}); e != nil {
+		return nil, nil, e
+	}
+	return struct{}{}, nil, s.h.Recover(s.ctx, uri)
 }
 
 // MachineInfo is query-migctl-machine's result: what the controller knows

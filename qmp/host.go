@@ -32,4 +32,17 @@ type Host interface {
 	// Yank is QMP yank of the migration instance: the running
 	// migration's channels are aborted at once.
 	Yank(ctx context.Context) error
+	// StartPostcopy is QMP migrate-start-postcopy: the running migration
+	// switches to postcopy at its next section boundary.
+	StartPostcopy(ctx context.Context) error
+	// Pause is QMP migrate-pause: the channel of a postcopy migration
+	// (outgoing first, as QEMU, then incoming) is shut down, and the side
+	// goes to postcopy-paused.
+	Pause(ctx context.Context) error
+	// Recover is QMP migrate-recover: a destination whose postcopy is
+	// paused listens on uri for the source's new channel.
+	Recover(ctx context.Context, uri string) error
+	// Resume is QMP migrate with resume=true: a source whose postcopy is
+	// paused reconnects to uri (channels as for Migrate).
+	Resume(ctx context.Context, uri string, channels []string) error
 }

@@ -51,6 +51,19 @@ type MigrationInfo struct {
 	// omitted for other transports. QMP clients ignore members they do
 	// not know.
 	XMigctlRDMAProvider string `json:"x-migctl-rdma-provider,omitempty"`
+	// PostcopyBlocktime is QEMU's postcopy-blocktime (destination, with
+	// the capability postcopy-blocktime): milliseconds during which every
+	// vCPU was blocked on a page fault at once; PostcopyVCPUBlocktime the
+	// blocked milliseconds of each vCPU; PostcopyLatency the mean time
+	// from a fault to its page installed, in nanoseconds (QEMU 10.0's
+	// postcopy-latency).
+	// XMigctlNotConverging (migctl extension, source in precopy): the last
+	// x-migctl-convergence-passes passes all expected a downtime above
+	// downtime-limit; the migration will not end on its own.
+	XMigctlNotConverging  bool     `json:"x-migctl-not-converging,omitempty"`
+	PostcopyBlocktime     *uint32  `json:"postcopy-blocktime,omitempty"`
+	PostcopyVCPUBlocktime []uint32 `json:"postcopy-vcpu-blocktime,omitempty"`
+	PostcopyLatency       *uint64  `json:"postcopy-latency,omitempty"`
 }
 
 // MigrationStats is MigrationInfo's ram member (QEMU's MigrationStats).
@@ -109,7 +122,27 @@ func ramInfo(st machine.Stats) *MigrationStats {
 		PagesPerSecond: st.PagesPerSecond,
 		PrecopyBytes:   st.PrecopyBytes,
 		DowntimeBytes:  st.DowntimeBytes,
+		// Postcopy (source): requests served, bytes sent after the switch.
+		PostcopyRequests: st.PostcopyRequests,
+		PostcopyBytes:    st.PostcopyBytes,
 	}
+}
+
+// blocktime fills QEMU's destination postcopy blocktime members from st,
+// when the loader measured it (capability postcopy-blocktime).
+func (info *MigrationInfo) blocktime(st machine.Stats) {
+	if st.PostcopyBlocktime == 0 && len(st.PostcopyVCPUBlocktime) == 0 {
+		return
+	}
+	msU32 := func(d time.Duration) uint32 { return uint32(min(d.Milliseconds(), int64(^uint32(0)))) }
+	bt := msU32(st.PostcopyBlocktime)
+	info.PostcopyBlocktime = &bt
+	info.PostcopyVCPUBlocktime = make([]uint32, 0, len(st.PostcopyVCPUBlocktime))
+	for _, d := range st.PostcopyVCPUBlocktime {
+		info.PostcopyVCPUBlocktime = append(info.PostcopyVCPUBlocktime, msU32(d))
+	}
+	lat := uint64(max(st.PostcopyLatency, 0).Nanoseconds())
+	info.PostcopyLatency = &lat
 }
 
 // migrationInfo builds query-migrate's answer from both sides' status the
@@ -135,6 +168,7 @@ func migrationInfo(in, out machine.Status, now time.Time) *MigrationInfo {
 			info.XMigctlTrueDowntimeUs, info.XMigctlTrueDowntimeExact = us(in.Stats.TrueDowntime), &exact
 		}
 		info.XMigctlRDMAProvider = in.Stats.RDMAProvider
+		info.blocktime(in.Stats)
 	}
 	// Source (fill_source_migration_info).
 	switch out.Report {
@@ -149,6 +183,7 @@ func migrationInfo(in, out machine.Status, now time.Time) *MigrationInfo {
 		}
 		if out.Report == spec.ReportProgress {
 			info.ExpectedDowntime = ms(out.Stats.ExpectedDowntime)
+			info.XMigctlNotConverging = out.Stats.NotConverging
 		} else {
 			info.Downtime = ms(out.Stats.Downtime)
 		}

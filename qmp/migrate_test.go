@@ -161,7 +161,7 @@ func TestMigrationOverGoQEMU(t *testing.T) {
 		t.Fatalf("destination guest: %v", err)
 	}
 	// go-qemu sees QMP errors as Go errors carrying desc.
-	if _, err := ms.mon.Run([]byte(`{"execute":"migrate-start-postcopy"}`)); err == nil || !strings.Contains(err.Error(), "not supported yet") {
+	if _, err := ms.mon.Run([]byte(`{"execute":"migrate-start-postcopy"}`)); err == nil || !strings.Contains(err.Error(), "Enable postcopy with migrate_set_capability before the start of migration") {
 		t.Fatalf("go-qemu error path: %v", err)
 	}
 }

@@ -126,8 +126,8 @@ func TestGreetingAndNegotiation(t *testing.T) {
 	if r := rc.reply(); r.Error == nil || !strings.Contains(r.Error.Desc, "does not support OOB") {
 		t.Fatalf("exec-oob query-status: %+v", r)
 	}
-	rc.send(`{"exec-oob":"migrate-pause","id":7}`)
-	if r := rc.reply(); r.Error == nil || !strings.Contains(r.Error.Desc, "not supported yet") {
+	rc.send(`{"exec-oob":"migrate-pause","id":7}`) // allowed out of band; refused with QEMU's words: no postcopy runs
+	if r := rc.reply(); r.Error == nil || !strings.Contains(r.Error.Desc, "migrate-pause is currently only supported during postcopy-active or postcopy-recover state") {
 		t.Fatalf("exec-oob migrate-pause: %+v", r)
 	}
 	rc.send(`{"execute":"qmp_capabilities","arguments":{"enable":["bogus"]}}`)
@@ -516,7 +516,7 @@ func TestCommandErrors(t *testing.T) {
 	}{
 		{cs, "migrate", map[string]any{}, "One of 'uri' or 'channels'", false},
 		{cs, "migrate", map[string]any{"uri": "tcp:127.0.0.1:1", "channels": []any{}}, "mutually exclusive", false},
-		{cs, "migrate", map[string]any{"uri": "tcp:127.0.0.1:1", "resume": true}, "not supported yet", false},
+		{cs, "migrate", map[string]any{"uri": "tcp:127.0.0.1:1", "resume": true}, "Cannot resume if there is no paused migration", false},
 		{cs, "migrate", map[string]any{"uri": "bogus:x"}, "unknown migration protocol", false},
 		{cs, "migrate", map[string]any{"channels": []any{mainChannel, map[string]any{"channel-type": "cpr", "addr": map[string]any{"transport": "socket", "type": "unix", "path": "/tmp/cpr.sock"}}}}, "a channel of type cpr needs parameter mode cpr-transfer", false},
 		{cs, "migrate", map[string]any{"channels": []any{mainChannel, mainChannel}}, "Channel list has more than one main entry", false},
@@ -527,9 +527,9 @@ func TestCommandErrors(t *testing.T) {
 		{cs, "migrate-continue", map[string]any{"state": "pre-switchover"}, "Migration not in expected state: none", false},
 		{cs, "migrate-continue", map[string]any{"state": "bogus"}, "'state' does not accept value 'bogus'", false},
 		{cs, "migrate-continue", map[string]any{}, "'state' is missing", false},
-		{cs, "migrate-start-postcopy", nil, "migrate-start-postcopy is not supported yet: postcopy lands in a later release", false},
-		{cs, "migrate-pause", nil, "migrate-pause is not supported yet", false},
-		{cs, "migrate-recover", map[string]any{"uri": "tcp:127.0.0.1:1"}, "migrate-recover is not supported yet", false},
+		{cs, "migrate-start-postcopy", nil, "Enable postcopy with migrate_set_capability before the start of migration", false},
+		{cs, "migrate-pause", nil, "migrate-pause is currently only supported during postcopy-active or postcopy-recover state", false},
+		{cs, "migrate-recover", map[string]any{"uri": "tcp:127.0.0.1:1"}, "Migrate recover can only be run when postcopy is paused.", false},
 		{cs, "migrate-recover", nil, "'uri' is missing", false},
 		{cs, "query-migctl-machine", map[string]any{"history": 1000}, "at most", false},
 		{cs, "no-such", nil, "The command no-such has not been found", true},

@@ -183,6 +183,10 @@ func (noopHost) Stop(context.Context) error                             { return
 func (noopHost) Cont(context.Context) error                             { return nil }
 func (noopHost) Resolve(context.Context, string, bool) error            { return nil }
 func (noopHost) Yank(context.Context) error                             { return nil }
+func (noopHost) StartPostcopy(context.Context) error                    { return nil }
+func (noopHost) Pause(context.Context) error                            { return nil }
+func (noopHost) Recover(context.Context, string) error                  { return nil }
+func (noopHost) Resume(context.Context, string, []string) error         { return nil }
 
 // FuzzRequest feeds arbitrary bytes to the request decoder and the command
 // dispatcher (with a real controller and a host that does nothing): no

@@ -65,7 +65,7 @@ func TestCellsHandPicked(t *testing.T) {
 		"tcp/outgoing:failed/cut":                "n/a",
 		"tcp/outgoing:postcopy-active/cut":       "pending postcopy",
 		"unix/incoming:postcopy-paused/kill-src": "pending postcopy",
-		"rdma/outgoing:active/cut":               "pending rdma",
+		"rdma/outgoing:active/cut":               "not in the matrix yet: rdma:",
 	}
 	cells, err := allCells()
 	if err != nil {

@@ -11,11 +11,13 @@
 //   - transport: tcp, unix, fd (socket pairs passed with getfd over the QMP
 //     unix socket), exec (a command on each side piping to a socket), file
 //     (a save that a failing write breaks: RLIMIT_FSIZE lowered on the
-//     source process). rdma rows are listed as pending (issue 10).
+//     source process). rdma rows are listed as not in the matrix yet,
+//     with where their faults are tested.
 //   - side:state: every state of the spec's incoming and outgoing graphs,
 //     enumerated with spec.Load from transitions.yaml. A state a
 //     transport or its capability set cannot reach is listed with the
-//     reason; postcopy states are listed as pending (issue 11). A cell
+//     reason; postcopy states are listed as pending (issue 11),
+//     with where their faults are tested. A cell
 //     reaches its state as a migration does (pre-switchover with
 //     pause-before-switchover on), or after a prelude: a cancel (cancelling,
 //     cancelled), a cut (failing, failed, unknown-outcome).

@@ -44,8 +44,8 @@ func TestDefaultCapabilitiesAndParameters(t *testing.T) {
 		"multifd-compression", "multifd-zlib-level", "multifd-qatzip-level", "multifd-zstd-level",
 		"block-bitmap-mapping", "x-vcpu-dirty-limit-period", "vcpu-dirty-limit", "mode", "zero-page-detection",
 		"direct-io", "cpr-exec-command",
-		// migctl's extensions (issue 9) follow QEMU's parameters.
-		"x-migctl-keepalive", "x-migctl-io-timeout"}
+		// migctl's extensions (issues 9, 11) follow QEMU's parameters.
+		"x-migctl-keepalive", "x-migctl-io-timeout", "x-migctl-convergence-passes"}
 	if !slices.Equal(params, wantParams) {
 		t.Errorf("parameters:\n got %v\nwant %v", params, wantParams)
 	}
@@ -67,7 +67,7 @@ func TestDefaultCapabilitiesAndParameters(t *testing.T) {
 		"throttle-trigger-threshold", "cpu-throttle-initial", "cpu-throttle-increment", "cpu-throttle-tailslow",
 		"max-bandwidth", "avail-switchover-bandwidth", "downtime-limit", "x-checkpoint-delay",
 		"xbzrle-cache-size", "max-postcopy-bandwidth", "max-cpu-throttle", "x-vcpu-dirty-limit-period", "vcpu-dirty-limit",
-		"x-migctl-keepalive", "x-migctl-io-timeout"}
+		"x-migctl-keepalive", "x-migctl-io-timeout", "x-migctl-convergence-passes"}
 	if !slices.Equal(live, wantLive) {
 		t.Errorf("live parameters:\n got %v\nwant %v", live, wantLive)
 	}
@@ -164,6 +164,8 @@ func TestDefaultRules(t *testing.T) {
 		// migctl's own TLS rules: TLS needs a two-way socket; QEMU's rdma:
 		// would migrate in the clear.
 		"migctl/tls-needs-two-way", "migctl/rdma-no-tls",
+		// migctl's own postcopy limits.
+		"migctl/postcopy-no-multifd", "migctl/postcopy-no-tls",
 	} {
 		if _, ok := rules[name]; !ok {
 			t.Errorf("no rule %s", name)
@@ -228,13 +230,23 @@ func TestDefaultGraphs(t *testing.T) {
 			"listening --fail--> failed",
 			"setup --cancel--> cancelling", "listening --cancel--> cancelling", "connected --cancel--> cancelling", "active --cancel--> cancelling",
 			"cancelling --cleanup--> cancelled", "cancelling --fail--> (ignore)", "cancelling --cancel--> (ignore)",
+			"postcopy-device --cancel--> (refuse: " + noCancel + ")",
 			"postcopy-active --cancel--> (refuse: " + noCancel + ")", "postcopy-paused --cancel--> (refuse: " + noCancel + ")",
+			"postcopy-recover-listening --cancel--> (refuse: " + noCancel + ")",
 			"postcopy-recover --cancel--> (refuse: " + noCancel + ")",
 			"connected --load--> active", "connected --fail--> failed",
-			"active --complete--> completed", "active --fail--> failed", "active --postcopy--> postcopy-active",
+			"active --complete--> completed", "active --fail--> failed",
+			// Postcopy (issue 11): LISTEN, then the guest runs only at RUN;
+			// a fault after the destination loaded the package pauses, never
+			// fails (fail is the process shutting down).
+			"active --postcopy--> postcopy-device",
+			"postcopy-device --run--> postcopy-active", "postcopy-device --fail--> failed", "postcopy-device --pause--> postcopy-paused",
 			"postcopy-active --complete--> completed", "postcopy-active --pause--> postcopy-paused", "postcopy-active --fail--> failed",
-			"postcopy-paused --recover " + st + "--> postcopy-recover", "postcopy-paused --fail--> failed",
+			"postcopy-paused --recover " + st + "--> postcopy-recover-listening", "postcopy-paused --fail--> failed",
+			"postcopy-recover-listening --connect--> postcopy-recover", "postcopy-recover-listening --pause--> postcopy-paused",
+			"postcopy-recover-listening --fail--> failed",
 			"postcopy-recover --resume--> postcopy-active", "postcopy-recover --pause--> postcopy-paused", "postcopy-recover --fail--> failed",
+			"none --reattach--> postcopy-paused",
 			"completed --cancel--> (ignore)", "failed --cancel--> (ignore)", "cancelled --cancel--> (ignore)",
 			// The switchover commit protocol (issue 9): the guest runs here
 			// only after the source's go; a cut before it is an unknown
@@ -248,20 +260,25 @@ func TestDefaultGraphs(t *testing.T) {
 			"none --migrate " + st + "--> setup", "failed --migrate " + st + "--> setup", "cancelled --migrate " + st + "--> setup",
 			"completed --migrate " + st + "--> setup",
 			"cancelling --fail--> (ignore)",
+			"postcopy-device --cancel--> (refuse: " + noCancel + ")",
 			"postcopy-active --cancel--> (refuse: " + noCancel + ")", "postcopy-paused --cancel--> (refuse: " + noCancel + ")",
 			"postcopy-recover-setup --cancel--> (refuse: " + noCancel + ")", "postcopy-recover --cancel--> (refuse: " + noCancel + ")",
 			"setup --start--> active",
 			"active --switchover [pause-before-switchover] else device--> pre-switchover",
 			"pre-switchover --continue--> device",
-			"device --complete--> completed", "device --postcopy--> postcopy-active",
+			"device --complete--> completed",
 			"setup --cancel--> cancelling", "active --cancel--> cancelling", "pre-switchover --cancel--> cancelling", "device --cancel--> cancelling",
 			"cancelling --cleanup--> cancelled",
-			"setup --fail--> failing", "active --fail--> failing", "pre-switchover --fail--> failing", "device --fail--> failing", "postcopy-active --fail--> failing",
+			"setup --fail--> failing", "active --fail--> failing", "pre-switchover --fail--> failing", "device --fail--> failing",
 			"failing --cleanup--> failed",
 			"postcopy-active --complete--> completed", "postcopy-active --pause--> postcopy-paused",
 			"postcopy-paused --resume " + st + "--> postcopy-recover-setup", "postcopy-paused --fail--> failing",
 			"postcopy-recover-setup --connect--> postcopy-recover", "postcopy-recover-setup --connect-failed--> postcopy-paused",
-			"postcopy-recover --resume-ack--> postcopy-active", "postcopy-recover --pause--> postcopy-paused", "postcopy-recover --fail--> failing",
+			"postcopy-recover --resume-ack--> postcopy-active", "postcopy-recover --pause--> postcopy-paused",
+			// The postcopy commit point (issue 11): the source resumes its
+			// guest only before run (POSTCOPY_RUN); after it no edge fails a
+			// fault: postcopy-active and postcopy-recover only pause.
+			"device --postcopy--> postcopy-device", "postcopy-device --run--> postcopy-active", "postcopy-device --fail--> failing",
 			"none --cancel--> (ignore)", "cancelling --cancel--> (ignore)", "cancelled --cancel--> (ignore)",
 			"completed --cancel--> (ignore)", "failing --cancel--> (ignore)", "failed --cancel--> (ignore)",
 			// The switchover commit protocol: after the commit the source
@@ -273,9 +290,9 @@ func TestDefaultGraphs(t *testing.T) {
 		},
 	}
 	wantStates := map[string]string{
-		Incoming: "none:mutable setup:mutable listening:mutable connected:frozen active:frozen postcopy-active:frozen " +
-			"postcopy-paused:frozen postcopy-recover:frozen loaded:frozen unknown-outcome:frozen cancelling:frozen completed:mutable:end failed:mutable:end cancelled:mutable:end",
-		Outgoing: "none:mutable setup:frozen active:frozen pre-switchover:frozen device:frozen committed:frozen unknown-outcome:frozen postcopy-active:frozen " +
+		Incoming: "none:mutable setup:mutable listening:mutable connected:frozen active:frozen postcopy-device:frozen postcopy-active:frozen " +
+			"postcopy-paused:frozen postcopy-recover-listening:frozen postcopy-recover:frozen loaded:frozen unknown-outcome:frozen cancelling:frozen completed:mutable:end failed:mutable:end cancelled:mutable:end",
+		Outgoing: "none:mutable setup:frozen active:frozen pre-switchover:frozen device:frozen committed:frozen unknown-outcome:frozen postcopy-device:frozen postcopy-active:frozen " +
 			"postcopy-paused:frozen postcopy-recover-setup:frozen postcopy-recover:frozen completed:mutable:end " +
 			"cancelling:frozen cancelled:mutable:end failing:frozen failed:mutable:end",
 	}
@@ -405,10 +422,12 @@ func TestDefaultEffects(t *testing.T) {
 	h, r, v := EffectHonoured, EffectRefused, EffectVacuous
 	wantCaps := map[string]string{
 		// rdma-pin-all: honoured since the rdma: transport (issue 10).
-		"xbzrle": r, "rdma-pin-all": h, "auto-converge": h, "events": h, "postcopy-ram": r, "x-colo": r,
+		// postcopy-ram, postcopy-preempt, postcopy-blocktime: honoured since
+		// postcopy (issue 11).
+		"xbzrle": r, "rdma-pin-all": h, "auto-converge": h, "events": h, "postcopy-ram": h, "x-colo": r,
 		"release-ram": r, "return-path": h, "pause-before-switchover": h, "multifd": h, "dirty-bitmaps": r,
-		"postcopy-blocktime": v, "late-block-activate": v, "x-ignore-shared": r, "validate-uuid": h,
-		"background-snapshot": r, "zero-copy-send": r, "postcopy-preempt": r, "switchover-ack": h,
+		"postcopy-blocktime": h, "late-block-activate": v, "x-ignore-shared": r, "validate-uuid": h,
+		"background-snapshot": r, "zero-copy-send": r, "postcopy-preempt": h, "switchover-ack": h,
 		"dirty-limit": r, "mapped-ram": h,
 	}
 	wantParams := map[string]string{
@@ -417,11 +436,11 @@ func TestDefaultEffects(t *testing.T) {
 		// tls-*: honoured since the data plane carries TLS (issue 12).
 		"tls-creds": h, "tls-hostname": h, "tls-authz": h, "max-bandwidth": h, "avail-switchover-bandwidth": h,
 		"downtime-limit": h, "x-checkpoint-delay": v, "multifd-channels": h, "xbzrle-cache-size": v,
-		"max-postcopy-bandwidth": v, "max-cpu-throttle": h, "multifd-compression": h, "multifd-zlib-level": h,
+		"max-postcopy-bandwidth": h, "max-cpu-throttle": h, "multifd-compression": h, "multifd-zlib-level": h,
 		"multifd-qatzip-level": v, "multifd-zstd-level": h, "block-bitmap-mapping": v,
 		"x-vcpu-dirty-limit-period": v, "vcpu-dirty-limit": v, "mode": r, "zero-page-detection": h,
 		"direct-io": h, "cpr-exec-command": v,
-		"x-migctl-keepalive": h, "x-migctl-io-timeout": h,
+		"x-migctl-keepalive": h, "x-migctl-io-timeout": h, "x-migctl-convergence-passes": h,
 	}
 	for _, c := range s.Capabilities {
 		if c.Effect != wantCaps[c.Name] || c.Why == "" {

@@ -52,6 +52,11 @@ type Limits struct {
 	// RequireHandshake makes a stream whose first section is not the migctl
 	// handshake an error (class ErrMismatch): the source is not migctl.
 	RequireHandshake bool
+	// MaxPackage, when positive, lets the stream carry PACKAGED commands
+	// (postcopy's package) of at most this many bytes: Next returns the
+	// blob in Record.Data and Decoder.Package reads it. 0 refuses them
+	// (class ErrUnsupported), as a destination that does not take postcopy.
+	MaxPackage int
 }
 
 func (l Limits) normalize() (Limits, error) {
@@ -137,6 +142,7 @@ type Decoder struct {
 	pages, zeros atomic.Uint64
 
 	vmdesc bool // the vmdesc was read (NextTrailer may follow)
+	pkg    bool // a package's decoder (Decoder.Package): its end is io.EOF
 }
 
 // DecoderStats counts what a Decoder has read.
@@ -401,6 +407,10 @@ func (d *Decoder) nextTop() (Record, error) {
 	pos := d.Offset()
 	n, err := io.ReadFull(d.rb, d.scratch[:1])
 	d.off.Add(int64(n))
+	if err == io.EOF && d.pkg {
+		d.state = dsDone
+		return Record{}, io.EOF
+	}
 	if err == io.EOF {
 		return Record{}, &DecodeError{Offset: pos, Class: ErrCorrupt, Detail: "stream ends before its EOF marker (0x00)", Err: io.ErrUnexpectedEOF}
 	}
@@ -566,7 +576,7 @@ func (d *Decoder) readCommand(pos int64) (Record, error) {
 		return Record{}, err
 	}
 	cmd := Command(c)
-	if cmd == CmdPackaged {
+	if cmd == CmdPackaged && d.lim.MaxPackage <= 0 {
 		return Record{}, d.unsupported(pos, "command %v (packaged postcopy device state)", cmd)
 	}
 	if cmd == 0 || cmd >= cmdMax {
@@ -578,6 +588,17 @@ func (d *Decoder) readCommand(pos int64) (Record, error) {
 	}
 	if msg := checkCommand(cmd, data); msg != "" {
 		return Record{}, d.corrupt(pos, nil, "%s", msg)
+	}
+	if cmd == CmdPackaged {
+		length := binary.BigEndian.Uint32(data)
+		if uint64(length) > uint64(d.lim.MaxPackage) {
+			return Record{}, d.tooLarge(pos, "package of %d bytes, limit %d", length, d.lim.MaxPackage)
+		}
+		blob, err := d.readBlob(int(length), "the package")
+		if err != nil {
+			return Record{}, err
+		}
+		return Record{Kind: KindCommand, Pos: pos, Command: cmd, Data: blob, Value: uint64(length)}, nil
 	}
 	rec := Record{Kind: KindCommand, Pos: pos, Command: cmd, Data: data}
 	if cmd == CmdPing {

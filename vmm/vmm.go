@@ -274,7 +274,11 @@ func (v *VMM) Close() error {
 		select {
 		case <-m.Done():
 		default:
-			_ = m.Cancel(context.Background())
+			if err := m.Cancel(context.Background()); err != nil {
+				// Postcopy refuses a cancel: the guest runs on the
+				// destination; end this process's part of it.
+				m.Abort("migctl is shutting down")
+			}
 		}
 	}
 	if in != nil {
@@ -283,3 +287,83 @@ func (v *VMM) Close() error {
 	v.wg.Wait()
 	return nil
 }
+
+// StartPostcopy is QMP migrate-start-postcopy, with QEMU's checks: the
+// capability postcopy-ram must be on, and a migration must have started.
+// As in QEMU, a migration that has moved on from precopy ignores it.
+func (v *VMM) StartPostcopy(context.Context) error {
+	cfg, ok := v.c.Frozen(spec.Outgoing)
+	if !ok {
+		cfg = v.c.Config()
+	}
+	if !cfg.Caps["postcopy-ram"] {
+		return errors.New("Enable postcopy with migrate_set_capability before the start of migration")
+	}
+	v.mu.Lock()
+	m := v.out
+	v.mu.Unlock()
+	st, err := v.c.Status(spec.Outgoing, 0)
+	if err != nil {
+		return err
+	}
+	if m == nil || st.Initial {
+		return errors.New("Postcopy must be started after migration has been started")
+	}
+	m.StartPostcopy()
+	return nil
+}
+
+// Pause is QMP migrate-pause: as QEMU's qmp_migrate_pause, the outgoing
+// migration's channel if its postcopy is alive, else the incoming one's.
+func (v *VMM) Pause(context.Context) error {
+	v.mu.Lock()
+	m, in := v.out, v.in
+	v.mu.Unlock()
+	if m != nil && m.Pause() == nil {
+		return nil
+	}
+	if in != nil && in.Pause(context.Background()) == nil {
+		return nil
+	}
+	return engine.ErrNotPausable
+}
+
+// Recover is QMP migrate-recover: the destination whose postcopy is
+// paused listens on uri for the source's new channel.
+func (v *VMM) Recover(ctx context.Context, uri string) error {
+	v.mu.Lock()
+	in := v.in
+	v.mu.Unlock()
+	if in == nil {
+		return errNotRecoverable
+	}
+	err := in.Recover(ctx, uri)
+	var np *machine.NotPermittedError
+	if errors.As(err, &np) {
+		return errNotRecoverable
+	}
+	return err
+}
+
+// errNotRecoverable is migrate-recover's refusal, in QEMU's words.
+var errNotRecoverable = errors.New("Migrate recover can only be run when postcopy is paused.")
+
+// Resume is QMP migrate with resume=true: the source whose postcopy is
+// paused reconnects to uri.
+func (v *VMM) Resume(ctx context.Context, uri string, channels []string) error {
+	v.mu.Lock()
+	m := v.out
+	v.mu.Unlock()
+	if m == nil {
+		return errNoPaused
+	}
+	err := m.Resume(ctx, uri, channels)
+	var np *machine.NotPermittedError
+	if errors.As(err, &np) {
+		return errNoPaused
+	}
+	return err
+}
+
+// errNoPaused is migrate resume=true's refusal, in QEMU's words.
+var errNoPaused = errors.New("Cannot resume if there is no paused migration")

@@ -181,7 +181,7 @@ func TestExplainAgreesWithTheMachine(t *testing.T) {
 		{side: "outgoing", uri: closed, caps: []string{"pause-before-switchover"}, want: true},
 		{side: "outgoing", uri: closed, caps: []string{"events", "late-block-activate"}, want: true},
 		{side: "outgoing", uri: closed, caps: []string{"auto-converge"}, want: true},
-		{side: "outgoing", uri: closed, caps: []string{"postcopy-ram"}, rule: "migctl/not-implemented"},
+		{side: "outgoing", uri: closed, caps: []string{"postcopy-ram"}, want: true}, // implemented by postcopy (issue 11)
 		{side: "outgoing", uri: "rdma:127.0.0.1:1", caps: []string{"xbzrle"}, rule: "rdma/no-xbzrle"},
 		{side: "outgoing", uri: "rdma:127.0.0.1:1", caps: []string{"rdma-pin-all"}, want: true}, // implemented by the rdma: transport (issue 10)
 		{side: "outgoing", uri: closed, caps: []string{"rdma-pin-all"}, rule: "rdma-pin-all/transports"},
@@ -189,6 +189,8 @@ func TestExplainAgreesWithTheMachine(t *testing.T) {
 		// rdma: (which QEMU would run in the clear) are refused.
 		{side: "outgoing", uri: "exec:false", params: map[string]any{"tls-creds": "tls0", "tls-hostname": "dst"}, rule: "migctl/tls-needs-two-way"},
 		{side: "outgoing", uri: "rdma:127.0.0.1:1", params: map[string]any{"tls-creds": "tls0"}, rule: "migctl/rdma-no-tls"},
+		// postcopy's preempt and recovery channels carry no TLS yet.
+		{side: "outgoing", uri: closed, caps: []string{"postcopy-ram"}, params: map[string]any{"tls-creds": "tls0"}, rule: "migctl/postcopy-no-tls"},
 		{side: "outgoing", uri: closed, params: map[string]any{"mode": "cpr-reboot"}, rule: "migctl/mode-normal-only"},
 		{side: "outgoing", uri: closed, params: map[string]any{"mode": "cpr-exec"}, rule: "mode/cpr-exec-needs-command"},
 		{side: "outgoing", uri: closed, params: map[string]any{"zero-page-detection": "none"}, want: true},
@@ -208,7 +210,9 @@ func TestExplainAgreesWithTheMachine(t *testing.T) {
 		{side: "incoming", uri: "file:" + existing, caps: []string{"mapped-ram"}, want: true}, // implemented by the data-plane work (issue 8)
 		{side: "incoming", uri: "unix:" + filepath.Join(dir, "in%s.sock"), caps: []string{"return-path"}, want: true},
 		{side: "incoming", uri: "tcp:127.0.0.1:0", caps: []string{"background-snapshot"}, rule: "background-snapshot/not-incoming"},
-		{side: "incoming", uri: "tcp:127.0.0.1:0", caps: []string{"postcopy-ram", "postcopy-preempt"}, rule: "migctl/not-implemented"},
+		// Postcopy is implemented (issue 11), for a destination whose guest
+		// runs in its own process (--guest …,postcopy=on) only.
+		{side: "incoming", uri: "tcp:127.0.0.1:0", caps: []string{"postcopy-ram", "postcopy-preempt"}, rule: "postcopy-ram/needs-guest-process"},
 		{side: "incoming", uri: "exec:cat " + existing, caps: []string{"return-path"}, rule: "return-path/needs-transport/return-path"},
 		{side: "incoming", uri: "file:" + existing, params: map[string]any{"tls-creds": "tls0"}, rule: "migctl/tls-needs-two-way"},
 		{side: "incoming", uri: "tcp:127.0.0.1:0", caps: []string{"return-path", "switchover-ack"}, want: true},

@@ -18,6 +18,8 @@ import (
 	"syscall"
 
 	"github.com/spf13/cobra"
+
+	"github.com/migctl/migctl/guest/proc"
 )
 
 // Exit statuses, as documented in the README.
@@ -105,6 +107,9 @@ func wrapArgs(cmd *cobra.Command) {
 }
 
 func main() {
+	// The guest process of `serve --guest …,postcopy=on` is this binary
+	// re-executed: it never returns from here.
+	proc.Main()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	go func() {
 		// After the first signal the command winds down; a second one

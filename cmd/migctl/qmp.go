@@ -52,17 +52,24 @@ func qmpServeCmd() *cobra.Command {
 			"runs; a destination completes its migration with the guest paused, until cont.\n" +
 			"The unix socket is created with mode 0600; a TCP address must be loopback. serve runs until the QMP\n" +
 			"command quit, SIGINT or SIGTERM, and removes its sockets. It exits with status 1 when an incoming\n" +
-			"migration started with exit-on-error (the default) fails.\n\n" + guestHelp + serveHelp,
+			"migration started with exit-on-error (the default) fails.\n\n" + guestHelp + "\n" + postcopyHelp + serveHelp,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if len(addrs) == 0 {
 				return usagef("give at least one --qmp unix:PATH or --qmp tcp:127.0.0.1:PORT to serve on")
 			}
-			cfg, err := parseGuest(guestSpec)
+			rest, pd, err := cutPostcopy(guestSpec)
 			if err != nil {
 				return &usageError{err: err}
 			}
-			return qmpRunServe(cmd, addrs, cfg, dest, paused, &sf)
+			cfg, err := parseGuest(rest)
+			if err != nil {
+				return &usageError{err: err}
+			}
+			if pd.postcopy && cfg.Prealloc && dest {
+				return usagef("--guest postcopy=on,prealloc=on: a postcopy destination's RAM must stay holes until each page arrives; drop prealloc")
+			}
+			return qmpRunServe(cmd, addrs, cfg, dest, paused, pd, &sf)
 		},
 	}
 	sf.add(cmd)
@@ -73,7 +80,15 @@ func qmpServeCmd() *cobra.Command {
 	return cmd
 }
 
-func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest, paused bool, sf *serveFlags) error {
+// servedGuest is what serve needs of its guest: the built-in guest in
+// this process, or a guest process (postcopy=on).
+type servedGuest interface {
+	guest.Guest
+	Start() error
+}
+
+func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest, paused bool, pd procDesc, sf *serveFlags) error {
+	postcopy := pd.postcopy
 	// Descriptors inherited at startup are declared before anything else
 	// is opened.
 	fds := qmp.NewFDTable()
@@ -98,16 +113,34 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest, pau
 	if err != nil {
 		return &usageError{err: err}
 	}
-	var g *guest.Builtin
-	if dest {
-		g, err = guest.NewDestination(cfg)
-	} else {
-		g, err = guest.New(cfg)
+	var g servedGuest
+	var digest func() (uint64, error)
+	switch {
+	case postcopy:
+		pg, err := startGuestProcess(cmd, cfg, pd.readers, dest)
+		if err != nil {
+			return err
+		}
+		defer pg.stop()
+		g = pg.c
+		digest = func() (uint64, error) {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			return pg.c.Checksum(ctx)
+		}
+	default:
+		var b *guest.Builtin
+		if dest {
+			b, err = guest.NewDestination(cfg)
+		} else {
+			b, err = guest.New(cfg)
+		}
+		if err != nil {
+			return err
+		}
+		defer b.Close()
+		g, digest = b, b.Checksum
 	}
-	if err != nil {
-		return err
-	}
-	defer g.Close()
 	log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: slog.LevelWarn}))
 	if !dest && !paused {
 		if err := g.Start(); err != nil {
@@ -115,7 +148,7 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest, pau
 		}
 	}
 	objs := creds.NewObjects()
-	c, err := serveController(s, g, dest, paused, objs, holds)
+	c, err := serveController(s, g, dest, paused, postcopy, objs, holds)
 	if err != nil {
 		return err
 	}
@@ -139,11 +172,13 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest, pau
 	if holds != nil {
 		defer holds.Close() // before h.Close: a held migration must not delay shutdown
 	}
-	qopts.Logger, qopts.Objects, qopts.FDs, qopts.Digest, qopts.Holds = log, objs, fds, g.Checksum, holds
+	qopts.Logger, qopts.Objects, qopts.FDs, qopts.Digest, qopts.Holds = log, objs, fds, digest, holds
 	if u, ok := guest.UUIDOf(g); ok {
 		qopts.UUID = u.String()
 	}
-	qopts.PrepareTime = g.PrepareTime()
+	if p, ok := g.(interface{ PrepareTime() time.Duration }); ok {
+		qopts.PrepareTime = p.PrepareTime() // the built-in guest's -mem-prealloc; a guest process reports none
+	}
 	srv := qmp.NewServer(c, h, qopts)
 	defer srv.Close()
 	for _, a := range addrs {
@@ -160,9 +195,14 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest, pau
 			shown = "tcp:" + addr.String()
 		}
 		role := "source guest running"
+		if postcopy {
+			role = "source guest running in its guest process"
+		}
 		switch {
 		case dest && paused:
 			role = "destination guest waiting for migrate-incoming, paused when it arrives (-S)"
+		case dest && postcopy:
+			role = "destination guest process (postcopy=on) waiting for migrate-incoming"
 		case dest:
 			role = "destination guest waiting for migrate-incoming"
 		case paused:

@@ -181,7 +181,7 @@ func slicesAny(s []string, f func(string) bool) bool {
 // serveController builds serve's controller: the facts the connect guard
 // compares (page size, guest identity, and the guest's UUID when it has
 // one) and the object registry the tls-objects guard looks at.
-func serveController(s *spec.Spec, g *guest.Builtin, dest, paused bool, objs *creds.Objects, holds *qmp.Holds) (*machine.Controller, error) {
+func serveController(s *spec.Spec, g guest.Guest, dest, paused, postcopy bool, objs *creds.Objects, holds *qmp.Holds) (*machine.Controller, error) {
 	ps := "4096"
 	if bs := g.Blocks(); len(bs) > 0 {
 		ps = strconv.Itoa(bs[0].PageSize)
@@ -194,8 +194,14 @@ func serveController(s *spec.Spec, g *guest.Builtin, dest, paused bool, objs *cr
 	if u, ok := guest.UUIDOf(g); ok {
 		facts["uuid"] = u.String() // compared at connect when the source sends its UUID
 	}
+	feats := host.Features()
+	if postcopy {
+		// The vCPUs run in the guest process, which registered its RAM
+		// with userfaultfd before they ran (rule postcopy-ram/needs-guest-process).
+		feats["userfault-guest"] = true
+	}
 	return machine.New(s, machine.Options{
-		Features: host.Features(),
+		Features: feats,
 		Facts:    facts,
 		Incoming: dest,
 		Paused:   paused,

@@ -46,6 +46,9 @@ func startServeBin(t *testing.T, bin, name string, args ...string) *serveProc {
 	}
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
+	// A guest process (--guest …,postcopy=on) inherits stderr and may
+	// outlive a killed serve: Wait stops copying from it after this.
+	cmd.WaitDelay = 10 * time.Second
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

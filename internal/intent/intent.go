@@ -22,12 +22,13 @@ var Mutable = map[string]map[string]bool{
 	"outgoing": {
 		"none": true, "setup": false, "active": false, "pre-switchover": false, "device": false,
 		"committed": false, "unknown-outcome": false,
-		"postcopy-active": false, "postcopy-paused": false, "postcopy-recover-setup": false, "postcopy-recover": false,
+		"postcopy-device": false, "postcopy-active": false, "postcopy-paused": false, "postcopy-recover-setup": false, "postcopy-recover": false,
 		"completed": true, "cancelling": false, "cancelled": true, "failing": false, "failed": true,
 	},
 	"incoming": {
 		"none": true, "setup": true, "listening": true, "connected": false, "active": false,
-		"postcopy-active": false, "postcopy-paused": false, "postcopy-recover": false, "cancelling": false,
+		"postcopy-device": false, "postcopy-active": false, "postcopy-paused": false, "postcopy-recover-listening": false,
+		"postcopy-recover": false, "cancelling": false,
 		"loaded": false, "unknown-outcome": false,
 		"completed": true, "failed": true, "cancelled": true,
 	},
