@@ -96,6 +96,17 @@ type served struct {
 // serve starts a fault service for c fed from src.
 func serve(t testing.TB, c guest.Postcopier, src guest.Guest, limit int, opts Options) *served {
 	t.Helper()
+	s := prepareServe(t, c, src, limit, opts)
+	s.start(t)
+	return s
+}
+
+// prepareServe builds the service (FromGuest: it takes over the guest's
+// userfaultfd and rebuilds the received bitmap) without running it, so a
+// test can look at what it rebuilt before any fault is answered; start
+// runs it.
+func prepareServe(t testing.TB, c guest.Postcopier, src guest.Guest, limit int, opts Options) *served {
+	t.Helper()
 	fe := newFeeder(src, limit)
 	opts.Request = fe.request
 	svc, fd, err := FromGuest(c, opts)
@@ -103,12 +114,16 @@ func serve(t testing.TB, c guest.Postcopier, src guest.Guest, limit int, opts Op
 		t.Fatal(err)
 	}
 	fe.svc = svc
+	return &served{svc: svc, fd: fd, fe: fe, errs: make(chan error, 2)}
+}
+
+// start runs a prepared service and its feeder until stop.
+func (s *served) start(t testing.TB) {
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &served{svc: svc, fd: fd, fe: fe, cancel: cancel, errs: make(chan error, 2)}
-	go func() { s.errs <- svc.Run(ctx) }()
-	go func() { s.errs <- fe.run(ctx) }()
+	s.cancel = cancel
+	go func() { s.errs <- s.svc.Run(ctx) }()
+	go func() { s.errs <- s.fe.run(ctx) }()
 	t.Cleanup(func() { s.stop(t) })
-	return s
 }
 
 // stop ends the service and the feeder and closes migctl's copy of the
@@ -476,14 +491,14 @@ func afterDeath(t *testing.T, p *proc.Process, src *guest.Builtin, installed int
 	if _, err := c.Digest(ctx); !errors.Is(err, proc.ErrMissingPages) {
 		t.Fatalf("Digest with pages missing: %v; want ErrMissingPages (it would read holes)", err)
 	}
-	sv := serve(t, c, src, 0, Options{})
-	n := 0
-	for i := range c.Blocks() {
-		n += sv.svc.ReceivedCount(i)
-	}
-	if n != installed {
+	// Counted before the new service answers any fault: a blocked reader
+	// raises its fault again (Go's preemption signals), and an answer
+	// would add to the count.
+	sv := prepareServe(t, c, src, 0, Options{})
+	if n := receivedCount(sv.svc, len(c.Blocks())); n != installed {
 		t.Fatalf("rebuilt %d received pages from the shared bitmap, the dead migctl installed %d", n, installed)
 	}
+	sv.start(t)
 	if err := sv.svc.WakeAll(); err != nil {
 		t.Fatal(err)
 	}

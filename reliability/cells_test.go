@@ -165,7 +165,7 @@ func skipReason(t transportKind, side, state, fault string, st *spec.State) stri
 		return t.pending
 	}
 	if strings.HasPrefix(state, "postcopy-") {
-		return "pending postcopy (issue 11): the matrix does not drive postcopy yet (it needs a guest-process destination); postcopy's cut, pause and recovery are engine tests (TestPostcopyRecoverAfterCut, TestPostcopyCutAtPackage)"
+		return "pending postcopy (issue 11): the matrix does not drive postcopy yet (it needs a guest-process destination); postcopy's cut, pause and recovery are engine tests (TestPostcopyCutAtPackage, TestPostcopyCutAtRun, TestPostcopyCutAtFirstRequest, TestPostcopyRecoverAfterCut)"
 	}
 	switch {
 	case fault == fWriteFails && t.name != "file":
