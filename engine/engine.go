@@ -497,16 +497,10 @@ func (s *sender) switchover(cfg guards.Config) error {
 	if err := s.drain(); err != nil {
 		return err
 	}
-	// The guest graph goes running → finish-migrate when the guest runs; a
-	// guest the operator paused stays paused (and is not restarted on
-	// failure). Stop is idempotent, so it is called either way.
-	gout, _ := m.c.Fire(m.ioCtx, spec.Guest, machine.TriggerSwitchover, nil)
-	s.stopped = gout.Moved
-	if err := m.g.Stop(); err != nil {
-		return fmt.Errorf("stop the guest: %w", err)
+	tStop, err := s.stopForSwitchover()
+	if err != nil {
+		return err
 	}
-	tStop := time.Now()
-	s.stopStamp = host.Now()
 	if s.rp != nil {
 		s.stats.BacklogAtStop = s.pings.backlog(s.moved())
 	}
@@ -1129,4 +1123,21 @@ func (s *sender) moved() uint64 {
 		n += s.sink.sent()
 	}
 	return n
+}
+
+// stopForSwitchover stops the source's guest for the switchover (precopy's
+// stop-and-copy or the switch to postcopy) and returns when it stopped.
+// The guest graph goes running → finish-migrate when the guest runs; a
+// guest the operator paused stays paused (and is not restarted on
+// failure). Stop is idempotent, so it is called either way.
+func (s *sender) stopForSwitchover() (time.Time, error) {
+	m := s.m
+	gout, _ := m.c.Fire(m.ioCtx, spec.Guest, machine.TriggerSwitchover, nil)
+	s.stopped = gout.Moved
+	if err := m.g.Stop(); err != nil {
+		return time.Time{}, fmt.Errorf("stop the guest: %w", err)
+	}
+	tStop := time.Now()
+	s.stopStamp = host.Now()
+	return tStop, nil
 }

@@ -253,12 +253,10 @@ func (s *sender) startPostcopy(cfg guards.Config) error {
 			return err
 		}
 	}
-	gout, _ := m.c.Fire(m.ioCtx, spec.Guest, machine.TriggerSwitchover, nil)
-	s.stopped = gout.Moved
-	if err := m.g.Stop(); err != nil {
-		return fmt.Errorf("stop the guest: %w", err)
+	tStop, err := s.stopForSwitchover()
+	if err != nil {
+		return err
 	}
-	tStop := time.Now()
 	m.g.SyncDirty(s.dirty)
 	s.stats.Remaining = s.dirtyBytes()
 	// Every page still dirty, sent or not, is dropped on the destination:

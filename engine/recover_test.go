@@ -361,28 +361,7 @@ func TestPostcopyCutAtPackage(t *testing.T) {
 		if src.g.Running() {
 			t.Fatal("the source runs its guest after its commit point")
 		}
-		ruri := "unix:" + filepath.Join(t.TempDir(), "recover.sock")
-		if err := in.Recover(ctx, ruri); err != nil {
-			t.Fatalf("migrate-recover: %v", err)
-		}
-		if err := src.c.SetParameters(ctx, map[string]any{"max-postcopy-bandwidth": 0}); err != nil {
-			t.Fatal(err)
-		}
-		if err := m.Resume(ctx, ruri, nil); err != nil {
-			t.Fatalf("migrate resume=true: %v", err)
-		}
-		sr, err := m.Wait(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		dr, err := in.Wait(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if sr.Err != nil || dr.Err != nil {
-			t.Fatalf("source %v (%s), destination %v (%s)", sr.Err, sr.State, dr.Err, dr.State)
-		}
-		checkDest(t, dst, src.g)
+		recoverAndComplete(ctx, t, in, m, src, dst)
 		t.Logf("cut after the commit point: both paused, recovered, completed")
 	}
 }
