@@ -133,6 +133,7 @@ type Decoder struct {
 	ramInStart bool // the open RAM section is the START
 	memSize    bool // MEM_SIZE seen
 	ramSec     Section
+	adoptRAM   bool // NewReattachedDecoder: the first RAM continuation names the RAM section
 	blocks     map[string]*decBlock
 	last       *decBlock
 
@@ -509,7 +510,7 @@ func (d *Decoder) readSectionHeader(pos int64, typ byte) (Record, error) {
 		if version != RAMVersion {
 			return Record{}, d.unsupported(pos, "RAM section version %d, want %d", version, RAMVersion)
 		}
-		if d.ramStarted {
+		if d.ramStarted || d.adoptRAM {
 			return Record{}, d.corrupt(pos, nil, "second RAM SECTION_START (id %d)", id)
 		}
 		d.ramStarted, d.ramInStart = true, true
@@ -548,6 +549,10 @@ func (d *Decoder) readRAMContinuation(pos int64, typ byte) (Record, error) {
 	kind := KindSectionPart
 	if typ == SecEnd {
 		name, kind = "SECTION_END", KindSectionEnd
+	}
+	if d.adoptRAM && !d.ramStarted {
+		d.ramStarted, d.adoptRAM = true, false
+		d.ramSec = Section{ID: id, IDStr: RAMIDStr, Instance: 0, Version: RAMVersion}
 	}
 	switch {
 	case !d.ramStarted || id != d.ramSec.ID:

@@ -147,6 +147,24 @@ func (d *Decoder) Package(blob []byte) *Decoder {
 	return p
 }
 
+// NewReattachedDecoder returns a Decoder for the rest of a stream whose
+// beginning another process read: a migctl that takes over a guest process
+// in postcopy (`migctl serve --destination --reattach`) never saw the
+// header, the handshake nor the RAM SECTION_START. Call Resume with the
+// recovered channel before Next. The RAM section is adopted from the first
+// SECTION_PART or SECTION_END (as "ram", instance 0, RAMVersion: the only
+// iterable section the stream carries); a SECTION_START, a handshake or a
+// second RAM section id is an error, as in any stream after its start.
+// lim's blocks and page size are this side's (the guest process's);
+// RequireHandshake is ignored.
+func NewReattachedDecoder(lim Limits) *Decoder {
+	lim.RequireHandshake = false
+	d := NewDecoder(bytes.NewReader(nil), lim)
+	d.anySection, d.handshake, d.memSize = true, true, true
+	d.adoptRAM = true
+	return d
+}
+
 // Resume makes the Decoder read the rest of a stream from r, a new
 // connection after postcopy recovery: it keeps what the stream announced
 // (the RAM blocks, the RAM section, the page size), forgets what the broken

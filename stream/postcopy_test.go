@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"testing"
 )
@@ -208,6 +209,76 @@ func TestResumeOnNewConnection(t *testing.T) {
 	}
 	if len(pages) != 2 || pages[0] != 2*testPS || pages[1] != 3*testPS {
 		t.Fatalf("pages after the resume: %v", pages)
+	}
+}
+
+// A process that never saw the stream's start (a migctl that reattached
+// to a guest process) reads the resumed stream with NewReattachedDecoder:
+// the RAM section is adopted from the first SECTION_PART; a second RAM
+// section id, or a SECTION_START, is refused.
+func TestReattachedDecoder(t *testing.T) {
+	resumed := func(t *testing.T) []byte {
+		var first bytes.Buffer
+		e := NewEncoder(&first)
+		must(t, e.WriteHeader(guestName))
+		must(t, e.StartRAM(testPS, testBlocks))
+		must(t, e.BeginRAMPart())
+		must(t, e.PutPage("pc.ram", 0, pattern("pc.ram", 0)))
+		var second bytes.Buffer
+		e.Resume(&second)
+		must(t, e.WriteCommand(CmdRecvBitmap, RecvBitmapCommand("pc.ram")))
+		must(t, e.BeginRAMPart())
+		must(t, e.PutPage("pc.ram", 2*testPS, pattern("pc.ram", 2*testPS)))
+		must(t, e.CloseRAMSection())
+		must(t, e.BeginRAMPart())
+		must(t, e.PutPage("pc.ram", 3*testPS, pattern("pc.ram", 3*testPS)))
+		must(t, e.CloseRAMSection())
+		must(t, e.Close())
+		return second.Bytes()
+	}
+	read := func(b []byte) ([]uint64, error) {
+		d := NewReattachedDecoder(testLimits())
+		d.Resume(bytes.NewReader(b))
+		page := make([]byte, testPS)
+		var pages []uint64
+		for {
+			rec, err := d.Next()
+			if errors.Is(err, io.EOF) {
+				return pages, nil
+			}
+			if err != nil {
+				return pages, err
+			}
+			if rec.Kind == KindPage {
+				if err := d.ReadPage(page); err != nil {
+					return pages, err
+				}
+				if !bytes.Equal(page, pattern(rec.Block, rec.Offset)) {
+					return pages, fmt.Errorf("page %#x corrupted", rec.Offset)
+				}
+				pages = append(pages, rec.Offset)
+			}
+		}
+	}
+	b := resumed(t)
+	pages, err := read(b)
+	if err != nil || len(pages) != 2 || pages[0] != 2*testPS || pages[1] != 3*testPS {
+		t.Fatalf("pages %v, %v; want [%#x %#x]", pages, err, 2*testPS, 3*testPS)
+	}
+	// The second SECTION_PART names another section id: refused.
+	cmdLen := 1 + 2 + 2 + len(RecvBitmapCommand("pc.ram"))
+	if b[cmdLen] != SecPart {
+		t.Fatalf("the resumed stream has % x after its command, want SECTION_PART", b[cmdLen])
+	}
+	head := b[cmdLen : cmdLen+5] // SECTION_PART, its section id
+	j := cmdLen + 1 + bytes.Index(b[cmdLen+1:], head)
+	if j <= cmdLen {
+		t.Fatal("no second SECTION_PART")
+	}
+	bad := append([]byte(nil), b...)
+	bad[j+4]++ // the second part's id, low byte
+	if _, err := read(bad); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("a second RAM section id: %v, want ErrCorrupt", err)
 	}
 }
 
