@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -491,6 +492,7 @@ func afterDeath(t *testing.T, p *proc.Process, src *guest.Builtin, installed int
 	if _, err := c.Digest(ctx); !errors.Is(err, proc.ErrMissingPages) {
 		t.Fatalf("Digest with pages missing: %v; want ErrMissingPages (it would read holes)", err)
 	}
+	rebuildFromMemfd(t, c, installed)
 	// Counted before the new service answers any fault: a blocked reader
 	// raises its fault again (Go's preemption signals), and an answer
 	// would add to the count.
@@ -513,6 +515,48 @@ func afterDeath(t *testing.T, p *proc.Process, src *guest.Builtin, installed int
 		t.Fatalf("after the take-over: %+v", st)
 	}
 	ramEqual(t, c, src)
+}
+
+// rebuildFromMemfd checks Rebuild on a guest whose handler died: a page
+// installed but whose bit the dead handler never set is marked again, a
+// bit set for a hole is cleared, and nothing else changes — found with
+// SEEK_DATA/SEEK_HOLE, never by reading (the guest stays blocked on its
+// holes).
+func rebuildFromMemfd(t *testing.T, c *proc.Client, installed int) {
+	t.Helper()
+	svc, fd, err := FromGuest(c, Options{Request: func(Request) {}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fd.Close()
+	if m, cl, err := svc.Rebuild(); err != nil || m != 0 || cl != 0 {
+		t.Fatalf("Rebuild of a consistent bitmap: %d marked, %d cleared, %v; want 0, 0", m, cl, err)
+	}
+	present, hole := -1, -1
+	for p := range c.Blocks()[0].Pages() {
+		if svc.Received(0, p) && present < 0 {
+			present = p
+		}
+		if !svc.Received(0, p) && hole < 0 {
+			hole = p
+		}
+	}
+	if present < 0 || hole < 0 {
+		t.Fatalf("block 0 has no received page (%d) or no missing one (%d)", present, hole)
+	}
+	// The dead handler's window: the page is installed, its bit not yet
+	// set. And a bit that lies: set for a hole.
+	bm := svc.regions[0].Received
+	atomic.AndUint64(&bm[present>>6], ^(uint64(1) << (uint(present) & 63)))
+	bm.SetAtomic(hole)
+	m, cl, err := svc.Rebuild()
+	if err != nil || m != 1 || cl != 1 || !svc.Received(0, present) || svc.Received(0, hole) {
+		t.Fatalf("Rebuild: %d marked, %d cleared, %v, page %d received %v, hole %d received %v; want 1 marked (the installed page), 1 cleared (the hole)",
+			m, cl, err, present, svc.Received(0, present), hole, svc.Received(0, hole))
+	}
+	if n := receivedCount(svc, len(c.Blocks())); n != installed {
+		t.Fatalf("after Rebuild %d pages received, want %d", n, installed)
+	}
 }
 
 func receivedCount(s *Service, blocks int) int {

@@ -553,6 +553,54 @@ func (s *Service) FillHoles() (int, error) {
 	return installed, nil
 }
 
+// Rebuild reconciles the received bitmaps with the memfds, for a service
+// that takes over a guest whose previous handler died (`migctl serve
+// --destination --reattach`). It never reads guest memory: it finds the
+// holes with lseek SEEK_DATA and SEEK_HOLE ([Holes]), since reading a hole
+// would fill it with a page of zeros.
+//
+// It is meant for a guest past POSTCOPY_LISTEN: from then on every page that
+// is not a hole was received (PunchHoles made every other page a hole) or
+// installed whole by UFFDIO_COPY or UFFDIO_ZEROPAGE, atomically, perhaps by
+// a handler that died before it set the page's bit. Such a page is marked
+// (marked counts them). A page whose bit is set but which is a hole cannot
+// have been received (bits are set after the page is in place): its bit is
+// cleared so that the page is requested again (cleared counts them). Call
+// it before Run.
+func (s *Service) Rebuild() (marked, cleared int, err error) {
+	for i := range s.regions {
+		reg := &s.regions[i]
+		if reg.MemFD < 0 {
+			return marked, cleared, fmt.Errorf("postcopy: Rebuild: region %q has no memfd", reg.Name)
+		}
+		holes, err := Holes(reg.MemFD, reg.MemOffset, int64(reg.Len), reg.PageSize)
+		if err != nil {
+			return marked, cleared, fmt.Errorf("postcopy: %s: %w", reg.Name, err)
+		}
+		n := reg.pages()
+		p := 0
+		mark := func(to int) { // pages p..to-1 are present
+			for ; p < to; p++ {
+				if !s.Received(i, p) {
+					reg.Received.SetAtomic(p)
+					marked++
+				}
+			}
+		}
+		for _, h := range holes {
+			mark(min(h.First, n))
+			for ; p < min(h.First+h.Count, n); p++ {
+				if s.Received(i, p) {
+					atomic.AndUint64(&reg.Received[p>>6], ^(uint64(1) << (uint(p) & 63)))
+					cleared++
+				}
+			}
+		}
+		mark(n)
+	}
+	return marked, cleared, nil
+}
+
 // PageRun is a run of Count pages from page First.
 type PageRun struct{ First, Count int }
 
