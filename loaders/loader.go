@@ -201,6 +201,10 @@ func Listen(ctx context.Context, c *machine.Controller, g guest.Guest, uri strin
 // Addr returns the address the listener is bound to.
 func (in *Incoming) Addr() transport.Addr { return in.ln.Addr() }
 
+// errNoChannel: a reattached run before its recovery has no channel to
+// write to.
+var errNoChannel = errors.New("no channel to the source yet (a reattached destination waits for migrate-recover)")
+
 // Done is closed when the incoming migration has ended.
 func (in *Incoming) Done() <-chan struct{} { return in.done }
 
@@ -699,7 +703,7 @@ func (l *loader) tellSource(reason string) {
 func (l *loader) interrupt() {
 	l.ioMu.Lock()
 	defer l.ioMu.Unlock()
-	if l.farewell {
+	if l.farewell || l.conn == nil { // a reattached run has no channel until a recovery
 		return
 	}
 	if err := l.conn.SetDeadline(time.Unix(1, 0)); err != nil {
@@ -714,6 +718,9 @@ const drainTimeout = time.Second
 func (l *loader) sendRP(m stream.RPMessage) error {
 	l.rpMu.Lock()
 	defer l.rpMu.Unlock()
+	if l.conn == nil {
+		return errNoChannel
+	}
 	return stream.WriteRP(l.conn, m)
 }
 

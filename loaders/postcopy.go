@@ -519,6 +519,20 @@ func (l *loader) runPostcopy(dec *stream.Decoder) error {
 	pc.early = nil
 	pc.linkReady.Store(true)
 	pc.wakeRequester()
+	return l.postcopyLoop(dec, link)
+}
+
+// postcopyLoop serves link until every page arrived (nil) or the process
+// shuts down; a link that fails pauses the side and waits for a recovery.
+// A nil link (a reattached migctl: loaders/reattach.go) starts paused.
+func (l *loader) postcopyLoop(dec *stream.Decoder, link *pcLink) error {
+	pc := l.pc
+	if link == nil {
+		var err error
+		if link, err = pc.recover(dec); err != nil {
+			return err
+		}
+	}
 	for {
 		err := pc.serve(dec, link)
 		if err == nil {

@@ -138,6 +138,36 @@ func (v *VMM) Incoming(ctx context.Context, uri string, channels []string, exitO
 	return nil
 }
 
+// Reattach makes this process take over the postcopy migration of a
+// guest process whose migctl died (`migctl serve --destination --reattach`;
+// loaders.Reattach): the incoming side goes from none to postcopy-paused,
+// and QMP migrate-recover plus the source's migrate resume=true finish the
+// migration as after a cut link. A failure of the run ends the process
+// (Options.Exit), as exit-on-error does.
+func (v *VMM) Reattach(ctx context.Context) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.closed {
+		return ErrClosed
+	}
+	in, err := loaders.Reattach(ctx, v.c, v.g, v.opts.Loader)
+	if err != nil {
+		return err
+	}
+	v.in = in
+	v.wg.Add(1)
+	go func() {
+		defer v.wg.Done()
+		<-in.Done()
+		r, _ := in.Wait(context.Background())
+		v.log.Info("reattached incoming migration ended", "state", r.State, "err", r.Err)
+		if r.Err != nil && v.opts.Exit != nil {
+			v.exitOnce.Do(func() { v.opts.Exit(fmt.Errorf("reattached incoming migration failed: %w", r.Err)) })
+		}
+	}()
+	return nil
+}
+
 // Cancel is QMP migrate_cancel: it fires cancel on the outgoing side and,
 // as a migctl extension, on the incoming side; each side's edges decide
 // (harmless where nothing runs, refused in postcopy, and on the incoming

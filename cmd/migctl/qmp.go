@@ -42,7 +42,7 @@ func qmpServeCmd() *cobra.Command {
 	var dest, paused bool
 	var sf serveFlags
 	cmd := &cobra.Command{
-		Use:   "serve --qmp unix:PATH [--qmp tcp:HOST:PORT] [--guest size=1G,dirty-rate=64M,seed=1] [--destination] [-S] [--migration-dir DIR] [--qmp-tls-creds DIR] [--fd N]...",
+		Use:   "serve --qmp unix:PATH [--qmp tcp:HOST:PORT] [--guest size=1G,dirty-rate=64M,seed=1] [--destination [--reattach unix:SOCKET]] [-S] [--migration-dir DIR] [--qmp-tls-creds DIR] [--fd N]...",
 		Short: "Host the built-in guest and serve QMP, as a QEMU process does",
 		Long: "serve hosts the built-in guest and answers QMP (the QEMU Machine Protocol) on the given sockets, so that\n" +
 			"QMP clients (and migctl's own migrate, incoming, status... commands) drive its migrations.\n\n" +
@@ -65,6 +65,16 @@ func qmpServeCmd() *cobra.Command {
 			cfg, err := parseGuest(rest)
 			if err != nil {
 				return &usageError{err: err}
+			}
+			if sf.reattach != "" {
+				switch {
+				case !dest:
+					return usagef("--reattach: only a destination reattaches to a guest process; add --destination")
+				case guestSpec != "":
+					return usagef("--reattach: the guest is the guest process's (its size, seed and readers): drop --guest")
+				case paused:
+					return usagef("--reattach: the guest process's guest runs or not as it did; drop -S")
+				}
 			}
 			if pd.postcopy && cfg.Prealloc && dest {
 				return usagef("--guest postcopy=on,prealloc=on: a postcopy destination's RAM must stay holes until each page arrives; drop prealloc")
@@ -115,13 +125,23 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest, pau
 	}
 	var g servedGuest
 	var digest func() (uint64, error)
+	var guestSock string // the guest process's control socket, printed in the banner
+	reattach := sf.reattach != ""
 	switch {
-	case postcopy:
-		pg, err := startGuestProcess(cmd, cfg, pd.readers, dest)
+	case postcopy || reattach:
+		var pg *guestProcess
+		var err error
+		if reattach {
+			pg, err = attachGuestProcess(cmd, sf.reattach)
+			postcopy = true
+		} else {
+			pg, err = startGuestProcess(cmd, cfg, pd, dest)
+		}
 		if err != nil {
 			return err
 		}
 		defer pg.stop()
+		guestSock = pg.socket
 		g = pg.c
 		digest = func() (uint64, error) {
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -181,6 +201,17 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest, pau
 	}
 	srv := qmp.NewServer(c, h, qopts)
 	defer srv.Close()
+	if reattach {
+		// none → postcopy-paused before any QMP client can look. The
+		// configuration freezes there: MIGRATION events are on (capability
+		// events), so that the operator sees the recovery through.
+		if err := c.SetCapabilities(context.Background(), map[string]bool{"events": true}); err != nil {
+			return fmt.Errorf("--reattach %s: %w", sf.reattach, err)
+		}
+		if err := h.Reattach(context.Background()); err != nil {
+			return fmt.Errorf("--reattach %s: %w", sf.reattach, err)
+		}
+	}
 	for _, a := range addrs {
 		lo := qmp.ListenOptions{}
 		if strings.HasPrefix(a, "tcp:") {
@@ -199,6 +230,8 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest, pau
 			role = "source guest running in its guest process"
 		}
 		switch {
+		case reattach:
+			role = "destination guest process " + guestSock + " reattached: postcopy-paused, waiting for migrate-recover"
 		case dest && paused:
 			role = "destination guest waiting for migrate-incoming, paused when it arrives (-S)"
 		case dest && postcopy:
@@ -207,6 +240,9 @@ func qmpRunServe(cmd *cobra.Command, addrs []string, cfg guest.Config, dest, pau
 			role = "destination guest waiting for migrate-incoming"
 		case paused:
 			role = "source guest stopped until cont (-S)"
+		}
+		if guestSock != "" && !reattach {
+			role += ", guest process socket " + guestSock
 		}
 		fmt.Fprintf(cmd.OutOrStdout(), "serving QMP on %s (%s)\n", shown, role)
 	}

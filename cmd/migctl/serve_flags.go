@@ -32,6 +32,7 @@ type serveFlags struct {
 	tlsAllow               []string
 	fds                    []int
 	rdmaProvider           string
+	reattach               string // --reattach unix:SOCKET of a guest process
 	// Test-only (hidden): hold points and how long each holds.
 	holds       []string
 	holdTimeout time.Duration
@@ -54,6 +55,8 @@ func (f *serveFlags) add(cmd *cobra.Command) {
 	_ = fl.MarkHidden("x-hold")
 	_ = fl.MarkHidden("x-hold-timeout")
 	addRDMAProviderFlag(fl, &f.rdmaProvider)
+	fl.StringVar(&f.reattach, "reattach", "", "with --destination: take over the guest process listening on `unix:SOCKET` whose serve died during postcopy "+
+		"(its memfd RAM, userfaultfd and received-page bitmap); the migration waits in postcopy-paused for migrate-recover and the source's migrate resume=true")
 }
 
 // holdPoints returns the --x-hold points checked against the spec, or nil

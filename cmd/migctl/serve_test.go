@@ -87,7 +87,9 @@ func startServeBin(t *testing.T, bin, name string, args ...string) *serveProc {
 		}
 	}()
 	t.Cleanup(func() { p.mon.Disconnect(); <-p.drained })
-	p.ok(`{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"events","state":true}]}}`)
+	if !slices.Contains(args, "--reattach") { // a reattached serve has them on, its configuration frozen
+		p.ok(`{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"events","state":true}]}}`)
+	}
 	return p
 }
 

@@ -80,6 +80,10 @@ func childMain(spec string) int {
 		return fail(fmt.Errorf("descriptor 3 is a %T, not a unix socket", ln))
 	}
 	ul.SetUnlinkOnClose(true) // the socket file goes with the guest process
+	// The guest process inherits migctl's stderr, often a pipe its reader
+	// closes when migctl dies: a log line must then fail, not kill the
+	// guest (a Go program dies of SIGPIPE on fd 2 unless it is ignored).
+	signal.Ignore(syscall.SIGPIPE)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	err = Serve(ctx, cfg, ul, os.Stderr)
