@@ -40,6 +40,7 @@ var notSpecNames = []struct {
 	{"guest/runlog.go", "stop", 1, "a run log line's word (the file format of Config.RunLogFile), not the guest trigger"},
 	{"qmp/hmp.go", "stop", 1, "the HMP command name"},
 	{"cmd/migctl/guestproc.go", "postcopy", 1, "serve's --guest key postcopy=on|off"},
+	{"cmd/migctl/serve_flags.go", "reattach", 1, "serve's flag --reattach unix:SOCKET (the CLI's word; the spec's trigger is machine.TriggerReattach)"},
 	{"qmp/hmp.go", "migrate", 1, "the HMP info subcommand's name"},
 	{"qmp/hmp.go", "failed", 1, "QEMU's MigrationStatus in HMP's info migrate text"},
 	{"qmp/hmp.go", "paused", 1, "QEMU's RunState in HMP's info status text"},
