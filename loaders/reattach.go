@@ -94,6 +94,11 @@ func (l *loader) prepareReattach(g guest.Postcopier) (*pcIn, error) {
 		l.stats.Total += uint64(len(b.Mem))
 	}
 	l.stats.PageSize = uint64(blocks[0].PageSize)
+	// The handshake went to the dead migctl: this run knows none (a stray
+	// OPEN_RETURN_PATH in the resumed stream finds no extension), and the
+	// resumed channel carries the return path, as every postcopy channel.
+	l.hs = &stream.Handshake{}
+	l.rp = true
 	l.devs = map[string]guest.Device{}
 	for _, d := range in.g.Devices() {
 		l.devs[d.Name()+"\x00"+strconv.FormatUint(uint64(d.Instance()), 10)] = d

@@ -495,3 +495,43 @@ func FuzzPostcopyDecoder(f *testing.F) {
 		}
 	})
 }
+
+// FuzzReattachedDecoder: a reattached decoder (no header, no handshake, the
+// RAM section adopted from the first continuation) never panics on
+// hostile bytes, and only ever returns records of the blocks it was given.
+func FuzzReattachedDecoder(f *testing.F) {
+	f.Add(postcopyStream(&testing.T{}))
+	var b bytes.Buffer
+	e := NewEncoder(&b)
+	must(f, e.WriteHeader(guestName))
+	must(f, e.StartRAM(testPS, testBlocks))
+	var second bytes.Buffer
+	e.Resume(&second)
+	must(f, e.WriteCommand(CmdRecvBitmap, RecvBitmapCommand("pc.ram")))
+	must(f, e.BeginRAMPart())
+	must(f, e.PutPage("pc.ram", testPS, pattern("pc.ram", testPS)))
+	must(f, e.CloseRAMSection())
+	must(f, e.Close())
+	f.Add(second.Bytes())
+	f.Fuzz(func(t *testing.T, data []byte) {
+		lim := fuzzLimits(false)
+		lim.MaxPackage = 1 << 16
+		d := NewReattachedDecoder(lim)
+		d.Resume(bytes.NewReader(data))
+		page := make([]byte, testPS)
+		for i := 0; i <= len(data)+2; i++ {
+			rec, err := d.Next()
+			if err != nil {
+				return
+			}
+			if rec.Kind == KindPage {
+				if _, ok := lim.Blocks[rec.Block]; !ok {
+					t.Fatalf("a page of block %q, not in the limits", rec.Block)
+				}
+				if d.ReadPage(page) != nil {
+					return
+				}
+			}
+		}
+	})
+}
