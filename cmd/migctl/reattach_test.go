@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -148,5 +149,26 @@ func TestServeReattachAfterKill9(t *testing.T) {
 	st = guestStats(t, gsock, true)
 	if st.LostReads != 0 || st.Received != st.Pages {
 		t.Fatalf("the guest process at the end: %+v; want every page received, no lost read (first: %s)", st, st.FirstLost)
+	}
+}
+
+// serve refuses --reattach and socket= where they cannot work, as usage
+// errors naming what to change, before anything is started.
+func TestServeReattachUsage(t *testing.T) {
+	sock := "unix:" + filepath.Join(t.TempDir(), "q.sock")
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--reattach", "unix:/nonexistent/guest.sock"}, "add --destination"},
+		{[]string{"--destination", "--reattach", "unix:/nonexistent/guest.sock", "--guest=size=8M"}, "drop --guest"},
+		{[]string{"--destination", "--reattach", "unix:/nonexistent/guest.sock", "-S"}, "drop -S"},
+		{[]string{"--destination", "--reattach", "tcp:127.0.0.1:1"}, "unix:PATH"},
+		{[]string{"--guest=size=8M,socket=/tmp/x.sock"}, "add postcopy=on"},
+	} {
+		_, stderr, code := run(t, append([]string{"serve", "--qmp", sock}, c.args...)...)
+		if code != exitUsage || !strings.Contains(stderr, c.want) {
+			t.Errorf("serve %v: exit %d, %q; want exit %d naming %q", c.args, code, stderr, exitUsage, c.want)
+		}
 	}
 }
