@@ -70,6 +70,9 @@ func TestServeReattachAfterKill9(t *testing.T) {
 	src := startServe(t, "src", "--guest=size=32M,dirty-rate=64M,seed=7,postcopy=on")
 	dst := startServe(t, "dst", "--guest=size=32M,dirty-rate=0,seed=7,postcopy=on,readers=1,socket="+gsock, "--destination")
 	t.Cleanup(func() { src.run(`{"execute":"quit"}`); src.cmd.Wait() })
+	if !strings.Contains(dst.banner, "guest process socket "+gsock) {
+		t.Fatalf("serve's banner %q does not name the guest process's socket %s", dst.banner, gsock)
+	}
 	t.Cleanup(func() { // a guest process whose serve died does not outlive the test
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
@@ -112,6 +115,9 @@ func TestServeReattachAfterKill9(t *testing.T) {
 
 	dst2 := startServe(t, "dst2", "--destination", "--reattach", "unix:"+gsock)
 	t.Cleanup(func() { dst2.run(`{"execute":"quit"}`); dst2.cmd.Wait() })
+	if !strings.Contains(dst2.banner, gsock+" reattached: postcopy-paused") {
+		t.Fatalf("the reattached serve's banner %q", dst2.banner)
+	}
 	if s := dst2.postcopyInfo().Status; s != "postcopy-paused" {
 		t.Fatalf("the reattached destination's query-migrate status %q, want postcopy-paused", s)
 	}

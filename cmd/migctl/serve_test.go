@@ -21,6 +21,8 @@ type serveProc struct {
 	cmd  *exec.Cmd
 	sock string
 	mon  *goqmp.SocketMonitor
+	// banner is serve's first line ("serving QMP on …").
+	banner string
 
 	mu       sync.Mutex
 	statuses []string
@@ -61,6 +63,7 @@ func startServeBin(t *testing.T, bin, name string, args ...string) *serveProc {
 	if err != nil || !strings.Contains(banner, "serving QMP") {
 		t.Fatalf("%s: serve said %q (%v); stderr: %s", name, banner, err, stderr.String())
 	}
+	p.banner = banner
 	p.mon, err = goqmp.NewSocketMonitor("unix", sock, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
