@@ -159,6 +159,9 @@ func TestForward(t *testing.T) {
 	for _, network := range []string{"tcp", "unix"} {
 		t.Run(network, func(t *testing.T) {
 			pr := newPair(t, network, Options{})
+			fl := &chunkLog{dir: Forward, changed: make(chan struct{})}
+			bl := &chunkLog{dir: Backward, changed: make(chan struct{})}
+			pr.p.onChunk = func(d Dir, n int) { fl.add(d, n); bl.add(d, n) }
 			fwd, back := random(t, 1<<20), random(t, 1<<20)
 			var wg sync.WaitGroup
 			wg.Add(2)
@@ -171,6 +174,10 @@ func TestForward(t *testing.T) {
 				t.Fatal("backward bytes differ")
 			}
 			wg.Wait()
+			// What was read may not be counted yet (the proxy's Add
+			// follows its write): wait for the proxy's records.
+			fl.wait(t, len(fwd))
+			bl.wait(t, len(back))
 			if pr.p.Forwarded(Forward) != int64(len(fwd)) || pr.p.Forwarded(Backward) != int64(len(back)) {
 				t.Fatalf("Forwarded = %d, %d; want %d each", pr.p.Forwarded(Forward), pr.p.Forwarded(Backward), len(fwd))
 			}
@@ -318,17 +325,19 @@ func TestCorrupt(t *testing.T) {
 	}
 }
 
-// chunkLog records the proxy's writes in the forward direction (onChunk).
+// chunkLog records the proxy's writes in one direction (onChunk; dir's
+// zero value is Forward).
 // The server can read a write's bytes before the pump records it, so the
 // test waits for the record, not for the bytes.
 type chunkLog struct {
+	dir                    Dir
 	mu                     sync.Mutex
 	largest, chunks, total int
 	changed                chan struct{} // closed and replaced on every write
 }
 
 func (l *chunkLog) add(d Dir, n int) {
-	if d != Forward {
+	if d != l.dir {
 		return
 	}
 	l.mu.Lock()
@@ -450,8 +459,13 @@ func TestResetOneWay(t *testing.T) {
 			if d == Backward {
 				from, to = to, from
 			}
+			log := &chunkLog{dir: d, changed: make(chan struct{})}
+			pr.p.onChunk = log.add
 			write(t, from, []byte("before"))
 			readN(t, to, 6)
+			// The receiver can read the bytes before the proxy counted
+			// them (its write returned, its Add not yet run).
+			log.wait(t, 6)
 			pr.p.ResetOneWay(d)
 			ended(t, to, "the receiver of the reset direction")
 			write(t, from, []byte("lost"))
