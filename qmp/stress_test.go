@@ -48,6 +48,10 @@ func TestConcurrentClients(t *testing.T) {
 	}
 	checkOrder(t, "source", waitStatus(t, cs, "completed"), []string{"completed"})
 	waitStatus(t, cd, "completed")
+	// The guest graph moves to postmigrate just after the migration's
+	// completed (as in QEMU, where migration_iteration_finish sets the
+	// run state after the status): wait for that move before asking.
+	machineEvents(t, cs, "guest", "postmigrate")
 	if rs := queryStatus(t, cs); rs.Status != "postmigrate" {
 		t.Fatalf("source after the storm: %+v", rs)
 	}
