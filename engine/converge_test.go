@@ -31,18 +31,7 @@ func notConverging(t *testing.T) (context.Context, *end, *pcEnd, *loaders.Incomi
 	}
 	sub := src.c.Subscribe(256)
 	defer sub.Close()
-	m, err := engine.Start(ctx, src.c, src.g, in.Addr().String(), engine.Options{SectionBytes: 256 << 10})
-	if err != nil {
-		in.Abort("source refused")
-		<-in.Done()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		in.Abort("test ended")
-		m.Abort("test ended")
-		<-m.Done()
-		<-in.Done()
-	})
+	m := startPostcopyRun(ctx, t, src, in, in.Addr().String())
 	var passes uint64
 	for done := false; !done; {
 		select {

@@ -111,65 +111,14 @@ func (c *rpCutter) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-// rpRelay is a relay whose first connection's return path goes through
-// an rpCutter: the link breaks just as the destination sends the first
-// message of one of types.
-type rpRelay struct {
-	ln    net.Listener
-	r     *relay // Cut and the connections
-	types []stream.RPType
-	first sync.Once
-}
-
-func newRPRelay(t *testing.T, target string, types ...stream.RPType) *rpRelay {
+// newRPRelay is a relay whose first connection's return path goes
+// through an rpCutter: the link breaks just as the destination sends the
+// first message of one of types.
+func newRPRelay(t *testing.T, target string, types ...stream.RPType) *relay {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	rr := &rpRelay{ln: ln, r: &relay{target: target}, types: types}
-	rr.r.wg.Add(1)
-	go rr.accept()
-	t.Cleanup(func() { rr.r.Cut(); rr.ln.Close(); rr.r.wg.Wait() })
-	return rr
-}
-
-func (rr *rpRelay) uri() string { return "tcp:" + rr.ln.Addr().String() }
-
-func (rr *rpRelay) accept() {
-	r := rr.r
-	defer r.wg.Done()
-	for {
-		c, err := rr.ln.Accept()
-		if err != nil {
-			return
-		}
-		d, err := net.DialTimeout("tcp", r.target, 10*time.Second)
-		if err != nil {
-			c.Close()
-			continue
-		}
-		r.mu.Lock()
-		if r.cut {
-			r.mu.Unlock()
-			c.Close()
-			d.Close()
-			continue
-		}
-		r.conns = append(r.conns, c, d)
-		r.wg.Add(2)
-		r.mu.Unlock()
-		var back io.Reader = d
-		rr.first.Do(func() { back = &rpCutter{r: r, from: d, types: rr.types} })
-		pipe := func(to net.Conn, from io.Reader, closeFrom net.Conn) {
-			defer r.wg.Done()
-			_, _ = io.Copy(to, from)
-			to.Close()
-			closeFrom.Close()
-		}
-		go pipe(c, back, d)
-		go pipe(d, c, c)
-	}
+	r := &relay{target: target}
+	r.backFirst = func(from net.Conn) io.Reader { return &rpCutter{r: r, from: from, types: types} }
+	return startRelay(t, r)
 }
 
 // recoverAndComplete runs migrate-recover on the destination and migrate
@@ -233,19 +182,8 @@ func TestPostcopyCutAtRun(t *testing.T) {
 	defer ssub.Close()
 	dsub := dst.c.Subscribe(256)
 	defer dsub.Close()
-	m, err := engine.Start(ctx, src.c, src.g, r.uri(), engine.Options{SectionBytes: 256 << 10})
-	if err != nil {
-		in.Abort("source refused")
-		<-in.Done()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		close(h.release)
-		in.Abort("test ended")
-		m.Abort("test ended")
-		<-m.Done()
-		<-in.Done()
-	})
+	m := startPostcopyRun(ctx, t, src, in, r.uri())
+	t.Cleanup(func() { close(h.release) }) // runs first: a held Fire must go on before the runs are stopped
 	m.StartPostcopy()
 	select {
 	case <-h.entered:
@@ -299,18 +237,7 @@ func TestPostcopyCutAtFirstRequest(t *testing.T) {
 			defer ssub.Close()
 			dsub := dst.c.Subscribe(256)
 			defer dsub.Close()
-			m, err := engine.Start(ctx, src.c, src.g, r.uri(), engine.Options{SectionBytes: 256 << 10})
-			if err != nil {
-				in.Abort("source refused")
-				<-in.Done()
-				t.Fatal(err)
-			}
-			t.Cleanup(func() {
-				in.Abort("test ended")
-				m.Abort("test ended")
-				<-m.Done()
-				<-in.Done()
-			})
+			m := startPostcopyRun(ctx, t, src, in, r.uri())
 			m.StartPostcopy()
 			if got := waitAny(ctx, t, src.c, ssub, spec.Outgoing, "postcopy-paused", "failed", "completed"); got != "postcopy-paused" {
 				t.Fatalf("source after the first page request was cut: %s, want postcopy-paused", got)

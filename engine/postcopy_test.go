@@ -72,6 +72,26 @@ func newPostcopyDest(t testing.TB, cfg guest.Config, readers int, caps map[strin
 	return &pcEnd{c: c, g: g, p: p}
 }
 
+// startPostcopyRun starts src's migration to uri (256 KiB sections, so a
+// postcopy switch finds pages still to send) and, when the test ends,
+// aborts it and in and waits for both.
+func startPostcopyRun(ctx context.Context, t *testing.T, src *end, in *loaders.Incoming, uri string) *engine.Migration {
+	t.Helper()
+	m, err := engine.Start(ctx, src.c, src.g, uri, engine.Options{SectionBytes: 256 << 10})
+	if err != nil {
+		in.Abort("source refused")
+		<-in.Done()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		in.Abort("test ended")
+		m.Abort("test ended")
+		<-m.Done()
+		<-in.Done()
+	})
+	return m
+}
+
 // setCaps switches caps on for a source end.
 func setCaps(t *testing.T, c *machine.Controller, caps map[string]bool, params map[string]any) {
 	t.Helper()

@@ -6,7 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/migctl/migctl/engine"
 	"github.com/migctl/migctl/guest"
 	"github.com/migctl/migctl/guest/proc"
 	"github.com/migctl/migctl/loaders"
@@ -34,18 +33,7 @@ func TestPostcopyReattach(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := engine.Start(ctx, src.c, src.g, in.Addr().String(), engine.Options{SectionBytes: 256 << 10})
-	if err != nil {
-		in.Abort("source refused")
-		<-in.Done()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		in.Abort("test ended")
-		m.Abort("test ended")
-		<-m.Done()
-		<-in.Done()
-	})
+	m := startPostcopyRun(ctx, t, src, in, in.Addr().String())
 	m.StartPostcopy()
 	waitSide(ctx, t, src.c, spec.Outgoing, machine.State("postcopy-active"))
 	waitSide(ctx, t, dst.c, spec.Incoming, machine.State("postcopy-active"))

@@ -32,6 +32,11 @@ type relay struct {
 	// the middle of a handshake).
 	backLimit int64
 
+	// backFirst, when set, wraps the back direction (target → dialler) of
+	// the first connection only (e.g. an rpCutter).
+	backFirst func(from net.Conn) io.Reader
+	first     bool // the first connection was accepted; owned by accept
+
 	mu    sync.Mutex
 	conns []net.Conn
 	cut   bool
@@ -41,11 +46,17 @@ type relay struct {
 
 func newRelay(t *testing.T, target string, backLimit int64) *relay {
 	t.Helper()
+	return startRelay(t, &relay{target: target, backLimit: backLimit})
+}
+
+// startRelay listens for r and relays until the test ends.
+func startRelay(t *testing.T, r *relay) *relay {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &relay{ln: ln, target: target, backLimit: backLimit}
+	r.ln = ln
 	r.wg.Add(1)
 	go r.accept()
 	t.Cleanup(func() { r.Cut(); r.ln.Close(); r.wg.Wait() })
@@ -76,11 +87,19 @@ func (r *relay) accept() {
 		r.conns = append(r.conns, c, d)
 		r.wg.Add(2)
 		r.mu.Unlock()
+		var wrap func(net.Conn) io.Reader
+		if !r.first && r.backFirst != nil {
+			wrap = r.backFirst
+		}
+		r.first = true
 		pipe := func(to, from net.Conn, back bool) {
 			defer r.wg.Done()
-			if back && r.backLimit > 0 {
+			switch {
+			case back && wrap != nil:
+				_, _ = io.Copy(to, wrap(from))
+			case back && r.backLimit > 0:
 				_, _ = io.Copy(to, &limitedBack{r: r, from: from})
-			} else {
+			default:
 				_, _ = io.Copy(to, from)
 			}
 			// Half a connection gone: end both, as a broken link does.
@@ -326,18 +345,7 @@ func TestPostcopyCutAtPackage(t *testing.T) {
 	defer ssub.Close()
 	dsub := dst.c.Subscribe(256)
 	defer dsub.Close()
-	m, err := engine.Start(ctx, src.c, src.g, r.uri(), engine.Options{SectionBytes: 256 << 10})
-	if err != nil {
-		in.Abort("source refused")
-		<-in.Done()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		in.Abort("test ended")
-		m.Abort("test ended")
-		<-m.Done()
-		<-in.Done()
-	})
+	m := startPostcopyRun(ctx, t, src, in, r.uri())
 	m.StartPostcopy()
 	waitAny(ctx, t, src.c, ssub, spec.Outgoing, "postcopy-device")
 	r.Cut()
