@@ -240,7 +240,8 @@ func TestYankAndStall(t *testing.T) {
 		}
 		return &frozenConn{Conn: c, frozen: freeze, closed: make(chan struct{}), interrupted: make(chan struct{})}, nil
 	}
-	src := newNode(t, nodeOpts{host: opts, guest: &guest.Config{Size: 16 << 20, DirtyRate: 8 << 20, Seed: 3}})
+	gcfg := guest.Config{Size: 16 << 20, DirtyRate: 8 << 20, Seed: 3}
+	src := newNode(t, nodeOpts{host: opts, guest: &gcfg})
 	cs := src.client(t)
 	run(t, cs, "migrate-set-capabilities", caps("events", true))
 	run(t, cs, "migrate-set-parameters", map[string]any{"x-migctl-keepalive": 20, "x-migctl-io-timeout": 0, "max-bandwidth": 1 << 20})
@@ -251,7 +252,13 @@ func TestYankAndStall(t *testing.T) {
 	if e := fails(t, cs, "yank", map[string]any{"instances": []map[string]any{{"type": "migration"}}}); e.Class != ClassDeviceNotFound || e.Desc != "Instance not found" {
 		t.Fatalf("yank with nothing running: %+v", e)
 	}
-	_, _, uri := newDest(t, false)
+	// The destination hosts the same guest: a destination that differs
+	// refuses the source at connect, and that refusal can win the race
+	// with the freeze below (CI saw "guest differs" instead of "yanked").
+	dst := newNode(t, nodeOpts{dest: true, guest: &gcfg})
+	cd := dst.client(t)
+	run(t, cd, "migrate-set-capabilities", caps("events", true))
+	uri := listen(t, cd, nil)
 	run(t, cs, "migrate", map[string]any{"uri": uri})
 	waitStatus(t, cs, "active")
 	var list []YankInstance
